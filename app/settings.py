@@ -1,0 +1,255 @@
+"""Configuration: defaults < TOML file < `MLXGW_` environment < CLI flags.
+
+Every key is documented by its `Field(description=...)`; `config.example.toml`
+mirrors this file. Problems are reported one readable line each by
+`format_validation_error`, and the CLI exits 2 on them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEMO_MODEL_ID = "smollm2-135m-instruct"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: int | str) -> int:
+    """'512MB', '12GB', '2GiB' or a plain integer -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like '512MB' or '12GB', got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _home(*parts: str) -> Path:
+    return Path.home().joinpath(*parts)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address to bind. Keep loopback behind Caddy.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    max_body_bytes: int = Field(10_000_000, ge=1024, description="Largest request body (413).")
+    max_messages: int = Field(2048, ge=1, description="Most messages/input items per request.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty turns CORS off."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Peers whose X-Forwarded-For is believed (IPs or CIDRs).",
+    )
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds in-flight streams may finish after SIGTERM."
+    )
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="SSE keep-alive interval while a request waits or prefills."
+    )
+
+
+class ModelEntry(_Section):
+    id: str = Field(description="The name clients send as `model`.")
+    path: Path = Field(description="An MLX model folder or a .gguf file.")
+    aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
+    pinned: bool = Field(False, description="Load at start and never evict.")
+    ttl: float | None = Field(None, ge=0, description="Idle seconds before eviction; 0 = never.")
+    max_context: int | None = Field(None, ge=16, description="Cap the context length.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", value) or ".." in value:
+            raise ValueError("use letters, digits and . _ : / - (no '..', at most 128 chars)")
+        return value
+
+
+class DiscoverySettings(_Section):
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders scanned for MLX folders, HF cache, LM Studio layouts, .gguf files.",
+    )
+
+
+class ResidencySettings(_Section):
+    memory_budget: str = Field(
+        "60%", description="Memory for resident models: bytes ('12GB') or % of physical memory."
+    )
+    max_loaded_models: int = Field(4, ge=1, description="Most models resident at once.")
+    default_ttl: float = Field(1800.0, ge=0, description="Idle seconds before eviction; 0 = never.")
+    load_wait: float = Field(
+        30.0, ge=0, description="Seconds a request waits for memory before a 503."
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_parses(cls, value: str) -> str:
+        if value.strip().endswith("%"):
+            percent = float(value.strip()[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError("a percentage must be in (0, 100]")
+        else:
+            parse_bytes(value)
+        return value
+
+
+class EngineSettings(_Section):
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per step.")
+    prefill_chunk: int = Field(512, ge=16, description="Prompt tokens prefilled per step.")
+    prompt_cache_bytes: int = Field(
+        512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
+    )
+    default_max_tokens: int = Field(
+        4096, ge=1, description="Completion cap when a request names none."
+    )
+
+    @field_validator("prompt_cache_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_bytes(value)
+
+
+class AuthSettings(_Section):
+    enabled: bool = Field(True, description="Require a key on every route but health checks.")
+    keys_file: Path | None = Field(
+        None, description="Hashed keys (0600). Default: <config_dir>/keys.json."
+    )
+
+
+class LimitsSettings(_Section):
+    per_key_rpm: int = Field(600, ge=0, description="Requests/minute per key; 0 = unlimited.")
+    per_key_tpm: int = Field(0, ge=0, description="Tokens/minute per key; 0 = unlimited.")
+    per_ip_rpm: int = Field(120, ge=0, description="Requests/minute per IP without a key.")
+    global_rpm: int = Field(0, ge=0, description="Requests/minute for everyone; 0 = off.")
+    max_inflight: int = Field(32, ge=1, description="Generations running at once.")
+    max_queue: int = Field(64, ge=0, description="Generations waiting for a slot.")
+    breaker_failures: int = Field(5, ge=1, description="Engine failures that open the breaker.")
+    breaker_cooldown: float = Field(30.0, gt=0, description="Seconds before half-open.")
+
+
+class RedisSettings(_Section):
+    url: str | None = Field(None, description="redis://host:port/db; unset = in-process limits.")
+
+
+class ResponsesSettings(_Section):
+    store: Literal["sqlite", "redis"] = Field("sqlite", description="Where stored responses live.")
+    path: Path | None = Field(None, description="SQLite file. Default: <state_dir>/responses.db.")
+    ttl: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept.")
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["json", "console"] = Field("json", description="JSON lines or human text.")
+    file: Path | None = Field(None, description="Also write to this file, size-rotated.")
+    max_bytes: int = Field(10_000_000, ge=1024, description="Rotate the file at this size.")
+    backups: int = Field(5, ge=0, description="Rotated files kept.")
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus text at /metrics.")
+    require_admin: bool = Field(True, description="With auth on, /metrics needs an admin key.")
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLXGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    models: list[ModelEntry] = Field(default_factory=list)
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
+    residency: ResidencySettings = Field(default_factory=ResidencySettings)  # type: ignore[arg-type]
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
+    auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
+    redis: RedisSettings = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    cache_dir: Path = Field(
+        default_factory=lambda: _home(".cache", "mlx-gateway"),
+        description="Converted models (the demo model among them).",
+    )
+    config_dir: Path = Field(
+        default_factory=lambda: _home(".config", "mlx-gateway"), description="Keys file."
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: _home(".local", "state", "mlx-gateway"),
+        description="Stored responses.",
+    )
+
+    @property
+    def keys_file(self) -> Path:
+        return self.auth.keys_file or self.config_dir / "keys.json"
+
+    @property
+    def responses_path(self) -> Path:
+        return self.responses.path or self.state_dir / "responses.db"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.server.host in LOOPBACK_HOSTS or self.server.host.startswith("127.")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot start a server; `str()` is one line per problem."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "config"
+        lines.append(f"config error: {where}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from all sources; raise ConfigError with readable lines."""
+    path = config_file or os.environ.get("MLXGW_CONFIG")
+    toml_path = Path(path).expanduser() if path else None
+    if toml_path is not None and not toml_path.is_file():
+        raise ConfigError(f"config error: config file {toml_path} does not exist")
+
+    class _FromSources(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            return tuple(sources)
+
+    try:
+        loaded = _FromSources(**overrides)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+    except ValueError as error:  # e.g. TOML syntax
+        raise ConfigError(f"config error: {error}") from None
+    return Settings.model_construct(**dict(loaded))
