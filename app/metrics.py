@@ -34,3 +34,12 @@ DECODE_TOKENS_PER_SECOND = Gauge(
     "mlxgw_decode_tokens_per_second", "Aggregate generated tokens/s over the last seconds."
 )
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
+PREFIX_CACHE_HITS = Counter(
+    "mlxgw_prefix_cache_hits_total", "Prompts that reused cached KV for a prefix."
+)
+PREFIX_CACHE_MISSES = Counter(
+    "mlxgw_prefix_cache_misses_total", "Prompts prefilled from scratch."
+)
+PREFIX_CACHED_TOKENS = Counter(
+    "mlxgw_prefix_cached_tokens_total", "Prompt tokens served from the prefix cache."
+)

@@ -174,7 +174,8 @@ class Engine:
             context = min(context, source.max_context)
         batch = ModelBatch(
             model, tokenizer, max_batch_size=self.settings.max_batch_size,
-            prefill_chunk=self.settings.prefill_chunk, stream=self._thread.stream,
+            prefill_chunk=self.settings.prefill_chunk,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes, stream=self._thread.stream,
         )
         self._thread.attach(source.id, batch)
         log.info("model load finished", model=source.id,
