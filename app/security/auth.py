@@ -61,7 +61,9 @@ class AuthMiddleware:
         record = self._verify(scope)
         if record is not None:
             state(scope)["principal"] = Principal.from_key(record, ip)
-        elif scope.get("path") not in OPEN_PATHS and not is_preflight(scope):
+        elif scope.get("path") in OPEN_PATHS or is_preflight(scope):
+            state(scope)["principal"] = Principal.unauthenticated(ip)
+        else:
             metrics.AUTH_FAILURES.inc()
             log.info("request refused: missing or invalid key", client_ip=ip,
                      path=scope.get("path"))

@@ -35,3 +35,9 @@ class Principal:
         """Auth disabled (loopback only): full access, limited per IP."""
         return cls(key_id=None, name="anonymous", admin=True, models=None,
                    rpm=None, tpm=None, client_ip=client_ip)
+
+    @classmethod
+    def unauthenticated(cls, client_ip: str) -> Principal:
+        """Open routes (health, CORS preflight) without a key: no models, no admin."""
+        return cls(key_id=None, name="unauthenticated", admin=False, models=frozenset(),
+                   rpm=None, tpm=None, client_ip=client_ip)
