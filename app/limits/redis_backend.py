@@ -76,7 +76,7 @@ return {allowed and 1 or 0, total, tostring(reset), tostring(retry)}
 """
 
 
-def fast_client(url: str, timeout: float = 0.05) -> aioredis.Redis:
+def fast_client(url: str, timeout: float = 0.1) -> aioredis.Redis:
     """A client that fails fast: short socket timeouts and no retries, so an unreachable
     Redis costs a request milliseconds, not the redis-py default of seconds."""
     return aioredis.Redis.from_url(
@@ -92,8 +92,9 @@ class RedisLimiter:
         self._script = client.register_script(_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str, clock: Clock = time.time) -> RedisLimiter:
-        return cls(fast_client(url), clock)
+    def from_url(cls, url: str, clock: Clock = time.time, *, timeout: float = 0.1
+                 ) -> RedisLimiter:
+        return cls(fast_client(url, timeout), clock)
 
     async def acquire(
         self, key: str, limit: int, *, cost: int = 1, window: float = WINDOW, mode: Mode = "hit"

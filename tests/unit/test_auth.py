@@ -102,7 +102,8 @@ async def test_no_key_wrong_key_revoked_key(store: KeyStore, settings: Settings,
     async with client(make_app(store, settings)) as http:
         assert_401_openai(await http.get("/v1/models"))
         wrong = tokens["user"][:-2] + "zz"
-        assert_401_openai(await http.get("/v1/models", headers={"Authorization": f"Bearer {wrong}"}))
+        assert_401_openai(await http.get("/v1/models",
+                                         headers={"Authorization": f"Bearer {wrong}"}))
         assert_401_openai(await http.get("/v1/models", headers={"Authorization": "Bearer "}))
         assert_401_openai(await http.get("/v1/models", headers={"Authorization": tokens["user"]}))
         # every failure says the same thing
@@ -245,16 +246,16 @@ def test_first_key_created_once_and_only_with_auth(settings: Settings) -> None:
 
 def test_bind_safety(settings: Settings, tmp_path: Path) -> None:
     check_bind_safety(settings, None)  # loopback: fine without keys
-    exposed = Settings(config_dir=tmp_path, server={"host": "0.0.0.0"})  # noqa: S104
+    exposed = Settings(config_dir=tmp_path, server={"host": "0.0.0.0"})
     store = KeyStore(exposed.keys_file)
-    with pytest.raises(ConfigError, match="no usable API keys.*keys create"):
+    with pytest.raises(ConfigError, match=r"no usable API keys.*keys create"):
         check_bind_safety(exposed, store)
     record, _ = store.create("k")
     check_bind_safety(exposed, store)
     store.revoke(record.id)
     with pytest.raises(ConfigError, match="no usable API keys"):
         check_bind_safety(exposed, store)
-    open_door = Settings(config_dir=tmp_path, server={"host": "0.0.0.0"},  # noqa: S104
+    open_door = Settings(config_dir=tmp_path, server={"host": "0.0.0.0"},
                          auth={"enabled": False})
-    with pytest.raises(ConfigError, match="auth.*enabled = false"):
+    with pytest.raises(ConfigError, match=r"auth.*enabled = false"):
         check_bind_safety(open_door, store)
