@@ -10,6 +10,7 @@ Every response on a limited route carries the x-ratelimit-* headers, not only 42
 
 from __future__ import annotations
 
+import ipaddress
 import math
 
 from app import metrics
@@ -73,7 +74,7 @@ class RateLimitMiddleware:
         if principal.key_id is not None:
             rpm = principal.rpm if principal.rpm is not None else self.limits.per_key_rpm
             return f"key:{principal.key_id}", rpm, tpm
-        return f"ip:{principal.client_ip}", self.limits.per_ip_rpm, tpm
+        return f"ip:{ip_bucket(principal.client_ip)}", self.limits.per_ip_rpm, tpm
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -110,6 +111,18 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def ip_bucket(address: str) -> str:
+    """IPv6 clients get a /64 each (what one subscriber usually holds), so rotating through
+    addresses in one's own prefix doesn't buy a fresh limit; IPv4 is per address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
 
 
 def _raise_if_refused(result: LimitResult, kind: str) -> None:

@@ -7,6 +7,7 @@ once through `reload()` (SIGHUP). Secrets are never logged: only key id and name
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -262,3 +264,13 @@ class KeyStore:
             records[key_id] = replace(record, revoked=True)
         log.info("key revoked", key_id=key_id, name=record.name)
         return True
+
+
+def reload_on_sighup(store: KeyStore) -> bool:
+    """`kill -HUP <pid>` re-reads the keys file. Call from the running loop (lifespan);
+    False where the signal can't be hooked (no SIGHUP, or not the main thread)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, store.reload)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        return False
+    return True

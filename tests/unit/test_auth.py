@@ -259,3 +259,29 @@ def test_bind_safety(settings: Settings, tmp_path: Path) -> None:
                          auth={"enabled": False})
     with pytest.raises(ConfigError, match=r"auth.*enabled = false"):
         check_bind_safety(open_door, store)
+
+
+def _scope(peer: str | None, *forwarded: str) -> dict[str, Any]:
+    return {"type": "http", "client": (peer, 1) if peer else None,
+            "headers": [(b"x-forwarded-for", value.encode()) for value in forwarded]}
+
+
+def test_client_ip_rightmost_untrusted() -> None:
+    from app.security.client_ip import client_ip, parse_networks
+
+    trusted = parse_networks(["127.0.0.1", "::1", "10.0.0.0/8"])
+    assert client_ip(_scope("203.0.113.5", "1.2.3.4"), trusted) == "203.0.113.5"  # untrusted
+    assert client_ip(_scope("127.0.0.1"), trusted) == "127.0.0.1"
+    assert client_ip(_scope("127.0.0.1", "198.51.100.1"), trusted) == "198.51.100.1"
+    # the client prepends a forged hop; the proxy appends the real one: rightmost wins
+    assert client_ip(_scope("127.0.0.1", "6.6.6.6, 198.51.100.1"), trusted) == "198.51.100.1"
+    # chains of trusted proxies are skipped, split headers are joined in order
+    assert client_ip(_scope("127.0.0.1", "6.6.6.6, 198.51.100.2", "10.1.1.1"),
+                     trusted) == "198.51.100.2"
+    assert client_ip(_scope("127.0.0.1", "10.2.2.2, 10.1.1.1"), trusted) == "10.2.2.2"
+    assert client_ip(_scope("127.0.0.1", "6.6.6.6, garbage"), trusted) == "127.0.0.1"
+    assert client_ip(_scope("::ffff:127.0.0.1", "198.51.100.3"), trusted) == "198.51.100.3"
+    assert client_ip(_scope("::1", "2001:db8::7"), trusted) == "2001:db8::7"
+    assert client_ip(_scope(None, "1.2.3.4"), trusted) == "unknown"
+    with pytest.raises(ValueError):
+        parse_networks(["not-an-ip"])

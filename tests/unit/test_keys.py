@@ -167,3 +167,39 @@ def test_cli_rejects_bad_numbers(config: Path) -> None:
         _parser().parse_args(["keys", "create", "--name", "x", "--tpm", "lots"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["keys", "create"])  # --name is required
+
+
+async def test_sighup_reloads(keys_path: Path) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from app.security.keys import reload_on_sighup
+
+    server = KeyStore(keys_path, check_interval=3600)
+    assert reload_on_sighup(server)
+    try:
+        record, token = KeyStore(keys_path).create("grace")
+        assert server.verify(token) is None
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):  # let the loop run the handler
+            if server.verify(token) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert server.verify(token) == record
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+def test_redaction_processor_masks_keys_anywhere() -> None:
+    from app.security.redact import redact_keys
+
+    token = "mgw-0123456789abcdef-AbC_d-eF0123456789abcdefABCDEF0123456789xyz"
+    event = {"event": f"bad header Authorization: Bearer {token}",
+             "headers": [("authorization", f"Bearer {token}")], "nested": {"url": f"/x?k={token}"},
+             "count": 3}
+    out = redact_keys(None, "info", dict(event))
+    assert token not in repr(out)
+    assert "mgw-0123456789abcdef-[redacted]" in out["event"]
+    assert out["headers"] == [("authorization", "Bearer mgw-0123456789abcdef-[redacted]")]
+    assert out["count"] == 3

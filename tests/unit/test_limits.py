@@ -323,3 +323,12 @@ async def test_hung_redis_times_out_into_the_fallback(clock: FakeClock) -> None:
             assert not limiter.redis_up
         finally:
             await limiter.aclose()
+
+
+def test_ipv6_clients_share_their_64() -> None:
+    from app.limits.middleware import ip_bucket
+
+    assert ip_bucket("2001:db8:1:2:aaaa::1") == ip_bucket("2001:db8:1:2:ffff::9")
+    assert ip_bucket("2001:db8:1:2::1") != ip_bucket("2001:db8:1:3::1")
+    assert ip_bucket("192.0.2.1") == "192.0.2.1"
+    assert ip_bucket("unknown") == "unknown"
