@@ -50,6 +50,9 @@ class FallbackLimiter:
                 )
             except (RedisError, OSError, TimeoutError) as error:
                 self._mark_down(now, error)
+            except Exception as error:  # a limiter bug must not turn into a 500 either
+                log.exception("redis limiter failed unexpectedly; using in-process limits")
+                self._mark_down(now, error)
             else:
                 self._mark_up()
                 return result
