@@ -332,3 +332,102 @@ def test_ipv6_clients_share_their_64() -> None:
     assert ip_bucket("2001:db8:1:2::1") != ip_bucket("2001:db8:1:3::1")
     assert ip_bucket("192.0.2.1") == "192.0.2.1"
     assert ip_bucket("unknown") == "unknown"
+
+
+async def test_limit_headers_on_streaming_responses(tmp_path: Path, clock: FakeClock) -> None:
+    from starlette.responses import StreamingResponse
+
+    async def stream(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            await request.state.limits.charge_tokens(12)
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    limiter = InProcessLimiter(clock)
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False},
+                        limits={"per_ip_rpm": 5, "per_key_tpm": 20})
+    inner = Starlette(routes=[Route("/v1/chat/completions", stream, methods=["POST"])])
+    app = AuthMiddleware(RateLimitMiddleware(inner, limiter=limiter, settings=settings),
+                         keys=None, settings=settings)
+    async with http_client(app) as http:
+        first = await http.post("/v1/chat/completions")
+        assert first.text == "data: 1\n\ndata: [DONE]\n\n"
+        assert _headers(first, "requests") == ("5", "4", "60s")
+        second = await http.post("/v1/chat/completions")
+        assert _headers(second, "tokens") == ("20", "8", "60s")  # first stream's 12 charged
+
+
+# --- two real gateway processes on one Redis ---------------------------------------------------
+
+def gateway_factory() -> Any:
+    """`uvicorn --factory tests.unit.test_limits:gateway_factory`, configured by MLXGW_ env."""
+    from app.limits.factory import build_limiter
+    from app.settings import load_settings
+
+    settings = load_settings()
+    limiter = build_limiter(settings)
+    breaker = CircuitBreaker(limiter, global_rpm=settings.limits.global_rpm,
+                             failures=settings.limits.breaker_failures,
+                             cooldown=settings.limits.breaker_cooldown)
+    return limited_app(limiter, settings, breaker=breaker)
+
+
+def _start_gateway(redis_url: str, tmp_path: Path) -> tuple[Any, str]:
+    import os
+    import subprocess
+    import sys
+    import time as _time
+
+    from tests.redis_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLXGW_REDIS__URL": redis_url, "MLXGW_AUTH__ENABLED": "false",
+           "MLXGW_LIMITS__GLOBAL_RPM": "3", "MLXGW_LIMITS__PER_IP_RPM": "100",
+           "MLXGW_CONFIG_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "tests.unit.test_limits:gateway_factory",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, cwd=Path(__file__).resolve().parents[2])
+    url = f"http://127.0.0.1:{port}"
+    deadline = _time.monotonic() + 30
+    while _time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            if process.poll() is not None:
+                break
+            _time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("gateway process did not start")
+
+
+@pytest.mark.e2e
+async def test_global_limit_across_two_processes_and_redis_outage(tmp_path: Path) -> None:
+    import asyncio
+
+    with RedisServer() as server:
+        gateways = [_start_gateway(server.url, tmp_path) for _ in range(2)]
+        try:
+            urls = [url for _, url in gateways]
+            async with httpx.AsyncClient(timeout=10) as http:
+                codes = [(await http.get(f"{urls[i % 2]}/v1/models")).status_code
+                         for i in range(5)]
+                assert codes == [200, 200, 200, 429, 429]  # one budget for both processes
+
+                server.stop()  # each process falls back to its own in-process count
+                down = [(await http.get(f"{urls[i % 2]}/v1/models")).status_code
+                        for i in range(8)]
+                assert all(code in (200, 429) for code in down), down  # never a 5xx
+                assert down.count(200) == 6  # 3 per process: limited, not unlimited
+
+                server.start()  # empty Redis again: one shared budget of 3
+                await asyncio.sleep(1.2)  # each process re-probes Redis once per second
+                back = [(await http.get(f"{urls[i % 2]}/v1/models")).status_code
+                        for i in range(5)]
+                assert back == [200, 200, 200, 429, 429]
+        finally:
+            for process, _ in gateways:
+                process.terminate()
+                process.wait(timeout=10)
