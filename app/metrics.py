@@ -43,3 +43,23 @@ PREFIX_CACHE_MISSES = Counter(
 PREFIX_CACHED_TOKENS = Counter(
     "mlxgw_prefix_cached_tokens_total", "Prompt tokens served from the prefix cache."
 )
+
+# --- security and limits ---------------------------------------------------------------------
+AUTH_FAILURES = Counter("mlxgw_auth_failures_total", "Requests refused for a missing or bad key.")
+RATE_LIMITED = Counter(
+    "mlxgw_rate_limited_total", "Requests refused with 429, by the limit that refused them.",
+    ["limit"],
+)
+RATELIMIT_FALLBACK = Counter(
+    "mlxgw_ratelimit_fallback_total",
+    "Limit checks answered in-process because the configured Redis was unreachable.",
+)
+RATELIMIT_REDIS_UP = Gauge(
+    "mlxgw_ratelimit_redis_up", "1 while the shared Redis limiter answers, 0 while falling back."
+)
+BREAKER_STATE = Gauge("mlxgw_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.")
+ADMISSION_INFLIGHT = Gauge("mlxgw_admission_inflight", "Requests holding a generation slot.")
+ADMISSION_QUEUED = Gauge("mlxgw_admission_queued", "Requests waiting for a generation slot.")
+ADMISSION_REJECTED = Counter(
+    "mlxgw_admission_rejected_total", "Requests refused with 503 because the queue was full."
+)
