@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.logging import configure_logging
     from app.main import create_app
+    from app.security.auth import check_bind_safety, ensure_first_key
+    from app.security.keys import KeyStore
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -35,6 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
     configure_logging(settings.log)
+    first_key = ensure_first_key(settings)
+    if first_key is not None:
+        print("Created the first admin key. It is shown only this once; keep it safe:\n"
+              f"{first_key}", flush=True)
+    check_bind_safety(settings, KeyStore(settings.keys_file) if settings.auth.enabled else None)
     if not settings.models and not settings.discovery.model_dirs:
         _ensure_demo(settings, quiet=True)
     app = create_app(settings)
@@ -82,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = model_commands.add_parser("demo", help="fetch and convert the demo model; print path")
     config_argument(demo)
     demo.set_defaults(handler=_models_demo)
+
+    from app.security import cli as keys_cli
+
+    keys_cli.add_commands(commands)
     return parser
 
 

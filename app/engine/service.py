@@ -27,6 +27,8 @@ from app.errors import (
     InvalidRequest,
     ModelLoadFailed,
 )
+from app.limits.admission import Admission
+from app.limits.breaker import CircuitBreaker
 from app.settings import EngineSettings
 
 log = structlog.get_logger(__name__)
@@ -64,7 +66,7 @@ class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
     def __init__(self, model: str, prompt_tokens: int, seq: Sequence, engine: Engine,
-                 loaded: LoadedModel) -> None:
+                 loaded: LoadedModel, slot_started: float | None) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.started_at = time.monotonic()
@@ -75,6 +77,7 @@ class GenerationStream:
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
+        self._slot_started = slot_started
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
@@ -92,7 +95,7 @@ class GenerationStream:
         if isinstance(event, TextDelta) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if isinstance(event, Finish | Failed):
-            self._finish()
+            self._finish(event)
         return event
 
     async def collect(self) -> tuple[str, Finish]:
@@ -111,18 +114,24 @@ class GenerationStream:
         if not self._finished:
             self._seq.cancelled.set()
             self._engine._thread.wake()
-            self._finish()
+            self._finish(None)
 
-    def _finish(self) -> None:
+    def _finish(self, event: Finish | Failed | None) -> None:
         if not self._finished:
             self._finished = True
-            self._engine._release(self._loaded)
+            self._engine._release(self._loaded, self._slot_started, event)
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, resolver: Resolver) -> None:
+    def __init__(self, settings: EngineSettings, resolver: Resolver, *,
+                 admission: Admission | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
         self.settings = settings
         self.resolver = resolver
+        # Admission control and the breaker sit at the engine's door, the one place every
+        # protocol passes through.
+        self.admission = admission
+        self.breaker = breaker
         self._thread = EngineThread()
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
@@ -183,15 +192,29 @@ class Engine:
         return LoadedModel(id=source.id, batch=batch, tokenizer=tokenizer, context_length=context)
 
     async def submit(self, request: GenerationRequest) -> GenerationStream:
-        loaded = await self.ensure_loaded(request.model)
+        self.resolver.resolve(request.model)  # an unknown model is a 404, not a queue slot
+        if self.breaker is not None:
+            self.breaker.allow()
+        slot_started = await self.admission.acquire() if self.admission else None
+        try:
+            loaded = await self.ensure_loaded(request.model)
+        except ModelLoadFailed:
+            self._release(None, slot_started, None)
+            if self.breaker is not None:
+                self.breaker.record_failure()
+            raise
+        except BaseException:
+            self._release(None, slot_started, None)
+            raise
         loaded.leases += 1
         try:
-            return await self._start(request, loaded)
+            return await self._start(request, loaded, slot_started)
         except BaseException:
-            self._release(loaded)
+            self._release(loaded, slot_started, None)
             raise
 
-    async def _start(self, request: GenerationRequest, loaded: LoadedModel) -> GenerationStream:
+    async def _start(self, request: GenerationRequest, loaded: LoadedModel,
+                     slot_started: float | None) -> GenerationStream:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             self._tokenize, prompt_tokens, loaded.tokenizer, request
@@ -211,7 +234,7 @@ class Engine:
             stop=list(request.stop),
             emit=emit,
         )
-        stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded)
+        stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded, slot_started)
         stream_ref.append(stream)
         self._thread.add_sequence(loaded.id, seq)
         return stream
@@ -237,9 +260,18 @@ class Engine:
             )
         return request.max_tokens
 
-    def _release(self, loaded: LoadedModel) -> None:
-        loaded.leases -= 1
-        loaded.last_used = time.time()
+    def _release(self, loaded: LoadedModel | None, slot_started: float | None,
+                 outcome: Finish | Failed | None) -> None:
+        if loaded is not None:
+            loaded.leases -= 1
+            loaded.last_used = time.time()
+        if slot_started is not None and self.admission is not None:
+            self.admission.release(slot_started)
+        if self.breaker is not None and outcome is not None:
+            if isinstance(outcome, Failed):
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
 
 
 def gateway_error(error: BaseException) -> GatewayError:

@@ -44,13 +44,23 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
-        started = self.clock()
+        started = await self.acquire()
         try:
             yield
         finally:
-            self._durations.append(self.clock() - started)
-            self._release()
+            self.release(started)
+
+    async def acquire(self) -> float:
+        """Take a slot, waiting in the queue if need be; pass the result to `release`.
+
+        For holders whose slot outlives one block, e.g. a stream released when it ends.
+        """
+        await self._acquire()
+        return self.clock()
+
+    def release(self, started: float) -> None:
+        self._durations.append(self.clock() - started)
+        self._release()
 
     async def _acquire(self) -> None:
         if self.inflight < self.max_inflight and not self.queued:
