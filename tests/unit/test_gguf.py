@@ -3,7 +3,9 @@ and a full convert + mlx_lm.load of a tiny synthetic llama in every supported te
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import struct
 from pathlib import Path
 from typing import Any
@@ -469,3 +471,46 @@ def test_convert_replaces_an_existing_folder(tmp_path: Path) -> None:
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]
+
+
+def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path: Path) -> None:
+    """A llama-style (sentencepiece BPE, byte fallback) vocab, rebuilt from what a GGUF
+    stores, must segment exactly like sentencepiece itself."""
+    spm = pytest.importorskip("sentencepiece")
+
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world",
+             "token", "model", "llama", "merge", "piece", "score", "byte", "fallback"]
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=400,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    ids = range(sp.get_piece_size())
+    # The token types llama.cpp's converter writes.
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in ids]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in ids],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in ids],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+    }
+    build_tokenizer_files(meta, tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == (
+        "<s>", "</s>", "<unk>")
+    for text in ["the quick brown fox", "hello world", "  two  spaces", "Ünïcödé 🚀\nnew",
+                 "lazydog jumps", "x"]:
+        assert tok.encode(text).ids == [1, *sp.encode(text)], text
+        assert tok.decode(tok.encode(text).ids) == text
+    # Unlike sentencepiece (but like llama.cpp and transformers), control tokens in text
+    # are recognised whole.
+    assert tok.encode("hello</s>").ids == [1, *sp.encode("hello"), 2]
