@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import httpx
 from app.settings import ConfigError, Settings, load_settings, parse_bytes
 
 Status = Literal["ok", "warn", "fail"]
+Verify = ssl.SSLContext | bool
 HTTP_TIMEOUT = httpx.Timeout(3.0, connect=1.0)
 REDIS_TIMEOUT = 1.0
 # Files whose size approximates what a model occupies once loaded.
@@ -142,8 +144,17 @@ def _is_gateway_health(response: httpx.Response) -> bool:
             and body.get("service", "mlx-gateway") == "mlx-gateway")
 
 
-def _get(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.get(url, headers=headers, timeout=HTTP_TIMEOUT, follow_redirects=False)
+def _get(url: str, headers: dict[str, str] | None = None, verify: Verify = True
+         ) -> httpx.Response:
+    return httpx.get(url, headers=headers, timeout=HTTP_TIMEOUT, follow_redirects=False,
+                     verify=verify)
+
+
+def _unreachable_fix(error: httpx.HTTPError, default: str) -> str:
+    if "CERTIFICATE_VERIFY_FAILED" in str(error):
+        return ("the server's certificate is not trusted: pass --cacert with Caddy's root "
+                "(caddy/pki/authorities/local/root.crt in Caddy's data dir)")
+    return default
 
 
 def check_port(settings: Settings) -> tuple[CheckResult, bool]:
@@ -169,12 +180,13 @@ def check_port(settings: Settings) -> tuple[CheckResult, bool]:
                  "or set another [server] port"), False
 
 
-def check_health(url: str, *, required: bool) -> CheckResult:
+def check_health(url: str, *, required: bool, verify: Verify = True) -> CheckResult:
     try:
-        response = _get(f"{url}/health")
+        response = _get(f"{url}/health", verify=verify)
     except httpx.HTTPError as error:
         detail = f"no answer from {url}/health ({type(error).__name__})"
-        fix = "start it: `mlx-gateway serve` or `mlx-gateway service install`"
+        fix = _unreachable_fix(
+            error, "start it: `mlx-gateway serve` or `mlx-gateway service install`")
         return _fail("health", detail, fix) if required else _warn("health", detail, fix)
     if response.status_code != 200 or not _is_gateway_health(response):
         return _fail("health", f"{url}/health answered {response.status_code}, not mlx-gateway",
@@ -182,10 +194,11 @@ def check_health(url: str, *, required: bool) -> CheckResult:
     return _ok("health", f"{url}/health: {response.json()['status']}")
 
 
-def check_models_endpoint(url: str, key: str | None, settings: Settings) -> CheckResult:
+def check_models_endpoint(url: str, key: str | None, settings: Settings,
+                          verify: Verify = True) -> CheckResult:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = _get(f"{url}/v1/models", headers)
+        response = _get(f"{url}/v1/models", headers, verify)
     except httpx.HTTPError as error:
         return _fail("v1/models", f"no answer from {url}/v1/models ({type(error).__name__})",
                      "`mlx-gateway service logs` shows what the server is doing")
@@ -314,9 +327,11 @@ def check_models(settings: Settings) -> list[CheckResult]:
 # --- all together ---------------------------------------------------------------------------
 
 
-def run_checks(settings: Settings, *, url: str | None = None,
-               key: str | None = None) -> list[CheckResult]:
-    """Every check after the config check, in the order a person would debug them."""
+def run_checks(settings: Settings, *, url: str | None = None, key: str | None = None,
+               cacert: Path | None = None) -> list[CheckResult]:
+    """Every check after the config check, in the order a person would debug them.
+    `cacert` is a CA bundle to trust for an https `url` (Caddy's `tls internal` root)."""
+    verify: Verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
     results = [check_keys(settings)]
     port_result, ours_running = check_port(settings)
     results.append(port_result)
@@ -324,10 +339,10 @@ def run_checks(settings: Settings, *, url: str | None = None,
     # A foreign program on our port already failed above; asking it for /health again adds
     # nothing. Without --url and with nothing on the port, the server is simply not running.
     if url or port_result.status == "ok":
-        health = check_health(base, required=bool(url) or ours_running)
+        health = check_health(base, required=bool(url) or ours_running, verify=verify)
         results.append(health)
         if health.status == "ok":
-            results.append(check_models_endpoint(base, key, settings))
+            results.append(check_models_endpoint(base, key, settings, verify))
     redis_result = check_redis(settings)
     if redis_result is not None:
         results.append(redis_result)
@@ -335,12 +350,12 @@ def run_checks(settings: Settings, *, url: str | None = None,
     return results
 
 
-def run_doctor(config: str | Path | None, *, url: str | None = None,
-               key: str | None = None) -> list[CheckResult]:
+def run_doctor(config: str | Path | None, *, url: str | None = None, key: str | None = None,
+               cacert: Path | None = None) -> list[CheckResult]:
     config_result, settings = check_config(config)
     if settings is None:
         return [config_result]
-    return [config_result, *run_checks(settings, url=url, key=key)]
+    return [config_result, *run_checks(settings, url=url, key=key, cacert=cacert)]
 
 
 def format_results(results: Iterable[CheckResult]) -> str:
@@ -359,7 +374,11 @@ def format_results(results: Iterable[CheckResult]) -> str:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get("MLXGW_API_KEY")
-    results = run_doctor(args.config, url=args.url, key=key)
+    cacert = Path(args.cacert).expanduser() if args.cacert else None
+    if cacert is not None and not cacert.is_file():
+        sys.stderr.write(f"--cacert {cacert}: no such file\n")
+        return 2
+    results = run_doctor(args.config, url=args.url, key=key, cacert=cacert)
     sys.stdout.write(format_results(results))
     return 1 if any(r.status == "fail" for r in results) else 0
 
@@ -377,4 +396,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("--key", metavar="KEY",
                         help="API key for the /v1/models check (default: $MLXGW_API_KEY; the "
                              "environment keeps it out of `ps` and shell history).")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="CA certificate to trust for an https --url (Caddy's tls internal "
+                             "root.crt).")
     parser.set_defaults(handler=_cmd_doctor)

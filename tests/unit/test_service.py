@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from app.ops import service
+from app.ops.doctor import run_doctor
 from app.ops.service import ServiceSpec, render_launchd_plist, render_systemd_unit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,6 +317,10 @@ class _Upstream:
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
 
+        @self.app.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
         @self.app.post("/echo")
         async def echo(request: Request) -> dict[str, object]:
             body = await request.body()
@@ -354,6 +359,7 @@ def _caddyfile_for_test(upstream_port: int, http_port: int, https_port: int) -> 
 
 @pytest.fixture
 def caddy(tmp_path: Path, upstream: tuple[_Upstream, int]) -> Iterator[tuple[_Upstream, str]]:
+    """Caddy with the shipped Caddyfile on free ports; its private CA lives under tmp_path/data."""
     binary = shutil.which("caddy")
     if binary is None:
         pytest.skip("caddy not installed")
@@ -430,6 +436,20 @@ def test_caddy_refuses_oversized_bodies(caddy: tuple[_Upstream, str]) -> None:
     # (caddyserver/caddy#5652). Either way the body never reaches the gateway whole.
     assert response.status_code in (413, 502)
     assert all(size <= 10_000_000 for size in stub.echoed)
+
+
+def test_doctor_through_caddy_needs_its_ca(tmp_path: Path, caddy: tuple[_Upstream, str]) -> None:
+    """The second-host check: doctor --url https://... against Caddy's `tls internal`."""
+    _, base = caddy
+    config = tmp_path / "config.toml"
+    config.write_text(f"[server]\nport = {_free_port()}\n")
+    untrusted = {r.name: r for r in run_doctor(config, url=base)}
+    assert untrusted["health"].status == "fail"
+    assert "--cacert" in untrusted["health"].fix
+    root = tmp_path / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+    trusted = {r.name: r for r in run_doctor(config, url=base, cacert=root)}
+    assert trusted["health"].status == "ok"
+    assert trusted["health"].detail == f"{base}/health: ok"
 
 
 # --- deploy/grafana -----------------------------------------------------------------------------
