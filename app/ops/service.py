@@ -90,6 +90,15 @@ def venv_python() -> Path:
     return Path(os.path.abspath(sys.executable))
 
 
+def _read_template(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: `service install` renders the templates in deploy/ of the clone "
+            "the gateway runs from (pip install -e .)"
+        )
+    return path.read_text(encoding="utf-8")
+
+
 def _fill(template: str, values: Mapping[str, str]) -> str:
     for name, value in values.items():
         template = template.replace(f"@{name}@", value)
@@ -105,7 +114,7 @@ def render_launchd_plist(spec: ServiceSpec, template: Path = PLIST_TEMPLATE) -> 
         f"    <key>{escape(key)}</key>\n    <string>{escape(value)}</string>"
         for key, value in sorted(spec.env.items())
     )
-    text = _fill(template.read_text(encoding="utf-8"), {
+    text = _fill(_read_template(template), {
         "LABEL": escape(spec.label),
         "PYTHON": escape(str(spec.python)),
         "CONFIG": escape(str(spec.config)),
@@ -150,7 +159,7 @@ def render_systemd_unit(spec: ServiceSpec, template: Path = UNIT_TEMPLATE) -> st
         f"Environment={_systemd_quote(f'{key}={value}', dollar=False)}"
         for key, value in sorted(spec.env.items())
     )
-    return _fill(template.read_text(encoding="utf-8"), {
+    return _fill(_read_template(template), {
         "WORKDIR": str(spec.workdir).replace("%", "%%"),
         "EXEC_START": " ".join(_systemd_quote(arg) for arg in spec.argv),
         "ENVIRONMENT": env_lines,

@@ -498,3 +498,8 @@ def test_dashboard_uses_only_known_metrics() -> None:
     assert not unknown, f"dashboard queries metrics nobody defines: {unknown}"
     # Everything the gateway exports shows up somewhere.
     assert not known - used, f"metrics missing from the dashboard: {known - used}"
+
+
+def test_missing_template_explains_the_editable_install(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pip install -e"):
+        render_systemd_unit(_spec(tmp_path), template=tmp_path / "nope.service.in")
