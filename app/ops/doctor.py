@@ -194,7 +194,26 @@ def check_health(url: str, *, required: bool, verify: Verify = True) -> CheckRes
     return _ok("health", f"{url}/health: {response.json()['status']}")
 
 
-def check_models_endpoint(url: str, key: str | None, settings: Settings,
+def check_ready(url: str, verify: Verify = True) -> CheckResult | None:
+    """/ready is 200 once the default model is resident, 503 while it loads."""
+    try:
+        response = _get(f"{url}/ready", verify=verify)
+        body: Any = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None  # /health already reported reachability
+    if response.status_code == 404:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    if response.status_code == 200:
+        return _ok("ready", f"default model {model} is loaded" if model else "ready")
+    if model is None:
+        return _warn("ready", f"answered {response.status_code}: no default model",
+                     "add [[models]] or [discovery] model_dirs to the config")
+    return _warn("ready", f"default model {model} is not loaded yet ({response.status_code})",
+                 "wait for the load; `mlx-gateway service logs` shows progress or the error")
+
+
+def check_models_endpoint(url: str, key: str | None, auth_enabled: bool = True,
                           verify: Verify = True) -> CheckResult:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
@@ -220,7 +239,7 @@ def check_models_endpoint(url: str, key: str | None, settings: Settings,
         return _warn("v1/models", "answers, but lists no models",
                      "add [[models]] or [discovery] model_dirs to the config")
     shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
-    auth = "with the key" if key else "without a key" if settings.auth.enabled else "auth off"
+    auth = "with the key" if key else "without a key" if auth_enabled else "auth off"
     return _ok("v1/models", f"{len(ids)} model(s) {auth}: {shown}")
 
 
@@ -331,7 +350,7 @@ def run_checks(settings: Settings, *, url: str | None = None, key: str | None = 
                cacert: Path | None = None) -> list[CheckResult]:
     """Every check after the config check, in the order a person would debug them.
     `cacert` is a CA bundle to trust for an https `url` (Caddy's `tls internal` root)."""
-    verify: Verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
+    verify = _verify(cacert)
     results = [check_keys(settings)]
     port_result, ours_running = check_port(settings)
     results.append(port_result)
@@ -342,7 +361,7 @@ def run_checks(settings: Settings, *, url: str | None = None, key: str | None = 
         health = check_health(base, required=bool(url) or ours_running, verify=verify)
         results.append(health)
         if health.status == "ok":
-            results.append(check_models_endpoint(base, key, settings, verify))
+            results.extend(_server_checks(base, key, settings.auth.enabled, verify))
     redis_result = check_redis(settings)
     if redis_result is not None:
         results.append(redis_result)
@@ -350,8 +369,32 @@ def run_checks(settings: Settings, *, url: str | None = None, key: str | None = 
     return results
 
 
+def _server_checks(url: str, key: str | None, auth_enabled: bool,
+                   verify: Verify) -> list[CheckResult]:
+    ready = check_ready(url, verify)
+    return [*([ready] if ready else []), check_models_endpoint(url, key, auth_enabled, verify)]
+
+
+def _verify(cacert: Path | None) -> Verify:
+    return ssl.create_default_context(cafile=str(cacert)) if cacert else True
+
+
+def remote_checks(url: str, *, key: str | None = None,
+                  cacert: Path | None = None) -> list[CheckResult]:
+    """From a second machine: only what a client sees (no local config, port or models)."""
+    verify = _verify(cacert)
+    base = url.rstrip("/")
+    health = check_health(base, required=True, verify=verify)
+    if health.status != "ok":
+        return [health]
+    return [health, *_server_checks(base, key, True, verify)]
+
+
 def run_doctor(config: str | Path | None, *, url: str | None = None, key: str | None = None,
                cacert: Path | None = None) -> list[CheckResult]:
+    """All checks; with a --url and no config anywhere, only the remote ones."""
+    if url and config is None and not os.environ.get("MLXGW_CONFIG"):
+        return remote_checks(url, key=key, cacert=cacert)
     config_result, settings = check_config(config)
     if settings is None:
         return [config_result]

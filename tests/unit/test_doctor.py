@@ -262,13 +262,19 @@ def test_explicit_url_that_does_not_answer_fails(tmp_path: Path) -> None:
 # --- a live server ----------------------------------------------------------------------------
 
 
-def _stub_gateway() -> FastAPI:
-    """Answers like the real gateway on the two routes doctor calls."""
+def _stub_gateway(state: dict[str, bool]) -> FastAPI:
+    """Answers like the real gateway on the routes doctor calls."""
     app = FastAPI()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        return {"status": "ok"}
+        return {"status": "ok", "service": "mlx-gateway"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if state["ready"]:
+            return JSONResponse({"status": "ready", "model": "m"})
+        return JSONResponse({"status": "loading", "model": "m"}, status_code=503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -283,9 +289,14 @@ def _stub_gateway() -> FastAPI:
 
 
 @pytest.fixture
-def live_server() -> Iterator[int]:
+def stub_state() -> dict[str, bool]:
+    return {"ready": True}
+
+
+@pytest.fixture
+def live_server(stub_state: dict[str, bool]) -> Iterator[int]:
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_stub_gateway(), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(_stub_gateway(stub_state), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -337,7 +348,8 @@ path = "{folder}"
     out = capsys.readouterr().out
     assert code == 0, out
     results = _by_name(run_doctor(config, key=KEY))
-    assert set(results) == {"config", "keys", "port", "health", "v1/models", "redis", "model m"}
+    assert set(results) == {"config", "keys", "port", "health", "ready", "v1/models", "redis",
+                            "model m"}
     assert all(r.status == "ok" for r in results.values()), out
     assert "in use by mlx-gateway" in results["port"].detail
     assert "1 model(s) with the key: m" in results["v1/models"].detail
@@ -368,6 +380,29 @@ def test_key_from_environment(
                                      f"path = '{_model_dir(tmp_path)}'\n")
     assert _doctor_cli(["doctor", "--config", str(config)]) == 0
     assert "ok    v1/models" in capsys.readouterr().out
+
+
+def test_model_still_loading_warns(
+    tmp_path: Path, live_server: int, stub_state: dict[str, bool]
+) -> None:
+    stub_state["ready"] = False
+    config = _write_config(tmp_path, f"[server]\nport = {live_server}\n")
+    ready = _by_name(run_doctor(config, key=KEY))["ready"]
+    assert ready.status == "warn"
+    assert "m is not loaded yet (503)" in ready.detail
+
+
+def test_remote_mode_checks_only_what_a_client_sees(
+    live_server: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MLXGW_CONFIG", raising=False)
+    url = f"http://127.0.0.1:{live_server}"
+    assert _doctor_cli(["doctor", "--url", url, "--key", KEY]) == 0
+    names = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["health", "ready", "v1/models"]
+    assert _doctor_cli(["doctor", "--url", url, "--key", "mgw-k1-nope"]) == 1
+    dead = f"http://127.0.0.1:{_free_port()}"
+    assert [r.status for r in run_doctor(None, url=dead)] == ["fail"]
 
 
 def test_format_results_aligns_columns() -> None:
