@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_argument(demo)
     demo.set_defaults(handler=_models_demo)
 
+    from app.ops import doctor, service
     from app.security import cli as keys_cli
 
-    keys_cli.add_commands(commands)
+    for module in (keys_cli, doctor, service):
+        module.add_commands(commands)
     return parser
 
 

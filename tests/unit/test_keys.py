@@ -192,14 +192,14 @@ async def test_sighup_reloads(keys_path: Path) -> None:
 
 
 def test_redaction_processor_masks_keys_anywhere() -> None:
-    from app.security.redact import redact_keys
+    from app.logging import redact_processor
 
     token = "mgw-0123456789abcdef-AbC_d-eF0123456789abcdefABCDEF0123456789xyz"
     event = {"event": f"bad header Authorization: Bearer {token}",
              "headers": [("authorization", f"Bearer {token}")], "nested": {"url": f"/x?k={token}"},
              "count": 3}
-    out = redact_keys(None, "info", dict(event))
+    out = redact_processor(None, "info", dict(event))  # type: ignore[arg-type]
     assert token not in repr(out)
-    assert "mgw-0123456789abcdef-[redacted]" in out["event"]
-    assert out["headers"] == [("authorization", "Bearer mgw-0123456789abcdef-[redacted]")]
+    assert "***" in out["event"]
+    assert "AbC_d" not in repr(out["headers"]) and "AbC_d" not in repr(out["nested"])
     assert out["count"] == 3
