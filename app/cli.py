@@ -23,12 +23,11 @@ def config_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.logging import configure_logging
     from app.main import create_app
     from app.security.auth import check_bind_safety, ensure_first_key
     from app.security.keys import KeyStore
+    from app.server import DrainingServer
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -45,11 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.models and not settings.discovery.model_dirs:
         _ensure_demo(settings, quiet=True)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.server.host, port=settings.server.port, log_config=None,
-        access_log=False, timeout_graceful_shutdown=int(settings.server.shutdown_grace),
-    ))
-    server.run()
+    DrainingServer(app, host=settings.server.host, port=settings.server.port,
+                   grace=settings.server.shutdown_grace).run()
     return 0
 
 

@@ -202,9 +202,8 @@ class ModelBatch:
             seq.flush_events()
         self._forget(list(self._by_uid))
 
-    def cancel_all(self, reason: str) -> None:
-        """Called before the model is unloaded or the engine stops."""
-        failure = EngineFailure(reason)
+    def cancel_all(self, failure: Exception) -> None:
+        """End every sequence with `failure`: the model is unloaded or the server stops."""
         for seq in self._by_uid.values():
             seq._pending.append(Failed(failure))
             seq.flush_events()

@@ -26,6 +26,7 @@ from app.errors import (
     GatewayError,
     InvalidRequest,
     ModelLoadFailed,
+    Overloaded,
 )
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
@@ -145,6 +146,11 @@ class Engine:
     async def stop(self) -> None:
         await asyncio.to_thread(self._thread.stop)
         self._tokenize.shutdown(wait=False, cancel_futures=True)
+
+    async def end_all_streams(self, reason: str) -> None:
+        """End every running generation with an error event (the shutdown grace ran out)."""
+        failure = Overloaded(reason, retry_after=5)
+        await self._thread.call(lambda: self._thread.fail_all(failure))
 
     def loaded_models(self) -> dict[str, LoadedModel]:
         return dict(self._loaded)

@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from app.ops import service
 from app.ops.doctor import run_doctor
 from app.ops.service import ServiceSpec, render_launchd_plist, render_systemd_unit
+from tests.caddy_server import caddy_root_certificate, running_caddy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -346,45 +347,12 @@ def upstream() -> Iterator[tuple[_Upstream, int]]:
     thread.join(10)
 
 
-def _caddyfile_for_test(upstream_port: int, http_port: int, https_port: int) -> str:
-    """The shipped Caddyfile with test-only globals: free ports, no admin API, and no attempt
-    to install Caddy's root CA into this machine's trust store."""
-    text = (REPO / "deploy" / "Caddyfile").read_text()
-    assert "reverse_proxy 127.0.0.1:8000 {" in text
-    text = text.replace("reverse_proxy 127.0.0.1:8000", f"reverse_proxy 127.0.0.1:{upstream_port}")
-    globals_ = (f"{{\n\tadmin off\n\tskip_install_trust\n\thttp_port {http_port}\n"
-                f"\thttps_port {https_port}\n")
-    return text.replace("\n{\n", "\n" + globals_, 1)
-
-
 @pytest.fixture
 def caddy(tmp_path: Path, upstream: tuple[_Upstream, int]) -> Iterator[tuple[_Upstream, str]]:
     """Caddy with the shipped Caddyfile on free ports; its private CA lives under tmp_path/data."""
-    binary = shutil.which("caddy")
-    if binary is None:
-        pytest.skip("caddy not installed")
     stub, upstream_port = upstream
-    https_port = _free_port()
-    config = tmp_path / "Caddyfile"
-    config.write_text(_caddyfile_for_test(upstream_port, _free_port(), https_port))
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "MLXGW_SITE": f"https://127.0.0.1:{https_port}"}
-    proc = subprocess.Popen([binary, "run", "--config", str(config), "--adapter", "caddyfile"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"https://127.0.0.1:{https_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "caddy died"
-        try:
-            httpx.post(f"{base}/echo", verify=False, timeout=2)
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "caddy did not start"
-            time.sleep(0.1)
-    yield stub, base
-    proc.terminate()
-    proc.wait(10)
+    with running_caddy(tmp_path, upstream_port, probe_path="/echo") as base:
+        yield stub, base
 
 
 def test_caddyfile_validates(tmp_path: Path) -> None:
@@ -446,7 +414,7 @@ def test_doctor_through_caddy_needs_its_ca(tmp_path: Path, caddy: tuple[_Upstrea
     untrusted = {r.name: r for r in run_doctor(config, url=base)}
     assert untrusted["health"].status == "fail"
     assert "--cacert" in untrusted["health"].fix
-    root = tmp_path / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+    root = caddy_root_certificate(tmp_path)
     trusted = {r.name: r for r in run_doctor(config, url=base, cacert=root)}
     assert trusted["health"].status == "ok"
     assert trusted["health"].detail == f"{base}/health: ok"
