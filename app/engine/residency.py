@@ -235,6 +235,7 @@ def _describe(residents: list[Resident]) -> str:
         return "no model"
     parts = []
     for r in residents:
-        why = "pinned" if r.pinned else f"{r.leases} request{'s' if r.leases != 1 else ''} in flight"
+        plural = "s" if r.leases != 1 else ""
+        why = "pinned" if r.pinned else f"{r.leases} request{plural} in flight"
         parts.append(f"{r.id} ({format_bytes(r.size)}, {why})")
     return ", ".join(parts)
