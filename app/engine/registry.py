@@ -56,18 +56,22 @@ class ModelSpec:
 
 
 class ModelRegistry:
-    def __init__(self, specs: list[ModelSpec], warnings: list[str] | None = None) -> None:
+    def __init__(self, specs: list[ModelSpec], warnings: list[str] | None = None, *,
+                 log_warnings: bool = True) -> None:
         self.warnings: list[str] = list(warnings or [])
         self.specs: list[ModelSpec] = []
         self._names: dict[str, ModelSpec] = {}
         for spec in specs:
             self._add(spec)
+        if log_warnings:  # the CLI prints them itself, keeping stdout for the table
+            for message in self.warnings:
+                log.warning("model registry", problem=message)
 
     def _add(self, spec: ModelSpec) -> None:
         # First wins, in a deterministic order (config, then model_dirs in order, sorted names).
         holder = self._names.get(spec.id)
         if holder is not None:
-            self._warn(f"duplicate model id {spec.id!r}: {spec.path} ignored, "
+            self.warnings.append(f"duplicate model id {spec.id!r}: {spec.path} ignored, "
                        f"{holder.path} ({holder.source}) keeps it")
             return
         aliases = []
@@ -75,7 +79,7 @@ class ModelRegistry:
             taken = self._names.get(alias)
             if taken is not None or alias == spec.id or alias in aliases:
                 owner = taken.id if taken else spec.id
-                self._warn(f"duplicate alias {alias!r} of model {spec.id!r} ignored: "
+                self.warnings.append(f"duplicate alias {alias!r} of model {spec.id!r} ignored: "
                            f"it already names {owner!r}")
                 continue
             aliases.append(alias)
@@ -85,21 +89,16 @@ class ModelRegistry:
         for name in (spec.id, *spec.aliases):
             self._names[name] = spec
 
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
-        log.warning("model registry", problem=message)
-
     @classmethod
-    def build(cls, settings: Settings, *, demo_path: Path | None) -> ModelRegistry:
+    def build(cls, settings: Settings, *, demo_path: Path | None,
+              log_warnings: bool = True) -> ModelRegistry:
         warnings: list[str] = []
         specs = [_spec_from_entry(entry, warnings) for entry in settings.models]
         for folder in settings.discovery.model_dirs:
             specs.extend(discover(folder.expanduser(), warnings))
         if not specs and demo_path is not None:
             specs.append(_demo_spec(demo_path))
-        for message in warnings:
-            log.warning("model registry", problem=message)
-        return cls(specs, warnings)
+        return cls(specs, warnings, log_warnings=log_warnings)
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs)
@@ -433,7 +432,8 @@ def _list_handler(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    registry = ModelRegistry.build(settings, demo_path=default_demo_path(settings))
+    registry = ModelRegistry.build(settings, demo_path=default_demo_path(settings),
+                                   log_warnings=False)
     print(format_table(registry))
     for message in registry.warnings:
         print(f"warning: {message}", file=sys.stderr)
