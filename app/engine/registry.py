@@ -145,6 +145,8 @@ def _replace_aliases(spec: ModelSpec, aliases: tuple[str, ...]) -> ModelSpec:
 
 def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
     path = entry.path.expanduser()
+    if path.is_dir() and not _is_mlx_folder(path) and len(_ggufs(path)) == 1:
+        path = _ggufs(path)[0]  # a folder holding one .gguf (as LM Studio keeps them)
     if not path.exists():
         warnings.append(f"model {entry.id!r}: {path} does not exist; loading it will fail")
     elif not (path.is_file() and path.suffix == ".gguf") and not _is_mlx_folder(path):
@@ -335,7 +337,9 @@ def discover(folder: Path, warnings: list[str]) -> list[ModelSpec]:
         return [_make_spec(folder.name, folder, "mlx")]
     found: list[ModelSpec] = []
     for child in _children(folder, warnings):
-        if child.name.startswith("models--") and child.is_dir():
+        if child.name == "hub" and child.is_dir():  # ~/.cache/huggingface given, not its hub/
+            found.extend(discover(child, warnings))
+        elif child.name.startswith("models--") and child.is_dir():
             found.extend(_hf_cache_entry(child, warnings))
         elif _is_mlx_folder(child):
             found.append(_make_spec(child.name, child, "mlx"))
@@ -385,10 +389,10 @@ def _hf_snapshot(entry: Path) -> Path | None:
         if candidate.is_dir():
             return candidate
     try:
-        folders = [p for p in snapshots.iterdir() if p.is_dir()]
+        folders = [(p.stat().st_mtime, p.name, p) for p in snapshots.iterdir() if p.is_dir()]
     except OSError:
         return None
-    return max(folders, key=lambda p: (p.stat().st_mtime, p.name), default=None)
+    return max(folders)[2] if folders else None
 
 
 def _lmstudio_repo(publisher: str, repo: Path, warnings: list[str]) -> list[ModelSpec]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from app import metrics
-from app.settings import parse_bytes
+from app.settings import ResidencySettings, parse_bytes
 
 DecisionKind = Literal["resident", "load", "wait", "never"]
 EvictReason = Literal["lru", "ttl", "manual", "budget"]
@@ -95,6 +95,14 @@ class ResidencyPolicy:
         self.max_loaded = max_loaded
         self.default_ttl = default_ttl
         self._residents: dict[str, Resident] = {}
+
+    @classmethod
+    def from_settings(cls, residency: ResidencySettings,
+                      physical_bytes: int | None = None) -> ResidencyPolicy:
+        """The policy `[residency]` describes; physical memory is read when not given."""
+        physical = physical_bytes if physical_bytes is not None else physical_memory_bytes()
+        return cls(budget_bytes=parse_budget(residency.memory_budget, physical),
+                   max_loaded=residency.max_loaded_models, default_ttl=residency.default_ttl)
 
     # --- queries -----------------------------------------------------------------------------
 

@@ -348,3 +348,15 @@ def test_models_list_command_bad_config(tmp_path: Path, capsys: pytest.CaptureFi
     args = parser.parse_args(["list", "--config", str(tmp_path / "missing.toml")])
     assert args.handler(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_hf_cache_root_above_hub_and_config_folder_with_one_gguf(tmp_path: Path) -> None:
+    mlx_folder(tmp_path / "huggingface" / "hub" / "models--org--name" / "snapshots" / "r1")
+    gguf = gguf_file(tmp_path / "lm" / "one" / "model-Q4.gguf")
+    registry = ModelRegistry.build(settings(tmp_path, models=[
+        {"id": "one", "path": str(gguf.parent)}], dirs=[tmp_path / "huggingface"]),
+        demo_path=None)
+    assert registry.ids == ["one", "org/name"]
+    assert registry.resolve("one").path == gguf
+    assert registry.resolve("one").format == "gguf"
+    assert registry.warnings == []

@@ -226,3 +226,14 @@ def test_invalid_policy_parameters() -> None:
         ResidencyPolicy(budget_bytes=0, max_loaded=1, default_ttl=0)
     with pytest.raises(ValueError):
         ResidencyPolicy(budget_bytes=1, max_loaded=0, default_ttl=0)
+
+
+def test_from_settings_reads_the_residency_section() -> None:
+    from app.settings import ResidencySettings
+
+    p = ResidencyPolicy.from_settings(
+        ResidencySettings(memory_budget="50%", max_loaded_models=2, default_ttl=7.0),
+        physical_bytes=8 * GB)
+    assert (p.budget_bytes, p.max_loaded, p.default_ttl) == (4 * GB, 2, 7.0)
+    default = ResidencyPolicy.from_settings(ResidencySettings())
+    assert default.budget_bytes == int(physical_memory_bytes() * 0.6)
