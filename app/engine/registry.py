@@ -72,19 +72,19 @@ class ModelRegistry:
         holder = self._names.get(spec.id)
         if holder is not None:
             self.warnings.append(f"duplicate model id {spec.id!r}: {spec.path} ignored, "
-                       f"{holder.path} ({holder.source}) keeps it")
+                                 f"{holder.path} ({holder.source}) keeps it")
             return
         aliases = []
         for alias in spec.aliases:
             taken = self._names.get(alias)
             if taken is not None or alias == spec.id or alias in aliases:
                 owner = taken.id if taken else spec.id
-                self.warnings.append(f"duplicate alias {alias!r} of model {spec.id!r} ignored: "
-                           f"it already names {owner!r}")
+                self.warnings.append(f"duplicate alias {alias!r} of model {spec.id!r} "
+                                     f"ignored: it already names {owner!r}")
                 continue
             aliases.append(alias)
         if tuple(aliases) != spec.aliases:
-            spec = _replace_aliases(spec, tuple(aliases))
+            spec = replace(spec, aliases=tuple(aliases))
         self.specs.append(spec)
         for name in (spec.id, *spec.aliases):
             self._names[name] = spec
@@ -131,16 +131,23 @@ class ModelRegistry:
                 param="model")
         return spec
 
+    def refresh(self, model_id: str, path: Path | None = None) -> ModelSpec:
+        """Re-measure a model's files, e.g. once its GGUF was converted into an MLX folder at
+        `path` or the demo folder was created after start. Id, aliases and config are kept."""
+        old = self.resolve(model_id)
+        new = _make_spec(old.id, path or old.path, old.source, aliases=old.aliases,
+                         pinned=old.pinned, ttl=old.ttl, max_context=old.max_context)
+        self.specs[self.specs.index(old)] = new
+        for name in (new.id, *new.aliases):
+            self._names[name] = new
+        return new
+
     def oversized(self, budget_bytes: int) -> list[ModelSpec]:
         """Models that cannot fit the memory budget even alone (warn about them at start)."""
         return [spec for spec in self.specs if spec.estimated_bytes > budget_bytes]
 
 
 # --- building specs ------------------------------------------------------------------------
-
-
-def _replace_aliases(spec: ModelSpec, aliases: tuple[str, ...]) -> ModelSpec:
-    return replace(spec, aliases=aliases)
 
 
 def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
