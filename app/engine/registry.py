@@ -425,7 +425,8 @@ def format_table(registry: ModelRegistry) -> str:
                      format_bytes(spec.estimated_bytes), str(spec.context_length),
                      "yes" if spec.pinned else "no", ", ".join(spec.aliases) or "-"))
     if len(rows) == 1:
-        return "no models: add [[models]] entries or [discovery] model_dirs to the config"
+        return ("no models: add [[models]] entries or [discovery] model_dirs to the config, "
+                "or run `mlx-gateway models demo`")
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -433,7 +434,7 @@ def format_table(registry: ModelRegistry) -> str:
 
 
 def default_demo_path(settings: Settings) -> Path:
-    """Where `mlx-gateway models demo` puts the demo model's MLX folder."""
+    """Where `mlx-gateway models demo` puts the demo model's MLX folder (as app.main does)."""
     return settings.cache_dir / "models" / DEMO_MODEL_ID
 
 
@@ -443,7 +444,8 @@ def _list_handler(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    registry = ModelRegistry.build(settings, demo_path=default_demo_path(settings),
+    demo = default_demo_path(settings)  # as `serve` does: the demo only once it exists
+    registry = ModelRegistry.build(settings, demo_path=demo if demo.is_dir() else None,
                                    log_warnings=False)
     print(format_table(registry))
     for message in registry.warnings:
