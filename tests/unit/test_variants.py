@@ -109,7 +109,7 @@ def test_bad_inputs(tmp_path: Path, quantized_folder: Path) -> None:
 
 
 def _demo_folder() -> Path | None:
-    override = os.environ.get("MLXGW_DEMO_MODEL_DIR")
+    override = os.environ.get("MLXGW_TEST_MODEL_DIR")  # as tests/e2e/conftest.py
     if override:
         return Path(override)
     note = Path("/work/notes/demo-model-path.txt")
