@@ -63,3 +63,28 @@ ADMISSION_QUEUED = Gauge("mlxgw_admission_queued", "Requests waiting for a gener
 ADMISSION_REJECTED = Counter(
     "mlxgw_admission_rejected_total", "Requests refused with 503 because the queue was full."
 )
+
+# --- residency -------------------------------------------------------------------------------
+# LOADED_MODELS, RESIDENT_BYTES and MODEL_EVICTIONS are kept current by ResidencyPolicy; the
+# engine thread records loads, load durations, waits and reclaimed memory.
+LOADED_MODELS = Gauge("mlxgw_models_loaded", "Models resident in memory.")
+RESIDENT_BYTES = Gauge(
+    "mlxgw_resident_bytes", "Estimated bytes held by resident models (weights + KV allowance)."
+)
+MODEL_LOADS = Counter("mlxgw_model_loads_total", "Model loads by result.", ["result"])
+MODEL_EVICTIONS = Counter(
+    "mlxgw_model_evictions_total", "Model evictions by reason (lru, ttl, manual, budget).",
+    ["reason"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "mlxgw_model_load_duration_seconds", "Time to load a model.", ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+MODEL_WAIT_DURATION = Histogram(
+    "mlxgw_model_wait_seconds", "Time requests waited for their model to be loaded.",
+    buckets=_LATENCY_BUCKETS,
+)
+RECLAIMED_BYTES = Counter(
+    "mlxgw_evicted_reclaimed_bytes_total",
+    "Process memory returned by evictions (RSS / MLX active memory before minus after).",
+)
