@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import structlog
 
+from app.engine.gguf import read_gguf_header
 from app.engine.residency import format_bytes
 from app.errors import ModelNotFound
 from app.settings import DEMO_MODEL_ID, ConfigError, ModelEntry, Settings, load_settings
@@ -237,7 +237,10 @@ def _config_kv(config_file: Path) -> tuple[int, int]:
 
 def _gguf_kv(path: Path) -> tuple[int, int]:
     """(KV bytes per token, context length) from GGUF metadata; KV assumed float16 once loaded."""
-    meta = _read_gguf_metadata(path)
+    try:
+        meta = read_gguf_header(path).metadata
+    except (OSError, ValueError):  # malformed or unreadable: the estimate falls back
+        return 0, DEFAULT_CONTEXT
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         return 0, DEFAULT_CONTEXT
@@ -256,74 +259,6 @@ def _gguf_kv(path: Path) -> tuple[int, int]:
     value_len = number("attention.value_length", key_len)
     context = number("context_length", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
     return layers * kv_heads * (key_len + value_len) * 2, context
-
-
-# Minimal GGUF metadata reader: only the scalar keys the size estimate needs.
-# TODO: use app.engine.gguf.read_gguf_header once it lands on main.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_MAX_KEYS = 100_000
-_GGUF_MAX_STRING = 16 * 2**20
-
-
-def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Key/value metadata of a GGUF file; arrays of numbers are kept, others skipped.
-
-    Any malformed or unreadable file gives an empty dict (the estimate then falls back).
-    """
-    try:
-        with path.open("rb") as handle:
-            if handle.read(4) != b"GGUF":
-                return {}
-            version, _tensors, count = struct.unpack("<IQQ", _read(handle, 20))
-            if version < 2 or count > _GGUF_MAX_KEYS:
-                return {}
-            meta: dict[str, Any] = {}
-            for _ in range(count):
-                key = _gguf_string(handle)
-                (kind,) = struct.unpack("<I", _read(handle, 4))
-                meta[key] = _gguf_value(handle, kind)
-            return meta
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
-        return {}
-
-
-def _read(handle: BinaryIO, size: int) -> bytes:
-    data = handle.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return data
-
-
-def _gguf_string(handle: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", _read(handle, 8))
-    if length > _GGUF_MAX_STRING:
-        raise ValueError("implausible GGUF string length")
-    return _read(handle, length).decode("utf-8")
-
-
-def _gguf_value(handle: BinaryIO, kind: int) -> Any:
-    if kind in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[kind]
-        return struct.unpack(fmt, _read(handle, struct.calcsize(fmt)))[0]
-    if kind == _GGUF_STRING:
-        return _gguf_string(handle)
-    if kind == _GGUF_ARRAY:
-        item_kind, length = struct.unpack("<IQ", _read(handle, 12))
-        if item_kind in _GGUF_SCALARS:
-            item_size = struct.calcsize(_GGUF_SCALARS[item_kind])
-            if length <= 1024:  # per-layer numbers: small, keep them
-                return [_gguf_value(handle, item_kind) for _ in range(length)]
-            handle.seek(length * item_size, 1)  # token scores and the like: skip
-            return None
-        if item_kind == _GGUF_STRING:  # the vocabulary: skip, but each entry has a length
-            for _ in range(length):
-                (size,) = struct.unpack("<Q", _read(handle, 8))
-                handle.seek(size, 1)
-            return None
-        raise ValueError(f"unsupported GGUF array item type {item_kind}")
-    raise ValueError(f"unknown GGUF value type {kind}")
 
 
 # --- discovery -------------------------------------------------------------------------------

