@@ -38,7 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     limits = settings.limits
     breaker = CircuitBreaker(limiter, global_rpm=limits.global_rpm,
                              failures=limits.breaker_failures, cooldown=limits.breaker_cooldown)
-    engine = Engine(settings.engine, registry, breaker=breaker,
+    engine = Engine(settings, registry, breaker=breaker,
                     admission=Admission(limits.max_inflight, limits.max_queue))
     keys = KeyStore(settings.keys_file) if settings.auth.enabled else None
 

@@ -88,3 +88,6 @@ RECLAIMED_BYTES = Counter(
     "mlxgw_evicted_reclaimed_bytes_total",
     "Process memory returned by evictions (RSS / MLX active memory before minus after).",
 )
+MLX_ACTIVE_BYTES = Gauge(
+    "mlxgw_mlx_active_bytes", "Bytes MLX holds in arrays, read after each load and eviction."
+)
