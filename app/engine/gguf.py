@@ -184,6 +184,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
         for _ in range(n_kv):
             key = reader.string()
             header.metadata[key] = _read_value(reader, int(reader.unpack("I")))
+        ends: list[tuple[int, str]] = []
         for _ in range(n_tensors):
             name = reader.string()
             n_dims = int(reader.unpack("I"))
@@ -191,12 +192,20 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                 raise UnsupportedModel(f"{path}: corrupt GGUF header ({name} has {n_dims} dims)")
             dims = reader.array("Q", n_dims)
             type_id = int(reader.unpack("I"))
-            reader.unpack("Q")  # data offset: mx.load reads the data, we never do
-            header.tensors.append(TensorInfo(
-                name=name,
-                shape=tuple(reversed(dims)),
-                ggml_type=GGML_TYPES.get(type_id, f"type{type_id}"),
-            ))
+            offset = int(reader.unpack("Q"))
+            info = TensorInfo(name=name, shape=tuple(reversed(dims)),
+                              ggml_type=GGML_TYPES.get(type_id, f"type{type_id}"))
+            header.tensors.append(info)
+            ends.append((offset + _sized(info, _FILE_BYTES_PER_32), name))
+        # Data starts at the next alignment boundary; an incomplete download shows
+        # up here as a tensor running past the end of the file.
+        alignment = int(header.metadata.get("general.alignment", 32)) or 32
+        data_start = -(-stream.tell() // alignment) * alignment
+        end, name = max(ends, default=(0, ""))
+        if data_start + end > size:
+            raise UnsupportedModel(
+                f"{path}: truncated file ({name} ends past the end; incomplete download?)"
+            )
     return header
 
 
@@ -377,23 +386,35 @@ def convert_gguf(
     check_supported(header, gguf_path)
     log.info("gguf_convert_start", path=str(gguf_path), tensors=len(header.tensors))
 
-    loaded = mx.load(str(gguf_path), return_metadata=False)
+    try:
+        loaded = mx.load(str(gguf_path), return_metadata=False)
+    except (RuntimeError, ValueError) as exc:
+        raise UnsupportedModel(f"{gguf_path}: MLX cannot read the tensors: {exc}") from exc
     assert isinstance(loaded, dict)
     weights: dict[str, Any] = {}
     quant_bits: dict[str, int] = {}
-    total = len(loaded)
-    for done, (name, array) in enumerate(sorted(loaded.items()), start=1):
-        mapped = _mlx_name(name)
-        if mapped is None:  # check_supported vetted the table; mx.load disagreeing is a bug
-            raise UnsupportedModel(f"{gguf_path}: unexpected tensor {name} from mx.load")
-        weights[mapped] = array
-        if mapped.endswith(".scales"):
-            module = mapped.removesuffix(".scales")
-            packed = loaded[name.removesuffix(".scales") + ".weight"]
-            quant_bits[module] = packed.shape[-1] * 32 // (array.shape[-1] * GROUP_SIZE)
-        mx.eval(array)
+    total = len(header.tensors)
+    for done, info in enumerate(header.tensors, start=1):
+        # A quantized GGUF tensor comes back from mx.load as weight + scales + biases.
+        base, suffix = _split_suffix(info.name)
+        parts = [info.name] + ([f"{base}.scales", f"{base}.biases"] if suffix == "weight" else [])
+        for name in parts:
+            if name not in loaded:
+                continue
+            mapped = _mlx_name(name)
+            if mapped is None:  # check_supported vetted the names; this would be a bug
+                raise UnsupportedModel(f"{gguf_path}: unexpected tensor {name} from mx.load")
+            weights[mapped] = loaded.pop(name)
+            mx.eval(weights[mapped])
+        scales = weights.get(f"{_mlx_base(base)}.scales")
+        if suffix == "weight" and scales is not None:
+            packed = weights[f"{_mlx_base(base)}.weight"]
+            bits = packed.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
+            quant_bits[str(_mlx_base(base))] = bits
         if progress is not None:
             progress(done, total)
+    if loaded:
+        raise UnsupportedModel(f"{gguf_path}: mx.load returned unexpected {sorted(loaded)[:3]}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

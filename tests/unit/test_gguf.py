@@ -276,6 +276,14 @@ def test_header_refuses_broken_files(tmp_path: Path, blob: bytes, needle: str) -
     assert str(path) in str(info.value)
 
 
+def test_header_refuses_a_truncated_download(tmp_path: Path) -> None:
+    path, _ = tiny_llama(tmp_path / "t.gguf")
+    assert len(read_gguf_header(path).tensors) == 2 + 1 + 9 * LAYERS
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UnsupportedModel, match="truncated file"):
+        read_gguf_header(path)
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -422,7 +430,8 @@ def test_convert_every_supported_type_and_load_with_mlx_lm(tmp_path: Path) -> No
                                                "tokenizer.json", "tokenizer_config.json",
                                                "generation_config.json"}
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]  # no temp leftovers
-    assert calls[-1][0] == calls[-1][1] and len(calls) == calls[-1][1]
+    n_tensors = len(read_gguf_header(path).tensors)
+    assert calls == [(i, n_tensors) for i in range(1, n_tensors + 1)]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"] == {"group_size": 32, "bits": 8}
