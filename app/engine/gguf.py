@@ -11,6 +11,7 @@ vocabulary stored in the file.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -18,7 +19,8 @@ import shutil
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +37,8 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # What `mx.load` decodes natively; everything else (K-quants, IQ*, BF16...) is refused.
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 GROUP_SIZE = 32  # every ggml block type mx.load reads has 32 weights per block
+SOURCE_FILE = "gguf_source.json"  # in each converted folder: which GGUF it came from
+CONVERTER_VERSION = 1  # bump when the output changes so old conversions are redone
 
 # ggml_type ids from ggml.h; unknown ids are reported as "type<N>".
 GGML_TYPES: dict[int, str] = {
@@ -426,10 +430,8 @@ def convert_gguf(
         if gen:
             _write_json(tmp / "generation_config.json", gen)
         build_tokenizer_files(header.metadata, tmp)
-        _write_json(tmp / "gguf_source.json", {
-            "file": gguf_path.name, "size": gguf_path.stat().st_size,
-            "name": header.metadata.get("general.name"),
-        })
+        _write_json(tmp / SOURCE_FILE, {**_source_stamp(gguf_path),
+                                         "name": header.metadata.get("general.name")})
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -451,3 +453,50 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _source_stamp(gguf_path: Path) -> dict[str, Any]:
+    return {"file": gguf_path.name, "size": gguf_path.stat().st_size,
+            "converter": CONVERTER_VERSION}
+
+
+def is_conversion_of(out_dir: Path, gguf_path: Path) -> bool:
+    """True if `out_dir` is a finished conversion of this GGUF (same name and size)."""
+    try:
+        stamp = json.loads((Path(out_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    expected = _source_stamp(Path(gguf_path))
+    return isinstance(stamp, dict) and all(stamp.get(k) == v for k, v in expected.items())
+
+
+def ensure_converted(
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """`convert_gguf` unless `out_dir` already holds this file's conversion.
+
+    Processes converting the same target take turns (file lock), so the second
+    one finds the first one's result instead of converting again.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if is_conversion_of(out_dir, gguf_path):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if is_conversion_of(out_dir, gguf_path):
+            return out_dir
+        return convert_gguf(gguf_path, out_dir, progress=progress)
+
+
+@contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock across processes, held for the `with` block."""
+    with Path(lock_path).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

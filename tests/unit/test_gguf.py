@@ -21,7 +21,9 @@ from app.engine.gguf import (
     _mlx_name,
     build_config,
     convert_gguf,
+    ensure_converted,
     generation_config,
+    is_conversion_of,
     read_gguf_header,
 )
 from app.engine.gguf_tokenizer import build_tokenizer_files
@@ -523,3 +525,19 @@ def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path: Path) -> Non
     # Unlike sentencepiece (but like llama.cpp and transformers), control tokens in text
     # are recognised whole.
     assert tok.encode("hello</s>").ids == [1, *sp.encode("hello"), 2]
+
+
+def test_ensure_converted_reuses_a_matching_conversion(tmp_path: Path) -> None:
+    pytest.importorskip("mlx.core")
+    path, _ = tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    out = tmp_path / "models" / "tiny"
+    assert ensure_converted(path, out) == out
+    assert is_conversion_of(out, path)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert ensure_converted(path, out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # A different file under the same name (here: untied, so bigger) is converted anew.
+    tiny_llama(path)
+    assert not is_conversion_of(out, path)
+    ensure_converted(path, out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
