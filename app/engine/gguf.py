@@ -224,6 +224,16 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
             f"{path}: architecture {arch!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    meta = header.metadata
+    sizes = ("llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
+             "llama.attention.head_count")
+    missing = [k for k in (*sizes, "tokenizer.ggml.tokens") if k not in meta]
+    if missing:
+        raise UnsupportedModel(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if not all(isinstance(meta[k], int) and meta[k] > 0 for k in sizes):
+        if isinstance(meta[sizes[-1]], list):
+            raise UnsupportedModel(f"{path}: per-layer attention head counts are not supported")
+        raise UnsupportedModel(f"{path}: model sizes in the GGUF metadata are not integers")
     bad: dict[str, list[str]] = {}
     for tensor in header.tensors:
         if tensor.ggml_type not in SUPPORTED_TYPES:
@@ -243,7 +253,6 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
             f"{path}: tensors with no llama equivalent: {', '.join(unknown[:5])} (e.g. "
             "llama 3.1 rope_freqs or mixture-of-experts weights are not supported)"
         )
-    meta = header.metadata
     if int(meta.get("llama.expert_count", 0) or 0) > 0:
         raise UnsupportedModel(f"{path}: mixture-of-experts llama models are not supported")
     scaling = meta.get("llama.rope.scaling.type", "none")
@@ -257,11 +266,6 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
         )
     if not isinstance(meta.get("llama.attention.head_count_kv", 0), int):
         raise UnsupportedModel(f"{path}: per-layer attention head counts are not supported")
-    missing = [k for k in ("llama.embedding_length", "llama.block_count",
-                           "llama.feed_forward_length", "llama.attention.head_count",
-                           "tokenizer.ggml.tokens") if k not in meta]
-    if missing:
-        raise UnsupportedModel(f"{path}: GGUF metadata lacks {', '.join(missing)}")
     problem = check_tokenizer(meta)
     if problem:
         raise UnsupportedModel(f"{path}: {problem}")
