@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = model_commands.add_parser("demo", help="fetch and convert the demo model; print path")
     config_argument(demo)
     demo.set_defaults(handler=_models_demo)
+    from app.engine.registry import add_list_command
+
+    add_list_command(model_commands)
 
     from app.ops import doctor, service
     from app.security import cli as keys_cli

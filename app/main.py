@@ -84,9 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def _warm_default_model(engine: Engine, registry: ModelRegistry) -> None:
-    """Load the default model at start so the first request and /ready don't wait."""
+    """Load pinned models and the default one at start, so /ready means "can serve"."""
     if registry.default_id is None:
         log.warning("no models configured or discovered")
         return
-    with contextlib.suppress(Exception):  # a failed load is logged; requests report it
-        await engine.ensure_loaded(registry.default_id)
+    first = [spec.id for spec in registry if spec.pinned]
+    for model_id in [*first, *([] if registry.default_id in first else [registry.default_id])]:
+        with contextlib.suppress(Exception):  # a failed load is logged; requests report it
+            await engine.ensure_loaded(model_id)

@@ -26,12 +26,8 @@ COMPLETION_TOKENS = Counter("mlxgw_completion_tokens_total", "Tokens generated."
 
 # --- engine ----------------------------------------------------------------------------------
 INFLIGHT = Gauge("mlxgw_inflight_requests", "Generations running in the engine.")
-QUEUE_DEPTH = Gauge("mlxgw_queue_depth", "Generations waiting to join the running batch.")
 CANCELLED = Counter(
     "mlxgw_sequences_cancelled_total", "Sequences stopped early because the client went away."
-)
-DECODE_TOKENS_PER_SECOND = Gauge(
-    "mlxgw_decode_tokens_per_second", "Aggregate generated tokens/s over the last seconds."
 )
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
 PREFIX_CACHE_HITS = Counter(
