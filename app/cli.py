@@ -36,11 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
     configure_logging(settings.log)
+    # A public bind needs keys made on purpose; the convenience first key is for loopback.
+    check_bind_safety(settings, KeyStore(settings.keys_file) if settings.auth.enabled else None)
     first_key = ensure_first_key(settings)
     if first_key is not None:
         print("Created the first admin key. It is shown only this once; keep it safe:\n"
               f"{first_key}", flush=True)
-    check_bind_safety(settings, KeyStore(settings.keys_file) if settings.auth.enabled else None)
     if not settings.models and not settings.discovery.model_dirs:
         _ensure_demo(settings, quiet=True)
     app = create_app(settings)
