@@ -131,6 +131,8 @@ class RequestResult:
     latency: float | None = None
     completion_tokens: int = 0
     exact_tokens: bool = False  # from the usage chunk rather than counted chunks
+    prompt_tokens: int | None = None  # from the usage chunk, when sent
+    text: str = ""
     error: str | None = None
 
 
@@ -156,6 +158,8 @@ async def stream_chat(
     ttft: float | None = None
     chunks = 0
     usage_tokens: int | None = None
+    prompt_tokens: int | None = None
+    pieces: list[str] = []
     done = False
     parser = SSEParser()
     try:
@@ -174,10 +178,12 @@ async def stream_chat(
                     usage = payload.get("usage")
                     if usage and usage.get("completion_tokens") is not None:
                         usage_tokens = int(usage["completion_tokens"])
+                        prompt_tokens = usage.get("prompt_tokens")
                     for choice in payload.get("choices") or []:
                         content = (choice.get("delta") or {}).get("content")
                         if content:
                             chunks += 1
+                            pieces.append(content)
                             if ttft is None:
                                 ttft = time.perf_counter() - start
             for event in parser.close():
@@ -195,6 +201,8 @@ async def stream_chat(
         latency=latency,
         completion_tokens=tokens,
         exact_tokens=usage_tokens is not None,
+        prompt_tokens=prompt_tokens,
+        text="".join(pieces),
     )
 
 
@@ -418,8 +426,6 @@ async def run_probe(
                 peak_rss_bytes=(sampler.peak or None) if sampler else None,
                 hwm_rss_bytes=(sampler.hwm or None) if sampler else None,
             )
-            log.info("bench.level", **{k: v for k, v in summary.to_dict().items()
-                                       if k != "error_samples"})
             results.append(summary)
     return results
 
