@@ -188,7 +188,8 @@ async def stream_chat(
                                 ttft = time.perf_counter() - start
             for event in parser.close():
                 done = done or event.data.strip() == "[DONE]"
-    except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+    # ValueError covers bad JSON and bad UTF-8; Type/AttributeError a payload of the wrong shape.
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as error:
         return RequestResult(ok=False, error=f"{type(error).__name__}: {error}")
     latency = time.perf_counter() - start
     if not done:

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -156,6 +158,33 @@ def test_chat_url_accepts_base_urls_with_and_without_v1() -> None:
     assert bench.chat_url("http://h:1") == "http://h:1/v1/chat/completions"
     assert bench.chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
     assert bench.chat_url("https://h/proxy/v1") == "https://h/proxy/v1/chat/completions"
+
+
+# ---------------------------------------------------------------- memory sampling
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_tree_rss_includes_children() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; b = bytearray(64 * 2**20); print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child_only = bench.tree_rss(child.pid)
+        with_parent = bench.tree_rss(os.getpid())
+        assert child_only is not None and with_parent is not None
+        assert child_only[0] > 60 * 2**20
+        assert child_only[1] >= child_only[0]  # the high-water mark is never below current
+        # This test process itself holds well over 10 MiB, on top of its child.
+        assert with_parent[0] >= child_only[0] + 10 * 2**20
+        ps_view = bench._ps_tree_rss(child.pid)
+        assert ps_view is not None and ps_view[0] > 60 * 2**20
+    finally:
+        child.kill()
+        child.wait()
+    assert bench.tree_rss(child.pid) is None
 
 
 # ---------------------------------------------------------------- against a real server
