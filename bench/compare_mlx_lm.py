@@ -111,6 +111,8 @@ def run_one(
             spec.base_url, model=spec.model, levels=args.levels,
             requests_per_client=args.requests, prompt=args.prompt,
             max_tokens=args.max_tokens, api_key=None, server_pid=pid, temperature=0.0,
+            on_level=lambda r: log.info("bench.level", server=spec.name, level=r.level,
+                                        errors=r.errors, tokens_per_s=round(r.tokens_per_s, 2)),
         ))
         log.info("bench.levels_done", server=spec.name)
         prefix = None

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,12 +377,13 @@ async def run_probe(
     temperature: float = 0.0,
     warmup: int = 1,
     request_timeout: float = 600.0,
+    on_level: Callable[[LevelResult], None] | None = None,
 ) -> list[LevelResult]:
     """Run every level in turn against `base_url` and return one LevelResult per level.
 
     `warmup` requests are sent first and not counted, so a lazily loaded model is not
     billed to the first level. Connection limits are sized to the largest level so clients
-    never queue inside httpx.
+    never queue inside httpx. `on_level` sees each level as soon as it ends (progress).
     """
     if not levels or any(level < 1 for level in levels):
         raise ValueError("levels must be positive integers")
@@ -428,6 +429,8 @@ async def run_probe(
                 hwm_rss_bytes=(sampler.hwm or None) if sampler else None,
             )
             results.append(summary)
+            if on_level is not None:
+                on_level(summary)
     return results
 
 

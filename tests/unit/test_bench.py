@@ -278,10 +278,12 @@ async def test_run_probe_counts_requests_tokens_and_prefers_usage(
 ) -> None:
     url, fake = fake_server
     before = len(fake.bodies)
+    seen: list[LevelResult] = []
     results = await run_probe(
         url, model="ok", levels=[1, 3], requests_per_client=2, prompt="hi", max_tokens=4,
-        api_key="sk-test", server_pid=os.getpid(), warmup=1,
+        api_key="sk-test", server_pid=os.getpid(), warmup=1, on_level=seen.append,
     )
+    assert seen == results
     assert [r.level for r in results] == [1, 3]
     assert [r.requests for r in results] == [2, 6]
     assert [r.errors for r in results] == [0, 0]
