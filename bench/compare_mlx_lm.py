@@ -17,7 +17,6 @@ import os
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from app.engine.variants import make_float_variant
 from app.ops.bench import DEFAULT_PROMPT, LevelResult, _levels, render_table, run_probe
 from bench import servers
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
@@ -60,27 +60,13 @@ def is_float32(folder: Path) -> bool:
 
 
 def make_float32_copy(src: Path, dst: Path) -> Path:
-    """A dequantized float32 copy of an MLX folder (reused when already there).
-
-    Swap point: this calls mlx_lm's converter until app.engine.variants lands on main.
-    """
+    """A dequantized float32 copy of an MLX folder (reused when already there)."""
     if is_float32(src):
         return src
     if is_float32(dst):
         return dst
-    if dst.exists():
-        raise SystemExit(f"{dst} exists but is not a float32 MLX folder; remove it first")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantized = "quantization" in json.loads((src / "config.json").read_text())
-    argv = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src),
-            "--mlx-path", str(dst), "--dtype", "float32"]
-    if quantized:
-        argv.append("--dequantize")
     log.info("bench.float32_copy", src=str(src), dst=str(dst))
-    subprocess.run(argv, check=True, stdout=sys.stderr, stderr=sys.stderr)
-    if not is_float32(dst):
-        raise SystemExit(f"conversion left non-float32 tensors in {dst}")
-    return dst
+    return make_float_variant(src, dst, "float32", exist_ok=True)
 
 
 # ---------------------------------------------------------------- one server

@@ -79,7 +79,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, variants: dict[str, Path]
         {"id": "q4-brief", "path": str(variants["q4"]), "max_context": CONTEXT, "ttl": 2},
         {"id": "broken", "path": str(broken)},
         {"id": "too-big", "path": str(variants["f32"])},  # 8k context: ~915 MB alone
-    ])
+    ], load_wait=300)  # parallel requests wait for each other's leases here, never fail
     yield server
     server.stop()
 
