@@ -114,7 +114,9 @@ class ResidencySettings(_Section):
 
 class EngineSettings(_Section):
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per step.")
-    prefill_chunk: int = Field(512, ge=16, description="Prompt tokens prefilled per step.")
+    prefill_chunk: int = Field(
+        2048, ge=16, description="Prompt tokens prefilled per step (bounds decode stalls)."
+    )
     prompt_cache_bytes: int = Field(
         512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
     )

@@ -92,7 +92,7 @@ class ModelBatch:
             model,
             stop_tokens=[[t] for t in sorted(self._eos)],
             completion_batch_size=max_batch_size,
-            prefill_batch_size=min(8, max_batch_size),
+            prefill_batch_size=max_batch_size,  # a burst of arrivals prefills together
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
