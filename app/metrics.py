@@ -11,7 +11,9 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # --- HTTP edge -------------------------------------------------------------------------------
-REQUESTS = Counter("mlxgw_requests_total", "HTTP requests by route and status.", ["route", "status"])
+REQUESTS = Counter(
+    "mlxgw_requests_total", "HTTP requests by route and status.", ["route", "status"]
+)
 REQUEST_DURATION = Histogram(
     "mlxgw_request_duration_seconds", "Request duration, to the last byte.", ["route"],
     buckets=_LATENCY_BUCKETS,

@@ -176,17 +176,17 @@ class Settings(BaseSettings):
         env_prefix="MLXGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
     models: list[ModelEntry] = Field(default_factory=list)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
-    residency: ResidencySettings = Field(default_factory=ResidencySettings)  # type: ignore[arg-type]
-    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
-    auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
-    limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
-    redis: RedisSettings = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
-    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)  # type: ignore[arg-type]
-    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    residency: ResidencySettings = Field(default_factory=ResidencySettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
         description="Converted models (the demo model among them).",

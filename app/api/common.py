@@ -1,0 +1,109 @@
+"""What every protocol adapter does the same way: ids, engine submission, disconnects, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app import metrics
+from app.api.sse import OPENAI_HEARTBEAT, SSE_HEADERS, with_heartbeats
+from app.core.types import Finish, GenerationRequest
+from app.engine.service import Engine, GenerationStream
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def owner_of(request: Request) -> str | None:
+    principal = getattr(request.state, "principal", None)
+    return getattr(principal, "key_id", None) or getattr(principal, "client_ip", None)
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+async def submit(request: Request, generation: GenerationRequest) -> GenerationStream:
+    """Hand the request to the engine; errors here still become a proper HTTP status."""
+    request.state.log_fields = {"model": generation.model}
+    stream = await engine_of(request).submit(generation)
+    request.state.log_fields["model"] = stream.model
+    return stream
+
+
+async def record_finish(request: Request, stream: GenerationStream, finish: Finish) -> None:
+    """Usage into the access log line and metrics; tokens charged to rate limits."""
+    fields: dict[str, Any] = request.state.log_fields
+    fields.update(prompt_tokens=finish.usage.prompt_tokens,
+                  completion_tokens=finish.usage.completion_tokens)
+    if stream.first_token_at is not None:
+        ttft = stream.first_token_at - stream.started_at
+        fields["ttft_ms"] = round(ttft * 1000, 1)
+        metrics.TTFT.labels(stream.model).observe(ttft)
+    metrics.PROMPT_TOKENS.labels(stream.model).inc(finish.usage.prompt_tokens)
+    metrics.COMPLETION_TOKENS.labels(stream.model).inc(finish.usage.completion_tokens)
+    limits = getattr(request.state, "limits", None)
+    if limits is not None:  # tokens-per-minute limits learn the cost only now
+        await limits.charge_tokens(finish.usage.total_tokens)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T],
+                             on_disconnect: Callable[[], Awaitable[None]]) -> T:
+    """Await `work`, but stop it (and call `on_disconnect`) if the client goes away first.
+
+    The body was read already, so the next ASGI message can only be `http.disconnect`.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await on_disconnect()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        watcher.cancel()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE with heartbeats; the body iterator is always closed, so a vanished client's
+    generation is cancelled at once rather than whenever the generator is collected."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], *, heartbeat_seconds: float,
+                 heartbeat: bytes = OPENAI_HEARTBEAT, headers: dict[str, str] | None = None):
+        self._source = body
+        super().__init__(
+            with_heartbeats(body, heartbeat_seconds, heartbeat),
+            headers={**SSE_HEADERS, **(headers or {})},
+            media_type=self.media_type,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+

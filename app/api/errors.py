@@ -1,0 +1,74 @@
+"""Every failure leaves as a JSON body in the caller's protocol, never as a bare 500 page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app.errors import (
+    EngineFailure as InternalError,
+)
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    protocol_for_path,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def error_response(error: GatewayError, path: str) -> JSONResponse:
+    return JSONResponse(error.body(protocol_for_path(path)), status_code=error.status,
+                        headers=error.response_headers())
+
+
+def _validation_error(error: RequestValidationError) -> InvalidRequest:
+    problems = error.errors()
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        ctx: Any = first.get("ctx") or {}
+        detail = str(ctx.get("error", "")).strip()
+        return InvalidRequest(f"The request body is not valid JSON: {detail}".strip(": "))
+    if first.get("type") == "model_attributes_type" or (not loc and "dict" in first["msg"]):
+        return InvalidRequest("The request body must be a JSON object.")
+    message = f"{field}: {first['msg']}" if field else str(first["msg"])
+    more = len(problems) - 1
+    if more > 0:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return InvalidRequest(message, param=field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(request: Request, error: GatewayError) -> JSONResponse:
+        return error_response(error, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(error), request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        mapped: GatewayError
+        if error.status_code == 404:
+            mapped = NotFound(f"No route for {request.method} {request.url.path}.")
+        elif error.status_code == 405:
+            mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+        else:
+            mapped = InvalidRequest(str(error.detail))
+            mapped.status = error.status_code  # type: ignore[misc]
+        return error_response(mapped, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path, error=repr(error))
+        return error_response(InternalError("Internal server error."), request.url.path)

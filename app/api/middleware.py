@@ -1,0 +1,100 @@
+"""Edge middleware as pure ASGI classes (BaseHTTPMiddleware breaks contextvars and streaming)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.api.errors import error_response
+from app.errors import PayloadTooLarge
+
+log = structlog.get_logger("mlx_gateway.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """Request id (from or echoed as X-Request-ID), one access log line, request metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and _REQUEST_ID.match(given) else secrets.token_hex(8)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state.setdefault("log_fields", {})
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration = time.monotonic() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.REQUESTS.labels(route, str(status[0])).inc()
+            metrics.REQUEST_DURATION.labels(route).observe(duration)
+            fields: dict[str, Any] = state.get("log_fields", {})
+            principal = state.get("principal")
+            log.info(
+                "request", method=scope["method"], path=scope["path"], status=status[0],
+                duration_ms=round(duration * 1000, 1),
+                key_id=getattr(principal, "key_id", None), **fields,
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+class BodySizeLimitMiddleware:
+    """413 before parsing: on Content-Length at once, and while reading chunked bodies."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(
+            f"The request body is larger than this server accepts ({self.max_bytes} bytes)."
+        )
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(too_large, scope["path"])(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,172 @@
+"""Request schemas for the OpenAI chat and text completion routes.
+
+Unknown fields are ignored (SDKs and agents send plenty); only what is invalid is rejected,
+and the error names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.core.types import ChatMessage, SamplingParams, ToolCall, ToolSpec
+from app.errors import InvalidRequest
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class FunctionCallIn(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Lenient):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class MessageIn(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    def to_internal(self, index: int) -> ChatMessage:
+        calls = tuple(
+            ToolCall(
+                id=c.id,
+                name=c.function.name,
+                arguments=c.function.arguments if isinstance(c.function.arguments, str)
+                else json.dumps(c.function.arguments),
+            )
+            for c in self.tool_calls or []
+        )
+        return ChatMessage(
+            role=self.role, content=_text_of(self.content, f"messages[{index}].content"),
+            tool_calls=calls, tool_call_id=self.tool_call_id, name=self.name,
+        )
+
+
+def _text_of(content: str | list[ContentPart] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for i, part in enumerate(content):
+        if part.type in ("text", "input_text", "output_text") and part.text is not None:
+            texts.append(part.text)
+        else:
+            raise InvalidRequest(
+                f"{where}[{i}]: content part type {part.type!r} is not supported; "
+                "this server accepts text parts only",
+                param=f"{where}[{i}].type",
+            )
+    return "".join(texts)
+
+
+class FunctionSpecIn(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolIn(_Lenient):
+    type: Literal["function"]
+    function: FunctionSpecIn
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class SamplingFields(_Lenient):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[MessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolIn] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def internal_messages(self) -> list[ChatMessage]:
+        return [m.to_internal(i) for i, m in enumerate(self.messages)]
+
+    def tool_specs(self) -> list[ToolSpec]:
+        return [
+            ToolSpec(t.function.name, t.function.description, t.function.parameters)
+            for t in self.tools or []
+        ]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="A string (a one-element list is accepted too).")
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise InvalidRequest(
+                "prompt: send one prompt per request (a string or a one-element list)",
+                param="prompt",
+            )
+        return self.prompt[0]

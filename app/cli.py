@@ -1,0 +1,101 @@
+"""The `mlx-gateway` command: serve, models, keys, bench, doctor, service."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.settings import ConfigError, Settings, load_settings
+
+# Nothing may reach a model hub at run time; local folders only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+
+def config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: $MLXGW_CONFIG)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.logging import configure_logging
+    from app.main import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
+    configure_logging(settings.log)
+    if not settings.models and not settings.discovery.model_dirs:
+        _ensure_demo(settings, quiet=True)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.server.host, port=settings.server.port, log_config=None,
+        access_log=False, timeout_graceful_shutdown=int(settings.server.shutdown_grace),
+    ))
+    server.run()
+    return 0
+
+
+def _ensure_demo(settings: Settings, *, quiet: bool = False) -> Path:
+    from app.engine.demo import ensure_demo_model
+
+    def progress(done: int, total: int) -> None:
+        if not quiet and sys.stderr.isatty():
+            width = 30
+            filled = width * done // max(total, 1)
+            print(f"\rconverting [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                  end="" if done < total else "\n", file=sys.stderr)
+
+    return ensure_demo_model(settings.cache_dir, progress=progress)
+
+
+def _models_demo(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(_ensure_demo(settings))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-gateway", description="Serve local MLX models as an OpenAI-compatible API."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    config_argument(serve)
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    serve.set_defaults(handler=_serve)
+
+    models = commands.add_parser("models", help="model registry and the demo model")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    demo = model_commands.add_parser("demo", help="fetch and convert the demo model; print path")
+    config_argument(demo)
+    demo.set_defaults(handler=_models_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Continuous batching for one resident model, on the MLX thread.
+
+mlx-lm's BatchGenerator does the batched arithmetic (chunked prefill, one decode step for every
+running sequence); this module owns the scheduling around it: which sequences join, text-level
+stop strings, cancellation between steps, and turning tokens into GenerationEvents.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from app import metrics
+from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
+from app.engine.stops import StopStringMatcher
+from app.errors import EngineFailure
+
+log = structlog.get_logger(__name__)
+
+EventSink = Callable[[list[GenerationEvent]], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation as the MLX thread sees it."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    sampler: Any
+    processors: list[Any]
+    stop: list[str]
+    emit: EventSink  # thread-safe: hands events to the request's asyncio queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    uid: int = -1
+    generated: int = 0
+    first_token_at: float | None = None
+    _pending: list[GenerationEvent] = field(default_factory=list)
+    _detokenizer: Any = None
+    _stops: StopStringMatcher | None = None
+
+    def text(self, piece: str) -> None:
+        assert self._stops is not None
+        out = self._stops.feed(piece)
+        if out:
+            self._pending.append(TextDelta(out))
+
+    def finish(self, reason: FinishReason) -> None:
+        usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated)
+        self._pending.append(Finish(reason=reason, usage=usage))
+
+    def flush_events(self) -> None:
+        if self._pending:
+            events, self._pending = self._pending, []
+            self.emit(events)
+
+
+class ModelBatch:
+    """The running batch of one model. Every method runs on the MLX thread."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
+        stream: Any,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self._eos = set(tokenizer.eos_token_ids)
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in sorted(self._eos)],
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(8, max_batch_size),
+            prefill_step_size=prefill_chunk,
+            stream=stream,
+        )
+        self._by_uid: dict[int, Sequence] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+    def add(self, seq: Sequence) -> None:
+        seq._detokenizer = self.tokenizer.detokenizer
+        seq._stops = StopStringMatcher(seq.stop)
+        stop_tokens = StopSequences([[t] for t in sorted(self._eos)])
+        (seq.uid,) = self._generator.insert(
+            [seq.prompt],
+            max_tokens=[seq.max_tokens],
+            samplers=[seq.sampler],
+            logits_processors=[seq.processors],
+            stop_sequences=[stop_tokens],
+        )
+        self._by_uid[seq.uid] = seq
+
+    def step(self) -> None:
+        """Drop cancelled sequences, then advance every other one by a prefill chunk or a token."""
+        self._drop_cancelled()
+        if not self._by_uid:
+            return
+        try:
+            _, responses = self._generator.next()
+        except Exception as error:  # a broken step fails its sequences, not the server
+            self._fail_all(error)
+            return
+        done: list[int] = []
+        now = time.monotonic()
+        for response in responses:
+            seq = self._by_uid.get(response.uid)
+            if seq is None:
+                continue
+            if self._advance(seq, response.token, response.finish_reason, now):
+                done.append(seq.uid)
+        for seq in self._by_uid.values():
+            seq.flush_events()
+        if done:
+            self._forget(done)
+
+    def _advance(self, seq: Sequence, token: int, finish_reason: str | None, now: float) -> bool:
+        """Feed one sampled token to its sequence; True when the sequence is finished."""
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        is_eos = token in self._eos
+        if not is_eos:
+            seq.generated += 1
+            seq._detokenizer.add_token(token)
+            seq.text(seq._detokenizer.last_segment)
+        assert seq._stops is not None
+        if seq._stops.stopped:
+            seq.finish("stop")
+            return True
+        if finish_reason is None:
+            return False
+        seq._detokenizer.finalize()
+        seq.text(seq._detokenizer.last_segment)
+        tail = seq._stops.flush()
+        if tail:
+            seq._pending.append(TextDelta(tail))
+        seq.finish("length" if finish_reason == "length" and not is_eos else "stop")
+        return True
+
+    def _drop_cancelled(self) -> None:
+        gone = [uid for uid, seq in self._by_uid.items() if seq.cancelled.is_set()]
+        for uid in gone:
+            seq = self._by_uid[uid]
+            metrics.CANCELLED.inc()
+            log.info("sequence cancelled", request_id=seq.request_id, generated=seq.generated)
+            seq.finish("cancelled")
+            seq.flush_events()
+        if gone:
+            self._forget(gone)
+
+    def _forget(self, uids: list[int]) -> None:
+        self._generator.remove(uids)
+        for uid in uids:
+            self._by_uid.pop(uid, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
+        metrics.ENGINE_FAILURES.inc(len(self._by_uid))
+        failure = EngineFailure(f"generation failed in the engine: {error}")
+        for seq in self._by_uid.values():
+            seq._pending.append(Failed(failure))
+            seq.flush_events()
+        self._forget(list(self._by_uid))
+
+    def cancel_all(self, reason: str) -> None:
+        """Called before the model is unloaded or the engine stops."""
+        failure = EngineFailure(reason)
+        for seq in self._by_uid.values():
+            seq._pending.append(Failed(failure))
+            seq.flush_events()
+        self._forget(list(self._by_uid))
+
+    def close(self) -> None:
+        self._generator.close()
+        mx.clear_cache()

@@ -1,0 +1,87 @@
+"""Start the real gateway (`python -m app.cli serve`) as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+ROOT = Path(__file__).resolve().parents[2]
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class GatewayProcess:
+    """One gateway server. `config` is the TOML content as a dict."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], *, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "server.log"
+        config = {
+            "cache_dir": str(workdir / "cache"),
+            "config_dir": str(workdir / "config"),
+            "state_dir": str(workdir / "state"),
+            **config,
+        }
+        self.config_path.write_text(tomli_w.dumps(config))
+        self.env = {**os.environ, **(env or {})}
+        if OPENBLAS.exists():  # MLX float32 matmul is far faster with Debian's OpenBLAS
+            self.env.setdefault("LD_PRELOAD", str(OPENBLAS))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 180) -> GatewayProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--config", str(self.config_path),
+             "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        path = "/ready" if wait_ready else "/health"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.base_url + path, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"gateway not ready in {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
