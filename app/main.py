@@ -10,12 +10,13 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
-from app.api import chat, completions, health, metrics_route, models
+from app.api import chat, completions, health, metrics_route, models, responses
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from app.engine.registry import ModelRegistry
 from app.engine.service import Engine
 from app.settings import DEMO_MODEL_ID, Settings
+from app.store import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -32,19 +33,21 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        app.state.response_store = open_store(settings)
         warm = asyncio.create_task(_warm_default_model(engine, registry))
         try:
             yield
         finally:
             warm.cancel()
             await engine.stop()
+            await app.state.response_store.close()
 
     app = FastAPI(title="mlx-gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.engine = engine
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics_route):
+    for module in (health, models, chat, completions, metrics_route, responses):
         app.include_router(module.router)
     # Added innermost first: the request id wraps everything, then the body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)
