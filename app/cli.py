@@ -23,10 +23,11 @@ def config_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.logging import configure_logging
     from app.main import create_app
+    from app.security.auth import check_bind_safety, ensure_first_key
+    from app.security.keys import KeyStore
+    from app.server import DrainingServer
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -35,14 +36,17 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
     configure_logging(settings.log)
+    # A public bind needs keys made on purpose; the convenience first key is for loopback.
+    check_bind_safety(settings, KeyStore(settings.keys_file) if settings.auth.enabled else None)
+    first_key = ensure_first_key(settings)
+    if first_key is not None:
+        print("Created the first admin key. It is shown only this once; keep it safe:\n"
+              f"{first_key}", flush=True)
     if not settings.models and not settings.discovery.model_dirs:
         _ensure_demo(settings, quiet=True)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.server.host, port=settings.server.port, log_config=None,
-        access_log=False, timeout_graceful_shutdown=int(settings.server.shutdown_grace),
-    ))
-    server.run()
+    DrainingServer(app, host=settings.server.host, port=settings.server.port,
+                   grace=settings.server.shutdown_grace).run()
     return 0
 
 
@@ -82,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = model_commands.add_parser("demo", help="fetch and convert the demo model; print path")
     config_argument(demo)
     demo.set_defaults(handler=_models_demo)
+    from app.engine.registry import add_list_command
+
+    add_list_command(model_commands)
+
+    from app.ops import doctor, service
+    from app.security import cli as keys_cli
+
+    for module in (keys_cli, doctor, service):
+        module.add_commands(commands)
     return parser
 
 

@@ -95,6 +95,13 @@ class MethodNotAllowed(GatewayError):
     default_code = "method_not_allowed"
 
 
+class Conflict(GatewayError):
+    status = 409
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     openai_type = "invalid_request_error"

@@ -9,12 +9,19 @@ from pathlib import Path
 
 import structlog
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from app.api import chat, completions, health, metrics_route, models, responses
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from app.engine.registry import ModelRegistry
 from app.engine.service import Engine
+from app.limits.admission import Admission
+from app.limits.breaker import CircuitBreaker
+from app.limits.factory import build_limiter
+from app.limits.middleware import RateLimitMiddleware
+from app.security.auth import AuthMiddleware
+from app.security.keys import KeyStore, reload_on_sighup
 from app.settings import DEMO_MODEL_ID, Settings
 from app.store import open_store
 
@@ -28,10 +35,18 @@ def demo_model_dir(settings: Settings) -> Path:
 def create_app(settings: Settings) -> FastAPI:
     demo = demo_model_dir(settings)
     registry = ModelRegistry.build(settings, demo_path=demo if demo.is_dir() else None)
-    engine = Engine(settings.engine, registry)
+    limiter = build_limiter(settings)
+    limits = settings.limits
+    breaker = CircuitBreaker(limiter, global_rpm=limits.global_rpm,
+                             failures=limits.breaker_failures, cooldown=limits.breaker_cooldown)
+    engine = Engine(settings, registry, breaker=breaker,
+                    admission=Admission(limits.max_inflight, limits.max_queue))
+    keys = KeyStore(settings.keys_file) if settings.auth.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if keys is not None:
+            reload_on_sighup(keys)
         await engine.start()
         app.state.response_store = open_store(settings)
         warm = asyncio.create_task(_warm_default_model(engine, registry))
@@ -40,25 +55,43 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             warm.cancel()
             await engine.stop()
+            await limiter.aclose()
             await app.state.response_store.close()
 
     app = FastAPI(title="mlx-gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.engine = engine
+    app.state.keys = keys
     install_error_handlers(app)
     for module in (health, models, chat, completions, metrics_route, responses):
         app.include_router(module.router)
-    # Added innermost first: the request id wraps everything, then the body limit.
+
+    # add_middleware wraps: the last added runs first. Outermost first, requests pass:
+    # request id -> body size limit -> CORS -> auth (deny by default) -> rate limits.
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, settings=settings, breaker=breaker)
+    app.add_middleware(AuthMiddleware, keys=keys, settings=settings)
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],  # SDKs send authorization, x-api-key and many x-stainless-*
+            expose_headers=["x-request-id", "retry-after", "x-ratelimit-limit-requests",
+                            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+            max_age=600,
+        )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
 
 
 async def _warm_default_model(engine: Engine, registry: ModelRegistry) -> None:
-    """Load the default model at start so the first request and /ready don't wait."""
+    """Load pinned models and the default one at start, so /ready means "can serve"."""
     if registry.default_id is None:
         log.warning("no models configured or discovered")
         return
-    with contextlib.suppress(Exception):  # a failed load is logged; requests report it
-        await engine.ensure_loaded(registry.default_id)
+    first = [spec.id for spec in registry if spec.pinned]
+    for model_id in [*first, *([] if registry.default_id in first else [registry.default_id])]:
+        with contextlib.suppress(Exception):  # a failed load is logged; requests report it
+            await engine.ensure_loaded(model_id)

@@ -26,11 +26,64 @@ COMPLETION_TOKENS = Counter("mlxgw_completion_tokens_total", "Tokens generated."
 
 # --- engine ----------------------------------------------------------------------------------
 INFLIGHT = Gauge("mlxgw_inflight_requests", "Generations running in the engine.")
-QUEUE_DEPTH = Gauge("mlxgw_queue_depth", "Generations waiting to join the running batch.")
 CANCELLED = Counter(
     "mlxgw_sequences_cancelled_total", "Sequences stopped early because the client went away."
 )
-DECODE_TOKENS_PER_SECOND = Gauge(
-    "mlxgw_decode_tokens_per_second", "Aggregate generated tokens/s over the last seconds."
-)
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
+PREFIX_CACHE_HITS = Counter(
+    "mlxgw_prefix_cache_hits_total", "Prompts that reused cached KV for a prefix."
+)
+PREFIX_CACHE_MISSES = Counter(
+    "mlxgw_prefix_cache_misses_total", "Prompts prefilled from scratch."
+)
+PREFIX_CACHED_TOKENS = Counter(
+    "mlxgw_prefix_cached_tokens_total", "Prompt tokens served from the prefix cache."
+)
+
+# --- security and limits ---------------------------------------------------------------------
+AUTH_FAILURES = Counter("mlxgw_auth_failures_total", "Requests refused for a missing or bad key.")
+RATE_LIMITED = Counter(
+    "mlxgw_rate_limited_total", "Requests refused with 429, by the limit that refused them.",
+    ["limit"],
+)
+RATELIMIT_FALLBACK = Counter(
+    "mlxgw_ratelimit_fallback_total",
+    "Limit checks answered in-process because the configured Redis was unreachable.",
+)
+RATELIMIT_REDIS_UP = Gauge(
+    "mlxgw_ratelimit_redis_up", "1 while the shared Redis limiter answers, 0 while falling back."
+)
+BREAKER_STATE = Gauge("mlxgw_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.")
+ADMISSION_INFLIGHT = Gauge("mlxgw_admission_inflight", "Requests holding a generation slot.")
+ADMISSION_QUEUED = Gauge("mlxgw_admission_queued", "Requests waiting for a generation slot.")
+ADMISSION_REJECTED = Counter(
+    "mlxgw_admission_rejected_total", "Requests refused with 503 because the queue was full."
+)
+
+# --- residency -------------------------------------------------------------------------------
+# LOADED_MODELS, RESIDENT_BYTES and MODEL_EVICTIONS are kept current by ResidencyPolicy; the
+# engine thread records loads, load durations, waits and reclaimed memory.
+LOADED_MODELS = Gauge("mlxgw_models_loaded", "Models resident in memory.")
+RESIDENT_BYTES = Gauge(
+    "mlxgw_resident_bytes", "Estimated bytes held by resident models (weights + KV allowance)."
+)
+MODEL_LOADS = Counter("mlxgw_model_loads_total", "Model loads by result.", ["result"])
+MODEL_EVICTIONS = Counter(
+    "mlxgw_model_evictions_total", "Model evictions by reason (lru, ttl, manual, budget).",
+    ["reason"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "mlxgw_model_load_duration_seconds", "Time to load a model.", ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+MODEL_WAIT_DURATION = Histogram(
+    "mlxgw_model_wait_seconds", "Time requests waited for their model to be loaded.",
+    buckets=_LATENCY_BUCKETS,
+)
+RECLAIMED_BYTES = Counter(
+    "mlxgw_evicted_reclaimed_bytes_total",
+    "Process memory returned by evictions (RSS / MLX active memory before minus after).",
+)
+MLX_ACTIVE_BYTES = Gauge(
+    "mlxgw_mlx_active_bytes", "Bytes MLX holds in arrays, read after each load and eviction."
+)

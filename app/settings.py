@@ -199,13 +199,18 @@ class Settings(BaseSettings):
         description="Stored responses.",
     )
 
+    @field_validator("cache_dir", "config_dir", "state_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
     @property
     def keys_file(self) -> Path:
-        return self.auth.keys_file or self.config_dir / "keys.json"
+        return (self.auth.keys_file or self.config_dir / "keys.json").expanduser()
 
     @property
     def responses_path(self) -> Path:
-        return self.responses.path or self.state_dir / "responses.db"
+        return (self.responses.path or self.state_dir / "responses.db").expanduser()
 
     @property
     def is_loopback(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,20 +17,10 @@ from app.api.common import (
     until_disconnected,
 )
 from app.api.openai_schema import ChatCompletionRequest
-from app.api.sse import DONE, sse_data
-from app.core.types import Failed, Finish, GenerationRequest, TextDelta, Usage
-from app.engine.service import GenerationStream, gateway_error
+from app.api.openai_stream import openai_chunks, usage_body
+from app.core.types import GenerationRequest
 
 router = APIRouter()
-
-
-def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -50,8 +39,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     stream = await submit(request, generation)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     if body.stream:
+        envelope = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": stream.model, "system_fingerprint": None}
+        # `role` only in the first delta: repeating it makes SDK mergers write
+        # "assistantassistant".
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
         return EventStreamResponse(
-            _chunks(request, stream, completion_id, created, body.include_usage),
+            openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
+                          prelude=[first]),
             heartbeat_seconds=request.app.state.settings.server.heartbeat_seconds,
         )
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
@@ -72,36 +68,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     })
 
 
-async def _chunks(request: Request, stream: GenerationStream, completion_id: str, created: int,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": stream.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                         "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return sse_data(payload)
-
-    try:
-        # `role` only in the first delta: repeating it makes SDK mergers write "assistantassistant".
-        yield chunk({"role": "assistant", "content": ""})
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                yield chunk({"content": event.text})
-            elif isinstance(event, Finish):
-                await record_finish(request, stream, event)
-                yield chunk({}, event.reason)
-                if include_usage:
-                    yield sse_data({
-                        "id": completion_id, "object": "chat.completion.chunk",
-                        "created": created, "model": stream.model, "system_fingerprint": None,
-                        "choices": [], "usage": usage_body(event.usage),
-                    })
-                yield DONE
-            elif isinstance(event, Failed):
-                yield sse_data(gateway_error(event.error).openai_body())
-    finally:
-        await stream.aclose()
+def _delta(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content": text} if text is not None else {},
+            "logprobs": None, "finish_reason": finish_reason}

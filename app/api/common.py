@@ -16,6 +16,7 @@ from app import metrics
 from app.api.sse import OPENAI_HEARTBEAT, SSE_HEADERS, with_heartbeats
 from app.core.types import Finish, GenerationRequest
 from app.engine.service import Engine, GenerationStream
+from app.security.auth import authorize_model
 
 T = TypeVar("T")
 
@@ -37,6 +38,8 @@ def engine_of(request: Request) -> Engine:
 async def submit(request: Request, generation: GenerationRequest) -> GenerationStream:
     """Hand the request to the engine; errors here still become a proper HTTP status."""
     request.state.log_fields = {"model": generation.model}
+    spec = request.app.state.registry.resolve(generation.model)
+    authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
     stream = await engine_of(request).submit(generation)
     request.state.log_fields["model"] = stream.model
     return stream

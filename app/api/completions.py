@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.chat import usage_body
 from app.api.common import (
     EventStreamResponse,
     new_id,
@@ -19,9 +17,8 @@ from app.api.common import (
     until_disconnected,
 )
 from app.api.openai_schema import CompletionRequest
-from app.api.sse import DONE, sse_data
-from app.core.types import Failed, Finish, GenerationRequest, TextDelta
-from app.engine.service import GenerationStream, gateway_error
+from app.api.openai_stream import openai_chunks, usage_body
+from app.core.types import GenerationRequest
 
 router = APIRouter()
 
@@ -42,8 +39,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     completion_id, created = new_id("cmpl-"), int(time.time())
     echo = prompt if body.echo else ""
     if body.stream:
+        envelope = {"id": completion_id, "object": "text_completion", "created": created,
+                    "model": stream.model, "system_fingerprint": None}
         return EventStreamResponse(
-            _chunks(request, stream, completion_id, created, body.include_usage, echo),
+            openai_chunks(request, stream, envelope, _text_choice,
+                          include_usage=body.include_usage,
+                          prelude=[_text_choice(echo, None)] if echo else []),
             heartbeat_seconds=request.app.state.settings.server.heartbeat_seconds,
         )
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
@@ -60,35 +61,5 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     })
 
 
-async def _chunks(request: Request, stream: GenerationStream, completion_id: str, created: int,
-                  include_usage: bool, echo: str) -> AsyncIterator[bytes]:
-    def chunk(text: str, finish_reason: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": completion_id, "object": "text_completion", "created": created,
-            "model": stream.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return sse_data(payload)
-
-    try:
-        if echo:
-            yield chunk(echo)
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                yield chunk(event.text)
-            elif isinstance(event, Finish):
-                await record_finish(request, stream, event)
-                yield chunk("", event.reason)
-                if include_usage:
-                    yield sse_data({
-                        "id": completion_id, "object": "text_completion", "created": created,
-                        "model": stream.model, "choices": [], "usage": usage_body(event.usage),
-                    })
-                yield DONE
-            elif isinstance(event, Failed):
-                yield sse_data(gateway_error(event.error).openai_body())
-    finally:
-        await stream.aclose()
+def _text_choice(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}

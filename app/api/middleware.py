@@ -56,7 +56,8 @@ class RequestContextMiddleware:
             log.info(
                 "request", method=scope["method"], path=scope["path"], status=status[0],
                 duration_ms=round(duration * 1000, 1),
-                key_id=getattr(principal, "key_id", None), **fields,
+                key_id=getattr(principal, "key_id", None),
+                client_ip=getattr(principal, "client_ip", None), **fields,
             )
             structlog.contextvars.unbind_contextvars("request_id")
 

@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{id}: the registry, with residency state."""
+"""GET /v1/models and /v1/models/{id} (the registry with residency state), and the admin
+routes POST /v1/models/{id}/load and /unload."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from fastapi import APIRouter, Request
 
 from app.engine.registry import ModelRegistry, ModelSpec
 from app.engine.service import Engine
+from app.security.auth import require_admin
 
 router = APIRouter()
 
 
 def _model_object(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
-    loaded = engine.loaded_models().get(spec.id)
+    resident = engine.pool.policy.get(spec.id)
+    loaded = spec.id in engine.loaded_models()
     try:
         created = int(spec.path.stat().st_mtime)
     except OSError:
@@ -23,21 +26,44 @@ def _model_object(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "mlx-gateway",
-        "loaded": loaded is not None,
+        # Extra fields (clients ignore them): where the model stands in memory.
+        "loaded": loaded,
+        "size_bytes": spec.estimated_bytes,
         "pinned": spec.pinned,
         "aliases": list(spec.aliases),
-        "last_used": int(loaded.last_used) if loaded else None,
+        "last_used": int(resident.last_used) if resident and loaded else None,
+        "in_flight": resident.leases if resident and loaded else 0,
     }
+
+
+def _parts(request: Request) -> tuple[ModelRegistry, Engine]:
+    return request.app.state.registry, request.app.state.engine
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    registry: ModelRegistry = request.app.state.registry
+    registry, engine = _parts(request)
+    return {"object": "list", "data": [_model_object(s, engine) for s in registry]}
+
+
+@router.post("/v1/models/{model_id:path}/load")
+async def load_model(model_id: str, request: Request) -> dict[str, Any]:
+    require_admin(request.state.principal)
     engine: Engine = request.app.state.engine
-    return {"object": "list", "data": [_model_object(s, engine) for s in registry.specs]}
+    loaded = await engine.ensure_loaded(model_id)
+    return _model_object(loaded.spec, engine)
+
+
+@router.post("/v1/models/{model_id:path}/unload")
+async def unload_model(model_id: str, request: Request) -> dict[str, Any]:
+    require_admin(request.state.principal)
+    registry, engine = _parts(request)
+    spec = registry.resolve(model_id)
+    unloaded = await engine.pool.unload(spec.id)
+    return {**_model_object(spec, engine), "unloaded": unloaded}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    registry: ModelRegistry = request.app.state.registry
-    return _model_object(registry.resolve(model_id), request.app.state.engine)
+    registry, engine = _parts(request)
+    return _model_object(registry.resolve(model_id), engine)

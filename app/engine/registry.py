@@ -1,63 +1,398 @@
-"""Which models exist: ids and aliases clients may name, and where their files are.
+"""Which models exist: the ids and aliases clients may name, where their files are, and how much
+memory each is expected to need.
 
-A request can only name a registry id or alias; its string never reaches the filesystem.
+Built once at start from `[[models]]` and a scan of `[discovery] model_dirs`. A request can only
+name a registry id or alias: its string is looked up in a dict and never reaches the filesystem.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
+import structlog
+
+from app.engine.gguf import read_gguf_header
+from app.engine.residency import format_bytes
 from app.errors import ModelNotFound
-from app.settings import DEMO_MODEL_ID, Settings
+from app.settings import DEMO_MODEL_ID, ConfigError, ModelEntry, Settings, load_settings
+
+log = structlog.get_logger(__name__)
+
+Source = Literal["config", "mlx", "hf-cache", "lmstudio", "gguf", "demo"]
+Format = Literal["mlx", "gguf"]
+
+DEFAULT_CONTEXT = 4096  # when a model's files do not say
+_SHOWN_IDS = 8  # ids listed in a "model not found" message
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
     path: Path
+    source: Source
+    format: Format
     aliases: tuple[str, ...] = ()
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    context_length: int = DEFAULT_CONTEXT  # the model's own, capped by max_context
+    max_context: int | None = None  # the configured cap, if any
     pinned: bool = False
-    ttl: float | None = None
-    max_context: int | None = None
-    source: str = "config"
+    ttl: float | None = None  # None: [residency] default_ttl; 0: never evict when idle
 
     @property
     def load_path(self) -> str:
         return str(self.path)
 
+    @property
+    def estimated_bytes(self) -> int:
+        """Weights plus a KV cache filled to the context length: what residency budgets."""
+        return self.weight_bytes + self.kv_bytes_per_token * self.context_length
 
-@dataclass
+
 class ModelRegistry:
-    specs: list[ModelSpec]
-    _names: dict[str, ModelSpec] = field(default_factory=dict, repr=False)
+    def __init__(self, specs: list[ModelSpec], warnings: list[str] | None = None, *,
+                 log_warnings: bool = True) -> None:
+        self.warnings: list[str] = list(warnings or [])
+        self.specs: list[ModelSpec] = []
+        self._names: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._add(spec)
+        if log_warnings:  # the CLI prints them itself, keeping stdout for the table
+            for message in self.warnings:
+                log.warning("model registry", problem=message)
 
-    def __post_init__(self) -> None:
-        for spec in self.specs:
-            for name in (spec.id, *spec.aliases):
-                self._names.setdefault(name, spec)
+    def _add(self, spec: ModelSpec) -> None:
+        # First wins, in a deterministic order (config, then model_dirs in order, sorted names).
+        holder = self._names.get(spec.id)
+        if holder is not None:
+            self.warnings.append(f"duplicate model id {spec.id!r}: {spec.path} ignored, "
+                                 f"{holder.path} ({holder.source}) keeps it")
+            return
+        aliases = []
+        for alias in spec.aliases:
+            taken = self._names.get(alias)
+            if taken is not None or alias == spec.id or alias in aliases:
+                owner = taken.id if taken else spec.id
+                self.warnings.append(f"duplicate alias {alias!r} of model {spec.id!r} "
+                                     f"ignored: it already names {owner!r}")
+                continue
+            aliases.append(alias)
+        if tuple(aliases) != spec.aliases:
+            spec = replace(spec, aliases=tuple(aliases))
+        self.specs.append(spec)
+        for name in (spec.id, *spec.aliases):
+            self._names[name] = spec
 
     @classmethod
-    def build(cls, settings: Settings, *, demo_path: Path | None) -> ModelRegistry:
-        specs = [
-            ModelSpec(id=m.id, path=m.path.expanduser(), aliases=tuple(m.aliases),
-                      pinned=m.pinned, ttl=m.ttl, max_context=m.max_context)
-            for m in settings.models
-        ]
+    def build(cls, settings: Settings, *, demo_path: Path | None,
+              log_warnings: bool = True) -> ModelRegistry:
+        warnings: list[str] = []
+        specs = [_spec_from_entry(entry, warnings) for entry in settings.models]
+        for folder in settings.discovery.model_dirs:
+            specs.extend(discover(folder.expanduser(), warnings))
         if not specs and demo_path is not None:
-            specs.append(ModelSpec(id=DEMO_MODEL_ID, path=demo_path, source="demo"))
-        return cls(specs)
+            specs.append(_demo_spec(demo_path))
+        return cls(specs, warnings, log_warnings=log_warnings)
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @property
+    def ids(self) -> list[str]:
+        return [spec.id for spec in self.specs]
 
     @property
     def default_id(self) -> str | None:
+        """The first model: configured ones come first, the demo model when nothing else."""
         return self.specs[0].id if self.specs else None
 
+    def get(self, name: str) -> ModelSpec | None:
+        return self._names.get(name)
+
     def resolve(self, name: str) -> ModelSpec:
-        spec = self._names.get(name)
+        """The model a request names, by exact id or alias; ModelNotFound otherwise."""
+        spec = self._names.get(name) if isinstance(name, str) else None
         if spec is None:
-            known = ", ".join(sorted(s.id for s in self.specs)[:10]) or "none"
+            shown = ", ".join(self.ids[:_SHOWN_IDS]) or "none"
+            hidden = len(self.specs) - _SHOWN_IDS
+            more = f" and {hidden} more" if hidden > 0 else ""
+            named = name[:100] + "..." if isinstance(name, str) and len(name) > 100 else name
             raise ModelNotFound(
-                f"The model {name!r} does not exist on this server. Available: {known}.",
-                param="model",
-            )
+                f"The model {named!r} does not exist on this server. Available: {shown}{more}.",
+                param="model")
         return spec
+
+    def refresh(self, model_id: str, path: Path | None = None) -> ModelSpec:
+        """Re-measure a model's files, e.g. once its GGUF was converted into an MLX folder at
+        `path` or the demo folder was created after start. Id, aliases and config are kept."""
+        old = self.resolve(model_id)
+        new = _make_spec(old.id, path or old.path, old.source, aliases=old.aliases,
+                         pinned=old.pinned, ttl=old.ttl, max_context=old.max_context)
+        self.specs[self.specs.index(old)] = new
+        for name in (new.id, *new.aliases):
+            self._names[name] = new
+        return new
+
+    def oversized(self, budget_bytes: int) -> list[ModelSpec]:
+        """Models that cannot fit the memory budget even alone (warn about them at start)."""
+        return [spec for spec in self.specs if spec.estimated_bytes > budget_bytes]
+
+
+# --- building specs ------------------------------------------------------------------------
+
+
+def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
+    path = entry.path.expanduser()
+    if path.is_dir() and not _is_mlx_folder(path) and len(_ggufs(path)) == 1:
+        path = _ggufs(path)[0]  # a folder holding one .gguf (as LM Studio keeps them)
+    if not path.exists():
+        warnings.append(f"model {entry.id!r}: {path} does not exist; loading it will fail")
+    elif not (path.is_file() and path.suffix == ".gguf") and not _is_mlx_folder(path):
+        warnings.append(f"model {entry.id!r}: {path} is neither an MLX folder "
+                        "(config.json + *.safetensors) nor a .gguf file")
+    return _make_spec(entry.id, path, "config", aliases=tuple(entry.aliases),
+                      pinned=entry.pinned, ttl=entry.ttl, max_context=entry.max_context)
+
+
+def _demo_spec(demo_path: Path) -> ModelSpec:
+    return _make_spec(DEMO_MODEL_ID, demo_path, "demo")
+
+
+def _make_spec(model_id: str, path: Path, source: Source, *, aliases: tuple[str, ...] = (),
+               pinned: bool = False, ttl: float | None = None,
+               max_context: int | None = None) -> ModelSpec:
+    if path.suffix == ".gguf":
+        fmt: Format = "gguf"
+        weights = _size(path)
+        kv_per_token, context = _gguf_kv(path)
+    else:
+        fmt = "mlx"
+        weights = sum(_size(p) for p in _safetensors(path))
+        kv_per_token, context = _config_kv(path / "config.json")
+    if max_context is not None:
+        context = min(context, max_context)
+    return ModelSpec(id=model_id, path=path, source=source, format=fmt, aliases=aliases,
+                     weight_bytes=weights, kv_bytes_per_token=kv_per_token,
+                     context_length=context, max_context=max_context, pinned=pinned, ttl=ttl)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size  # follows HF cache symlinks to the blobs
+    except OSError:
+        return 0
+
+
+def _safetensors(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    except OSError:
+        return []
+
+
+def _is_mlx_folder(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "config.json").is_file() and bool(_safetensors(folder))
+
+
+def _ggufs(folder: Path) -> list[Path]:
+    # Vision projectors ship beside the language model in LM Studio repos; they are not models.
+    try:
+        return sorted(p for p in folder.glob("*.gguf")
+                      if p.is_file() and not p.name.lower().startswith("mmproj"))
+    except OSError:
+        return []
+
+
+def _config_kv(config_file: Path) -> tuple[int, int]:
+    """(KV bytes per token, context length) from a Hugging Face style config.json."""
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return 0, DEFAULT_CONTEXT
+    text = config.get("text_config")
+    if isinstance(text, dict):  # multimodal configs keep the language model's keys here
+        config = {**config, **text}
+    try:
+        layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+        heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+        head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+        context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    except (TypeError, ValueError):
+        return 0, DEFAULT_CONTEXT
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    element = 4 if dtype == "float32" else 2
+    return 2 * layers * kv_heads * head_dim * element, context
+
+
+def _gguf_kv(path: Path) -> tuple[int, int]:
+    """(KV bytes per token, context length) from GGUF metadata; KV assumed float16 once loaded."""
+    try:
+        meta = read_gguf_header(path).metadata
+    except (OSError, ValueError):  # malformed or unreadable: the estimate falls back
+        return 0, DEFAULT_CONTEXT
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        return 0, DEFAULT_CONTEXT
+
+    def number(key: str, default: int = 0) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        if isinstance(value, list):  # per-layer values in some architectures
+            value = max((v for v in value if isinstance(v, int)), default=default)
+        return int(value) if isinstance(value, int | float) else default
+
+    layers = number("block_count")
+    heads = number("attention.head_count")
+    kv_heads = number("attention.head_count_kv", heads)
+    embedding = number("embedding_length")
+    key_len = number("attention.key_length", embedding // heads if heads else 0)
+    value_len = number("attention.value_length", key_len)
+    context = number("context_length", DEFAULT_CONTEXT) or DEFAULT_CONTEXT
+    return layers * kv_heads * (key_len + value_len) * 2, context
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+def discover(folder: Path, warnings: list[str]) -> list[ModelSpec]:
+    """Models under one `[discovery] model_dirs` entry, in sorted (deterministic) order.
+
+    Recognised, one or two levels deep: MLX folders (`name/`, id `name`), Hugging Face cache
+    entries (`models--org--name/`, id `org/name`), LM Studio repos (`publisher/repo/`, id
+    `publisher/repo`, or the file stem when a repo holds several .gguf files) and loose
+    `.gguf` files (id: the file stem). The folder itself may also be an MLX folder.
+    """
+    if not folder.is_dir():
+        warnings.append(f"[discovery] model_dirs: {folder} is not a folder; skipped")
+        return []
+    if _is_mlx_folder(folder):
+        return [_make_spec(folder.name, folder, "mlx")]
+    found: list[ModelSpec] = []
+    for child in _children(folder, warnings):
+        if child.name == "hub" and child.is_dir():  # ~/.cache/huggingface given, not its hub/
+            found.extend(discover(child, warnings))
+        elif child.name.startswith("models--") and child.is_dir():
+            found.extend(_hf_cache_entry(child, warnings))
+        elif _is_mlx_folder(child):
+            found.append(_make_spec(child.name, child, "mlx"))
+        elif child.is_dir():
+            for repo in _children(child, warnings):
+                found.extend(_lmstudio_repo(child.name, repo, warnings))
+        elif (child.suffix == ".gguf" and child.is_file()
+              and not child.name.lower().startswith("mmproj")):
+            found.append(_make_spec(child.stem, child, "gguf"))
+    return found
+
+
+def _children(folder: Path, warnings: list[str]) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as error:
+        warnings.append(f"cannot scan {folder}: {error.strerror or error}")
+        return []
+
+
+def _hf_cache_entry(entry: Path, warnings: list[str]) -> list[ModelSpec]:
+    parts = entry.name.split("--")[1:]
+    if len(parts) < 2 or not all(parts):
+        return []
+    model_id = "/".join(parts)
+    snapshot = _hf_snapshot(entry)
+    if snapshot is None:
+        return []
+    if _is_mlx_folder(snapshot):
+        return [_make_spec(model_id, snapshot, "hf-cache")]
+    ggufs = _ggufs(snapshot)
+    if len(ggufs) == 1:
+        return [_make_spec(model_id, ggufs[0], "hf-cache")]
+    return [_make_spec(p.stem, p, "hf-cache") for p in ggufs]
+
+
+def _hf_snapshot(entry: Path) -> Path | None:
+    """refs/main's snapshot when present, else the most recently written one."""
+    snapshots = entry / "snapshots"
+    try:
+        revision = (entry / "refs" / "main").read_text().strip()
+    except OSError:
+        revision = ""
+    # The revision is a commit hash written by huggingface_hub; refuse anything path-like.
+    if revision and "/" not in revision and "\\" not in revision and revision not in {".", ".."}:
+        candidate = snapshots / revision
+        if candidate.is_dir():
+            return candidate
+    try:
+        folders = [(p.stat().st_mtime, p.name, p) for p in snapshots.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    return max(folders)[2] if folders else None
+
+
+def _lmstudio_repo(publisher: str, repo: Path, warnings: list[str]) -> list[ModelSpec]:
+    model_id = f"{publisher}/{repo.name}"
+    if _is_mlx_folder(repo):
+        return [_make_spec(model_id, repo, "lmstudio")]
+    if not repo.is_dir():
+        return []
+    ggufs = _ggufs(repo)
+    if len(ggufs) == 1:
+        return [_make_spec(model_id, ggufs[0], "lmstudio")]
+    return [_make_spec(p.stem, p, "lmstudio") for p in ggufs]
+
+
+# --- CLI: `mlx-gateway models list` -------------------------------------------------------------
+
+
+def format_table(registry: ModelRegistry) -> str:
+    header = ("ID", "SOURCE", "FORMAT", "SIZE", "MEMORY", "CONTEXT", "PINNED", "ALIASES")
+    rows = [header]
+    for spec in registry.specs:
+        rows.append((spec.id, spec.source, spec.format, format_bytes(spec.weight_bytes),
+                     format_bytes(spec.estimated_bytes), str(spec.context_length),
+                     "yes" if spec.pinned else "no", ", ".join(spec.aliases) or "-"))
+    if len(rows) == 1:
+        return ("no models: add [[models]] entries or [discovery] model_dirs to the config, "
+                "or run `mlx-gateway models demo`")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return "\n".join(lines)
+
+
+def default_demo_path(settings: Settings) -> Path:
+    """Where `mlx-gateway models demo` puts the demo model's MLX folder (as app.main does)."""
+    return settings.cache_dir / "models" / DEMO_MODEL_ID
+
+
+def _list_handler(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    demo = default_demo_path(settings)  # as `serve` does: the demo only once it exists
+    registry = ModelRegistry.build(settings, demo_path=demo if demo.is_dir() else None,
+                                   log_warnings=False)
+    print(format_table(registry))
+    for message in registry.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    return 0
+
+
+def add_list_command(
+    models_subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add `list` to the `models` command's subparsers (cli.py owns `models` itself)."""
+    parser = models_subparsers.add_parser(
+        "list", help="Print the models the gateway would serve, without starting it.")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file.")
+    parser.set_defaults(handler=_list_handler)

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from app import metrics
 from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
@@ -41,6 +42,7 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
+    cached_tokens: int = 0
     first_token_at: float | None = None
     _pending: list[GenerationEvent] = field(default_factory=list)
     _detokenizer: Any = None
@@ -53,7 +55,8 @@ class Sequence:
             self._pending.append(TextDelta(out))
 
     def finish(self, reason: FinishReason) -> None:
-        usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated)
+        usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated,
+                      cached_tokens=self.cached_tokens)
         self._pending.append(Finish(reason=reason, usage=usage))
 
     def flush_events(self) -> None:
@@ -67,9 +70,13 @@ class ModelBatch:
 
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
-        stream: Any,
+        prompt_cache_bytes: int, stream: Any,
     ) -> None:
         self.tokenizer = tokenizer
+        # Finished sequences leave their KV here; a later prompt that starts the same way (the
+        # next turn of a chat, an agent's fixed system prompt) prefills only what is new.
+        self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self._cache_enabled = prompt_cache_bytes > 0
         self._eos = set(tokenizer.eos_token_ids)
         self._generator = BatchGenerator(
             model,
@@ -88,14 +95,37 @@ class ModelBatch:
         seq._detokenizer = self.tokenizer.detokenizer
         seq._stops = StopStringMatcher(seq.stop)
         stop_tokens = StopSequences([[t] for t in sorted(self._eos)])
+        cache, rest = self._reusable_cache(seq.prompt)
+        seq.cached_tokens = len(seq.prompt) - len(rest)
+        (metrics.PREFIX_CACHE_HITS if seq.cached_tokens else metrics.PREFIX_CACHE_MISSES).inc()
+        metrics.PREFIX_CACHED_TOKENS.inc(seq.cached_tokens)
         (seq.uid,) = self._generator.insert(
-            [seq.prompt],
+            [rest],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[seq.prompt[: seq.cached_tokens]],
             max_tokens=[seq.max_tokens],
             samplers=[seq.sampler],
             logits_processors=[seq.processors],
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
+
+    def _reusable_cache(self, prompt: list[int]) -> tuple[Any, list[int]]:
+        """The longest cached KV this prompt starts with, and the tokens still to prefill."""
+        if not self._cache_enabled:
+            return None, prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache("model", prompt)
+        if cache is not None and not rest:
+            # An exact hit still needs one token to compute the first logits from.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return int(self._prompt_cache.nbytes)
 
     def step(self) -> None:
         """Drop cancelled sequences, then advance every other one by a prefill chunk or a token."""
@@ -115,6 +145,10 @@ class ModelBatch:
                 continue
             if self._advance(seq, response.token, response.finish_reason, now):
                 done.append(seq.uid)
+                if response.prompt_cache is not None and self._cache_enabled:
+                    self._prompt_cache.insert_cache(
+                        "model", list(response.all_tokens), response.prompt_cache
+                    )
         for seq in self._by_uid.values():
             seq.flush_events()
         if done:
@@ -168,9 +202,8 @@ class ModelBatch:
             seq.flush_events()
         self._forget(list(self._by_uid))
 
-    def cancel_all(self, reason: str) -> None:
-        """Called before the model is unloaded or the engine stops."""
-        failure = EngineFailure(reason)
+    def cancel_all(self, failure: Exception) -> None:
+        """End every sequence with `failure`: the model is unloaded or the server stops."""
         for seq in self._by_uid.values():
             seq._pending.append(Failed(failure))
             seq.flush_events()

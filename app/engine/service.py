@@ -10,15 +10,15 @@ import asyncio
 import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import structlog
 
 from app.core.types import Failed, Finish, GenerationEvent, GenerationRequest, TextDelta
+from app.engine.pool import LoadedModel, ModelPool
 from app.engine.prompt import prompt_tokens
+from app.engine.registry import ModelRegistry
 from app.engine.sampling import make_sequence_processors, make_sequence_sampler
-from app.engine.scheduler import ModelBatch, Sequence
+from app.engine.scheduler import Sequence
 from app.engine.worker import EngineThread
 from app.errors import (
     ContextLengthExceeded,
@@ -26,45 +26,20 @@ from app.errors import (
     GatewayError,
     InvalidRequest,
     ModelLoadFailed,
+    Overloaded,
 )
-from app.settings import EngineSettings
+from app.limits.admission import Admission
+from app.limits.breaker import CircuitBreaker
+from app.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-
-class ModelSource(Protocol):
-    """What the engine needs to know about a model it may load."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def load_path(self) -> str: ...
-
-    @property
-    def max_context(self) -> int | None: ...
-
-
-class Resolver(Protocol):
-    def resolve(self, name: str) -> ModelSource: ...
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    id: str
-    batch: ModelBatch
-    tokenizer: Any
-    context_length: int
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    leases: int = 0
 
 
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
     def __init__(self, model: str, prompt_tokens: int, seq: Sequence, engine: Engine,
-                 loaded: LoadedModel) -> None:
+                 loaded: LoadedModel, slot_started: float | None) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.started_at = time.monotonic()
@@ -75,6 +50,7 @@ class GenerationStream:
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
+        self._slot_started = slot_started
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
@@ -92,7 +68,7 @@ class GenerationStream:
         if isinstance(event, TextDelta) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if isinstance(event, Finish | Failed):
-            self._finish()
+            self._finish(event)
         return event
 
     async def collect(self) -> tuple[str, Finish]:
@@ -111,86 +87,75 @@ class GenerationStream:
         if not self._finished:
             self._seq.cancelled.set()
             self._engine._thread.wake()
-            self._finish()
+            self._finish(None)
 
-    def _finish(self) -> None:
+    def _finish(self, event: Finish | Failed | None) -> None:
         if not self._finished:
             self._finished = True
-            self._engine._release(self._loaded)
+            self._engine._release(self._loaded, self._slot_started, event)
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, resolver: Resolver) -> None:
-        self.settings = settings
-        self.resolver = resolver
+    def __init__(self, settings: Settings, registry: ModelRegistry, *,
+                 admission: Admission | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
+        self.settings = settings.engine
+        self.registry = registry
+        # Admission control and the breaker sit at the engine's door, the one place every
+        # protocol passes through.
+        self.admission = admission
+        self.breaker = breaker
         self._thread = EngineThread()
-        self._loaded: dict[str, LoadedModel] = {}
-        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self.pool = ModelPool(settings, registry, self._thread)
         # One tokenizer thread: HF fast tokenizers dislike concurrent use, and it keeps the
         # event loop and the MLX thread free while chat templates render.
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
     async def start(self) -> None:
         self._thread.start()
+        self._sweeper = asyncio.create_task(self.pool.sweep_idle())
 
     async def stop(self) -> None:
+        self._sweeper.cancel()
+        await self.pool.close()
         await asyncio.to_thread(self._thread.stop)
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
+    async def end_all_streams(self, reason: str) -> None:
+        """End every running generation with an error event (the shutdown grace ran out)."""
+        failure = Overloaded(reason, retry_after=5)
+        await self._thread.call(lambda: self._thread.fail_all(failure))
+
     def loaded_models(self) -> dict[str, LoadedModel]:
-        return dict(self._loaded)
+        return self.pool.loaded()
 
     async def ensure_loaded(self, name: str) -> LoadedModel:
-        """The resident model for `name`, loading it once however many requests ask at once."""
-        source = self.resolver.resolve(name)
-        if (loaded := self._loaded.get(source.id)) is not None:
-            return loaded
-        if (pending := self._loading.get(source.id)) is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
-        self._loading[source.id] = future
-        try:
-            loaded = await self._thread.call(lambda: self._load_on_thread(source))
-        except Exception as error:
-            failure = ModelLoadFailed(f"model {source.id!r} failed to load: {error}")
-            log.error("model load failed", model=source.id, error=repr(error))
-            future.set_exception(failure)
-            future.exception()  # retrieved: waiters get it via shield, no "never retrieved" noise
-            raise failure from error
-        finally:
-            self._loading.pop(source.id, None)
-        self._loaded[source.id] = loaded
-        future.set_result(loaded)
-        return loaded
-
-    def _load_on_thread(self, source: ModelSource) -> LoadedModel:
-        from mlx_lm import load
-
-        started = time.monotonic()
-        log.info("model load started", model=source.id, path=source.load_path)
-        model, tokenizer, config = load(source.load_path, return_config=True)
-        context = int(config.get("max_position_embeddings") or 4096)
-        if source.max_context:
-            context = min(context, source.max_context)
-        batch = ModelBatch(
-            model, tokenizer, max_batch_size=self.settings.max_batch_size,
-            prefill_chunk=self.settings.prefill_chunk, stream=self._thread.stream,
-        )
-        self._thread.attach(source.id, batch)
-        log.info("model load finished", model=source.id,
-                 seconds=round(time.monotonic() - started, 3), context_length=context)
-        return LoadedModel(id=source.id, batch=batch, tokenizer=tokenizer, context_length=context)
+        """Make `name` resident without generating (warm-up, admin load)."""
+        return await self.pool.load(name)
 
     async def submit(self, request: GenerationRequest) -> GenerationStream:
-        loaded = await self.ensure_loaded(request.model)
-        loaded.leases += 1
+        self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
+        if self.breaker is not None:
+            self.breaker.allow()
+        slot_started = await self.admission.acquire() if self.admission else None
         try:
-            return await self._start(request, loaded)
+            loaded = await self.pool.acquire(request.model)
+        except ModelLoadFailed:
+            self._release(None, slot_started, None)
+            if self.breaker is not None:
+                self.breaker.record_failure()
+            raise
         except BaseException:
-            self._release(loaded)
+            self._release(None, slot_started, None)
+            raise
+        try:
+            return await self._start(request, loaded, slot_started)
+        except BaseException:
+            self._release(loaded, slot_started, None)
             raise
 
-    async def _start(self, request: GenerationRequest, loaded: LoadedModel) -> GenerationStream:
+    async def _start(self, request: GenerationRequest, loaded: LoadedModel,
+                     slot_started: float | None) -> GenerationStream:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             self._tokenize, prompt_tokens, loaded.tokenizer, request
@@ -210,7 +175,7 @@ class Engine:
             stop=list(request.stop),
             emit=emit,
         )
-        stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded)
+        stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded, slot_started)
         stream_ref.append(stream)
         self._thread.add_sequence(loaded.id, seq)
         return stream
@@ -236,9 +201,17 @@ class Engine:
             )
         return request.max_tokens
 
-    def _release(self, loaded: LoadedModel) -> None:
-        loaded.leases -= 1
-        loaded.last_used = time.time()
+    def _release(self, loaded: LoadedModel | None, slot_started: float | None,
+                 outcome: Finish | Failed | None) -> None:
+        if loaded is not None:
+            self.pool.release(loaded)
+        if slot_started is not None and self.admission is not None:
+            self.admission.release(slot_started)
+        if self.breaker is not None and outcome is not None:
+            if isinstance(outcome, Failed):
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
 
 
 def gateway_error(error: BaseException) -> GatewayError:

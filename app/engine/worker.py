@@ -19,6 +19,7 @@ import structlog
 
 from app import metrics
 from app.engine.scheduler import ModelBatch, Sequence
+from app.errors import Overloaded
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -78,6 +79,10 @@ class EngineThread:
     def detach(self, model_id: str) -> ModelBatch | None:
         return self._batches.pop(model_id, None)
 
+    def fail_all(self, failure: Exception) -> None:
+        for batch in self._batches.values():
+            batch.cancel_all(failure)
+
     def active_sequences(self, model_id: str) -> int:
         batch = self._batches.get(model_id)
         return len(batch) if batch else 0
@@ -93,8 +98,7 @@ class EngineThread:
                 for batch in list(self._batches.values()):
                     batch.step()
                 metrics.INFLIGHT.set(sum(len(b) for b in self._batches.values()))
-        for batch in self._batches.values():
-            batch.cancel_all("the server is shutting down")
+        self.fail_all(Overloaded("The server is shutting down; retry shortly."))
 
     def _drain_commands(self, *, block: bool) -> bool:
         """Run queued commands; False when asked to stop."""

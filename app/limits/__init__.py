@@ -1,0 +1,1 @@
+"""Rate limits (Redis-shared with an in-process fallback), admission control, the breaker."""

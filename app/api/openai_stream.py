@@ -1,0 +1,59 @@
+"""The OpenAI streaming loop shared by chat and text completions: events -> chunks -> [DONE].
+
+The two routes differ only in the shape of a choice and what comes before the first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+
+from app.api.common import record_finish
+from app.api.sse import DONE, sse_data
+from app.core.types import Failed, Finish, TextDelta, Usage
+from app.engine.service import GenerationStream, gateway_error
+
+# (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
+ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
+                        choice: ChoiceFactory, *, include_usage: bool,
+                        prelude: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
+    finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
+    as an OpenAI error payload, which the SDKs raise."""
+
+    def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        payload = {**envelope, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage_body(usage) if usage else None
+        return sse_data(payload)
+
+    try:
+        for entry in prelude:
+            yield chunk([entry])
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                yield chunk([choice(event.text, None)])
+            elif isinstance(event, Finish):
+                await record_finish(request, stream, event)
+                yield chunk([choice(None, event.reason)])
+                if include_usage:
+                    yield chunk([], event.usage)
+                yield DONE
+            elif isinstance(event, Failed):
+                yield sse_data(gateway_error(event.error).openai_body())
+    finally:
+        await stream.aclose()

@@ -1,0 +1,233 @@
+"""The resident models: load on demand (once, however many ask), evict by the residency
+policy, wait for leases, sweep idle models after their TTL.
+
+`ResidencyPolicy` decides (pure logic); this module carries the decisions out. Loads and
+evictions run on the MLX thread; everything else runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from app import metrics
+from app.engine.registry import ModelRegistry, ModelSpec
+from app.engine.residency import EvictReason, ResidencyPolicy, format_bytes
+from app.engine.scheduler import ModelBatch
+from app.engine.worker import EngineThread
+from app.errors import (
+    Conflict,
+    InsufficientMemory,
+    ModelLoadFailed,
+    Overloaded,
+)
+from app.settings import Settings
+
+log = structlog.get_logger(__name__)
+TTL_SWEEP_MAX_SECONDS = 30.0
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    spec: ModelSpec
+    batch: ModelBatch
+    tokenizer: Any
+    context_length: int
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+class ModelPool:
+    def __init__(self, settings: Settings, registry: ModelRegistry, thread: EngineThread) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.policy = ResidencyPolicy.from_settings(settings.residency)
+        self._thread = thread
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._released = asyncio.Event()  # set whenever a lease or memory is given back
+        for spec in registry.oversized(self.policy.budget_bytes):
+            log.warning("model can never fit the memory budget", model=spec.id,
+                        needs=format_bytes(spec.estimated_bytes),
+                        budget=format_bytes(self.policy.budget_bytes))
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        return dict(self._loaded)
+
+    async def acquire(self, name: str) -> LoadedModel:
+        """The resident model for `name` with a lease on it (never evicted until `release`)."""
+        spec = self.registry.resolve(name)
+        started = time.monotonic()
+        deadline = started + self.settings.residency.load_wait
+        while True:
+            if (loaded := self._loaded.get(spec.id)) is not None:
+                self.policy.acquire(spec.id, time.time())
+                metrics.MODEL_WAIT_DURATION.observe(time.monotonic() - started)
+                return loaded
+            if (pending := self._loading.get(spec.id)) is not None:
+                await asyncio.shield(pending)  # single flight: share the load under way
+                continue
+            decision = self.policy.decide_load(spec.id, spec.estimated_bytes, time.time())
+            if decision.kind == "never":
+                raise InsufficientMemory(decision.reason, param="model")
+            if decision.kind == "wait":
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(f"The model cannot be loaded now: {decision.reason}.",
+                                     retry_after=max(5.0, self.settings.residency.load_wait))
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), remaining)
+                continue
+            await self._load(spec, decision.evict)
+
+    def release(self, loaded: LoadedModel) -> None:
+        self.policy.release(loaded.id, time.time())
+        self._released.set()
+
+    async def load(self, name: str) -> LoadedModel:
+        """Make `name` resident (admin endpoint, pinned models at start)."""
+        loaded = await self.acquire(name)
+        self.release(loaded)
+        return loaded
+
+    async def unload(self, name: str) -> bool:
+        """Evict `name` now (admin endpoint); refuse while requests are using it."""
+        spec = self.registry.resolve(name)
+        resident = self.policy.get(spec.id)
+        if resident is None or spec.id not in self._loaded:
+            return False
+        if resident.leases:
+            raise Conflict(f"model {spec.id!r} has {resident.leases} requests in flight; "
+                           "unload it when they finish")
+        await self._evict(spec.id, "manual")
+        return True
+
+    async def sweep_idle(self) -> None:
+        """Run forever: evict models whose idle TTL ran out."""
+        while True:
+            delay = self.policy.next_expiry(time.time())
+            await asyncio.sleep(min(delay if delay is not None else TTL_SWEEP_MAX_SECONDS,
+                                    TTL_SWEEP_MAX_SECONDS) + 0.05)
+            for model_id in self.policy.expired(time.time()):
+                if model_id in self._loaded:
+                    await self._evict(model_id, "ttl")
+
+    async def close(self) -> None:
+        for model_id in list(self._loaded):
+            await self._evict(model_id, "manual")
+
+    # --- carrying decisions out ---------------------------------------------------------------
+
+    async def _load(self, spec: ModelSpec, evict: tuple[str, ...]) -> None:
+        future: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
+        self._loading[spec.id] = future
+        # Victims leave the pool before the first await, so no request can lease one of them
+        # while it is being unloaded.
+        reason: EvictReason = (
+            "budget" if self.policy.used_bytes + spec.estimated_bytes > self.policy.budget_bytes
+            else "lru")
+        victims = [victim for victim in evict if self._detach(victim, reason)]
+        for victim in victims:
+            await self._unload(victim, reason)
+        # Reserve the memory before the load, so concurrent decisions count it.
+        self.policy.mark_loaded(spec.id, spec.estimated_bytes, time.time(), pinned=spec.pinned,
+                                ttl=spec.ttl)
+        started = time.monotonic()
+        try:
+            loaded = await self._thread.call(lambda: self._load_on_thread(spec))
+        except Exception as error:
+            self.policy.forget(spec.id)
+            self._released.set()
+            metrics.MODEL_LOADS.labels(result="error").inc()
+            log.error("model load failed", model=spec.id, error=repr(error))
+            failure = ModelLoadFailed(f"model {spec.id!r} failed to load: {error}")
+            future.set_exception(failure)
+            future.exception()  # retrieved here; waiters re-raise it through shield
+            raise failure from error
+        finally:
+            self._loading.pop(spec.id, None)
+        metrics.MODEL_LOADS.labels(result="ok").inc()
+        metrics.MODEL_LOAD_DURATION.labels(model=spec.id).observe(time.monotonic() - started)
+        self._loaded[spec.id] = loaded
+        future.set_result(loaded)
+
+    async def _evict(self, model_id: str, reason: EvictReason) -> None:
+        if self._detach(model_id, reason):
+            await self._unload(model_id, reason)
+
+    def _detach(self, model_id: str, reason: EvictReason) -> bool:
+        if self._loaded.pop(model_id, None) is None:
+            return False
+        self.policy.mark_evicted(model_id, reason)
+        return True
+
+    async def _unload(self, model_id: str, reason: EvictReason) -> None:
+        reclaimed = await self._thread.call(lambda: self._unload_on_thread(model_id))
+        metrics.RECLAIMED_BYTES.inc(max(reclaimed, 0))
+        log.info("model evicted", model=model_id, reason=reason,
+                 reclaimed=format_bytes(max(reclaimed, 0)))
+        self._released.set()
+
+    # --- on the MLX thread --------------------------------------------------------------------
+
+    def _load_on_thread(self, spec: ModelSpec) -> LoadedModel:
+        from mlx_lm import load
+
+        started = time.monotonic()
+        log.info("model load started", model=spec.id, path=spec.load_path)
+        path = self._mlx_folder(spec)
+        model, tokenizer, config = load(str(path), return_config=True)
+        context = int(config.get("max_position_embeddings") or spec.context_length or 4096)
+        if spec.max_context:
+            context = min(context, spec.max_context)
+        engine = self.settings.engine
+        batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
+                           prefill_chunk=engine.prefill_chunk,
+                           prompt_cache_bytes=engine.prompt_cache_bytes,
+                           stream=self._thread.stream)
+        self._thread.attach(spec.id, batch)
+        _publish_memory()
+        log.info("model load finished", model=spec.id, context_length=context,
+                 seconds=round(time.monotonic() - started, 3))
+        return LoadedModel(spec=spec, batch=batch, tokenizer=tokenizer, context_length=context)
+
+    def _mlx_folder(self, spec: ModelSpec) -> Path:
+        if spec.format != "gguf":
+            return Path(spec.load_path)
+        from app.engine.gguf import ensure_converted
+
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "--", spec.id)
+        return ensure_converted(Path(spec.load_path), self.settings.cache_dir / "models" / safe)
+
+    def _unload_on_thread(self, model_id: str) -> int:
+        """Drop every reference, collect, return MLX's cache to the OS; bytes reclaimed."""
+        import mlx.core as mx
+
+        before = int(mx.get_active_memory())
+        batch = self._thread.detach(model_id)
+        if batch is not None:
+            batch.cancel_all(Overloaded("The model was unloaded; retry shortly.", retry_after=1))
+            batch.close()
+        del batch
+        gc.collect()
+        mx.clear_cache()
+        _publish_memory()
+        return before - int(mx.get_active_memory())
+
+
+def _publish_memory() -> None:
+    import mlx.core as mx
+
+    metrics.MLX_ACTIVE_BYTES.set(int(mx.get_active_memory()))

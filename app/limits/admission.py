@@ -1,0 +1,103 @@
+"""Admission control: at most `max_inflight` generations, at most `max_queue` waiting (FIFO).
+
+Beyond that, Overloaded (503) with a Retry-After estimated from recent throughput: the
+queue ahead drains `max_inflight` at a time, each taking about as long as recent slots did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from app import metrics
+from app.errors import Overloaded
+from app.limits.window import Clock
+
+_RECENT = 50  # slot durations kept for the estimate
+
+
+class Admission:
+    def __init__(self, max_inflight: int, max_queue: int, *, clock: Clock = time.monotonic):
+        if max_inflight < 1 or max_queue < 0:
+            raise ValueError("max_inflight must be >= 1 and max_queue >= 0")
+        self.max_inflight = max_inflight
+        self.max_queue = max_queue
+        self.clock = clock
+        self.inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._durations: deque[float] = deque(maxlen=_RECENT)
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    def retry_after(self) -> float:
+        """Seconds until a new request would likely get a slot (1-60)."""
+        if not self._durations:
+            return 1.0
+        per_slot = sum(self._durations) / len(self._durations)
+        rounds = (self.queued + self.max_inflight) // self.max_inflight  # ahead of us, +1
+        return min(60.0, max(1.0, per_slot * rounds))
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        started = await self.acquire()
+        try:
+            yield
+        finally:
+            self.release(started)
+
+    async def acquire(self) -> float:
+        """Take a slot, waiting in the queue if need be; pass the result to `release`.
+
+        For holders whose slot outlives one block, e.g. a stream released when it ends.
+        """
+        await self._acquire()
+        return self.clock()
+
+    def release(self, started: float) -> None:
+        self._durations.append(self.clock() - started)
+        self._release()
+
+    async def _acquire(self) -> None:
+        if self.inflight < self.max_inflight and not self.queued:
+            self._take()
+            return
+        if self.queued >= self.max_queue:
+            metrics.ADMISSION_REJECTED.inc()
+            raise Overloaded("The server is busy; try again shortly.",
+                             retry_after=self.retry_after())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._publish()
+        try:
+            await waiter  # resolved by _release, which already counted us in
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # granted just as we were cancelled: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            self._publish()
+
+    def _take(self) -> None:
+        self.inflight += 1
+        self._publish()
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.inflight += 1
+                waiter.set_result(None)
+                break
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.ADMISSION_INFLIGHT.set(self.inflight)
+        metrics.ADMISSION_QUEUED.set(self.queued)

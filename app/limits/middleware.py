@@ -1,0 +1,137 @@
+"""Per-visitor and global limits on /v1/* as a pure ASGI middleware (after auth).
+
+Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or the client
+IP without one (`ip:<addr>`, `per_ip_rpm`). Order: the visitor's own request budget, their
+token budget (refused once spent; tokens are charged after generation through
+`scope["state"]["limits"].charge_tokens(n)`), then the global budget and the breaker, so
+one visitor hammering away cannot use up everyone's global budget with refused requests.
+Every response on a limited route carries the x-ratelimit-* headers, not only 429s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+
+from app import metrics
+from app.errors import GatewayError, RateLimited
+from app.limits.breaker import CircuitBreaker
+from app.limits.window import Limiter, LimitResult
+from app.security.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, state
+from app.security.auth import is_preflight
+from app.security.client_ip import client_ip, parse_networks
+from app.security.principal import Principal
+from app.settings import Settings
+
+LIMITED_PREFIX = "/v1/"
+
+
+def limit_headers(kind: str, result: LimitResult) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens}."""
+    return {
+        f"x-ratelimit-limit-{kind}": str(result.limit),
+        f"x-ratelimit-remaining-{kind}": str(result.remaining),
+        f"x-ratelimit-reset-{kind}": result.reset_header,
+    }
+
+
+class RequestLimits:
+    """Put at `scope["state"]["limits"]`: the route charges real token use through it."""
+
+    def __init__(self, limiter: Limiter, bucket: str, tpm: int,
+                 requests: LimitResult | None, tokens: LimitResult | None) -> None:
+        self._limiter = limiter
+        self._key = f"{bucket}:tokens"
+        self.tpm = tpm
+        self.requests = requests
+        self.tokens = tokens
+        self.charged = 0
+
+    async def charge_tokens(self, n: int) -> None:
+        """Charge prompt + completion tokens once known (may overshoot; then the budget is
+        spent until they age out of the window)."""
+        if n <= 0:
+            return
+        self.charged += n
+        if self.tpm > 0:
+            self.tokens = await self._limiter.acquire(self._key, self.tpm, cost=n, mode="charge")
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, limiter: Limiter, settings: Settings,
+                 breaker: CircuitBreaker | None = None) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.limits = settings.limits
+        self.breaker = breaker
+        self.trusted = parse_networks(settings.server.trusted_proxies)
+
+    def _visitor(self, scope: Scope) -> tuple[str, int, int]:
+        principal = state(scope).get("principal")
+        if not isinstance(principal, Principal):
+            principal = Principal.anonymous(client_ip(scope, self.trusted))
+        tpm = principal.tpm if principal.tpm is not None else self.limits.per_key_tpm
+        if principal.key_id is not None:
+            rpm = principal.rpm if principal.rpm is not None else self.limits.per_key_rpm
+            return f"key:{principal.key_id}", rpm, tpm
+        return f"ip:{ip_bucket(principal.client_ip)}", self.limits.per_ip_rpm, tpm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(LIMITED_PREFIX) or is_preflight(scope):
+            await self.app(scope, receive, send)
+            return
+        bucket, rpm, tpm = self._visitor(scope)
+        headers: dict[str, str] = {}
+        requests = tokens = None
+        try:
+            if rpm > 0:
+                requests = await self.limiter.acquire(f"{bucket}:requests", rpm)
+                headers |= limit_headers("requests", requests)
+                _raise_if_refused(requests, "requests")
+            if tpm > 0:
+                tokens = await self.limiter.acquire(f"{bucket}:tokens", tpm, mode="peek")
+                headers |= limit_headers("tokens", tokens)
+                _raise_if_refused(tokens, "tokens")
+            if self.breaker is not None:
+                await self.breaker.hit_global()
+                if scope.get("method") == "POST":  # work for the engine
+                    self.breaker.allow()
+        except GatewayError as error:
+            await send_error(scope, send, error, headers)
+            return
+        state(scope)["limits"] = RequestLimits(self.limiter, bucket, tpm, requests, tokens)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and raw:
+                present = {name.lower() for name, _ in message.get("headers", ())}
+                extra = [(k, v) for k, v in raw if k not in present]
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def ip_bucket(address: str) -> str:
+    """IPv6 clients get a /64 each (what one subscriber usually holds), so rotating through
+    addresses in one's own prefix doesn't buy a fresh limit; IPv4 is per address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def _raise_if_refused(result: LimitResult, kind: str) -> None:
+    if result.allowed:
+        return
+    metrics.RATE_LIMITED.labels(limit=kind).inc()
+    # Whole seconds, rounded up: retrying a fraction early would only earn another 429.
+    raise RateLimited(
+        f"Rate limit reached for {kind} per minute ({result.limit}); "
+        f"retry in {math.ceil(result.retry_after)}s.",
+        retry_after=math.ceil(result.retry_after),
+    )

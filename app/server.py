@@ -1,0 +1,64 @@
+"""uvicorn, taught to drain: on SIGTERM stop accepting, let streams finish for
+`[server] shutdown_grace` seconds, then end the rest with an error event and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from app.engine.service import Engine
+
+log = structlog.get_logger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, app: FastAPI, *, host: str, port: int, grace: float) -> None:
+        # uvicorn's own deadline comes after ours, so streams end with our error event
+        # rather than a cut connection.
+        super().__init__(uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=int(grace) + 5,
+        ))
+        self.engine: Engine = app.state.engine
+        self.grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, minus re-raising the signal afterwards: a drained shutdown exits 0,
+        which launchd's KeepAlive and systemd's Restart=on-failure read as deliberate."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if not self._draining and self._loop is not None:
+            self._draining = True
+            log.info("shutting down: draining in-flight streams", grace_seconds=self.grace)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(self.grace)
+        log.warning("shutdown grace over: ending the remaining streams")
+        await self.engine.end_all_streams("The server is shutting down; retry shortly.")

@@ -1,0 +1,73 @@
+"""A real Caddy running the shipped deploy/Caddyfile on free ports in front of an upstream.
+
+Test-only globals: no admin API, no attempt to install Caddy's root CA into this machine's
+trust store; its private CA lives under the given folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def caddyfile_for_test(upstream_port: int, http_port: int, https_port: int) -> str:
+    text = (REPO / "deploy" / "Caddyfile").read_text()
+    assert "reverse_proxy 127.0.0.1:8000 {" in text
+    text = text.replace("reverse_proxy 127.0.0.1:8000", f"reverse_proxy 127.0.0.1:{upstream_port}")
+    globals_ = (f"{{\n\tadmin off\n\tskip_install_trust\n\thttp_port {http_port}\n"
+                f"\thttps_port {https_port}\n")
+    return text.replace("\n{\n", "\n" + globals_, 1)
+
+
+@contextmanager
+def running_caddy(workdir: Path, upstream_port: int, probe_path: str = "/health"
+                  ) -> Iterator[str]:
+    """Yield Caddy's https base URL once it answers; stop it afterwards."""
+    binary = shutil.which("caddy")
+    if binary is None:
+        pytest.skip("caddy not installed (make test installs it)")
+    https_port = _free_port()
+    config = workdir / "Caddyfile"
+    config.write_text(caddyfile_for_test(upstream_port, _free_port(), https_port))
+    env = {**os.environ, "HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
+           "XDG_CONFIG_HOME": str(workdir / "config"),
+           "MLXGW_SITE": f"https://127.0.0.1:{https_port}"}
+    proc = subprocess.Popen([binary, "run", "--config", str(config), "--adapter", "caddyfile"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"https://127.0.0.1:{https_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "died"
+            try:
+                httpx.request("POST" if probe_path == "/echo" else "GET", base + probe_path,
+                              verify=False, timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "caddy did not start"
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def caddy_root_certificate(workdir: Path) -> Path:
+    return workdir / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
