@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from tests.e2e.conftest import DEMO_ID
-from tests.e2e.gateway_process import GatewayProcess, free_port
+from tests.e2e.gateway_process import ROOT, GatewayProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -271,21 +272,46 @@ def test_outgrowing_the_context_is_400_or_truncated(client: openai.OpenAI) -> No
     assert second.usage is not None and second.usage.input_tokens < 48
 
 
-def test_a_stored_chain_survives_a_restart(tmp_path: Path, demo_model_dir: Path) -> None:
-    config = {"auth": {"enabled": False}, "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]}
-    server = GatewayProcess(tmp_path, config).start()
+def _new_key(config: Path, name: str) -> str:
+    created = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--name", name,
+         "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )
+    return created.stdout.splitlines()[-1]
+
+
+def test_chains_are_private_per_key_and_survive_a_restart(tmp_path: Path,
+                                                          demo_model_dir: Path) -> None:
+    config = {"auth": {"enabled": True}, "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]}
+    server = GatewayProcess(tmp_path, config)
+    alice, mallory = _new_key(server.config_path, "alice"), _new_key(server.config_path, "m")
+
+    def sdk(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
+
+    server.start()
     try:
-        sdk = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-        first = sdk.responses.create(model=DEMO_ID, input="My name is Ada.", temperature=0,
-                                     max_output_tokens=12)
+        first = sdk(alice).responses.create(model=DEMO_ID, input="My name is Ada.",
+                                            temperature=0, max_output_tokens=12)
+        other = sdk(mallory)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            list(other.responses.input_items.list(first.id))
+        with pytest.raises(openai.NotFoundError):
+            other.responses.create(model=DEMO_ID, input="What is my name?",
+                                   previous_response_id=first.id, max_output_tokens=4)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.delete(first.id)
     finally:
         server.stop()
-    server = GatewayProcess(tmp_path, config).start()
+    server.start()  # same state dir: the SQLite store must still hold the chain
     try:
-        sdk = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-        assert sdk.responses.retrieve(first.id).output_text == first.output_text
-        second = sdk.responses.create(model=DEMO_ID, input="What is my name?", temperature=0,
-                                      previous_response_id=first.id, max_output_tokens=12)
+        assert sdk(alice).responses.retrieve(first.id).output_text == first.output_text
+        second = sdk(alice).responses.create(model=DEMO_ID, input="What is my name?",
+                                             temperature=0, previous_response_id=first.id,
+                                             max_output_tokens=12)
         assert first.usage is not None and second.usage is not None
         assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
         assert [m["content"] for m in stored_context(server, second.id)][:2] == [
