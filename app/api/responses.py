@@ -168,8 +168,9 @@ async def _submit_fitting(
     """Submit, dropping the oldest turns when `truncation` is "auto" and the prompt is too long.
 
     Returns the stream and how many context messages were dropped. Only the engine knows the
-    tokenized length, so cut points are probed by binary search; a probe that fits is kept
-    until a shorter cut also fits (a started-then-closed probe costs one tokenization).
+    tokenized length, so turn cuts are probed by binary search. A probe that fits is closed at
+    once unless it is the last: it holds an admission slot, and the next probe waiting for a
+    slot behind it would wait for itself.
     """
     try:
         return await submit(request, build(context)), 0
@@ -184,32 +185,31 @@ async def _submit_fitting(
             ) from None
         last_error = error
     cuts = turn_starts(context)
-    best: tuple[GenerationStream, int] | None = None
+    fits: int | None = None  # the smallest cut known to fit
+    kept: GenerationStream | None = None
     low, high = 0, len(cuts) - 1
-    try:
-        while low <= high:
-            middle = (low + high) // 2
-            try:
-                stream = await submit(request, build(context[cuts[middle]:]))
-            except ContextLengthExceeded as error:
-                last_error = error
-                low = middle + 1
-                continue
-            if best is not None:
-                await best[0].aclose()
-            best = (stream, cuts[middle])
-            high = middle - 1
-    except BaseException:
-        if best is not None:
-            await best[0].aclose()
-        raise
-    if best is None:
+    while low <= high:
+        middle = (low + high) // 2
+        try:
+            stream = await submit(request, build(context[cuts[middle]:]))
+        except ContextLengthExceeded as error:
+            last_error = error
+            low = middle + 1
+            continue
+        fits, high = cuts[middle], middle - 1
+        if low <= high:
+            await stream.aclose()
+        else:
+            kept = stream
+    if fits is None:
         raise ContextLengthExceeded(
             f"{last_error.message} This turn's input alone does not fit, even with the whole "
             "earlier conversation dropped.", param="input",
         )
-    log.info("responses_truncated", dropped_messages=best[1], kept=len(context) - best[1])
-    return best
+    if kept is None:
+        kept = await submit(request, build(context[fits:]))
+    log.info("responses_truncated", dropped_messages=fits, kept=len(context) - fits)
+    return kept, fits
 
 
 async def _run(request: Request, stream: GenerationStream,

@@ -363,3 +363,94 @@ def test_pages_walk_to_the_end_with_has_more_false() -> None:
     assert desc["first_id"] == "msg_4" and desc["last_id"] == "msg_0" and not desc["has_more"]
     with pytest.raises(InvalidRequest):
         page_items(items, after="msg_x", limit=2, order="asc")
+
+
+# --- truncation: probing turn cuts against an engine with one slot ----------------------------
+
+class _OneSlotEngine:
+    """Fits prompts of at most `limit` messages; like admission with one slot and no queue,
+    a second open stream is an error (a probe waiting behind its own kept probe would hang)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.submitted: list[int] = []
+
+    async def submit(self, request: Any) -> Any:
+        from app.errors import ContextLengthExceeded, Overloaded
+
+        self.submitted.append(len(request.messages))
+        if self.open:
+            raise Overloaded("only one slot")
+        if len(request.messages) > self.limit:
+            raise ContextLengthExceeded("too long")
+        self.open += 1
+        engine = self
+
+        class _Stream:
+            model = "m"
+            closed = False
+
+            async def aclose(self) -> None:
+                if not self.closed:
+                    self.closed = True
+                    engine.open -= 1
+
+        return _Stream()
+
+
+def _fake_request(engine: _OneSlotEngine) -> Any:
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(id="m", aliases=())
+    principal = SimpleNamespace(key_id="k", models=None)
+    state = SimpleNamespace(engine=engine, registry=SimpleNamespace(resolve=lambda _: spec))
+    return SimpleNamespace(app=SimpleNamespace(state=state),
+                           state=SimpleNamespace(principal=principal))
+
+
+def _history(turns: int) -> list[ChatMessage]:
+    return [ChatMessage(role=role, content=f"{role} {i}")  # type: ignore[arg-type]
+            for i in range(turns) for role in ("user", "assistant")]
+
+
+@pytest.mark.parametrize(("turns", "limit", "dropped"),
+                         [(8, 6, 12), (8, 17, 0), (8, 15, 2), (8, 2, 16), (3, 3, 4), (5, 9, 2)])
+async def test_auto_truncation_drops_the_fewest_oldest_turns(turns: int, limit: int,
+                                                             dropped: int) -> None:
+    from app.api.responses import _submit_fitting
+    from app.core.types import GenerationRequest
+
+    context = _history(turns)
+    new = [ChatMessage(role="user", content="now")]
+    engine = _OneSlotEngine(limit)
+    req = parse_request({"model": "m", "input": "now", "truncation": "auto"})
+
+    def build(history: list[ChatMessage]) -> GenerationRequest:
+        return GenerationRequest(model="m", request_id="r", messages=[*history, *new])
+
+    stream, cut = await _submit_fitting(_fake_request(engine), req, context, build)
+    assert cut == dropped
+    assert engine.open == 1 and not stream.closed
+    assert engine.submitted[-1] == len(context) - dropped + 1
+
+
+async def test_too_long_input_alone_and_disabled_truncation_are_400s() -> None:
+    from app.api.responses import _submit_fitting
+    from app.core.types import GenerationRequest
+    from app.errors import ContextLengthExceeded
+
+    context = _history(3)
+
+    def build(history: list[ChatMessage]) -> GenerationRequest:
+        return GenerationRequest(model="m", request_id="r",
+                                 messages=[*history, ChatMessage(role="user", content="x")])
+
+    engine = _OneSlotEngine(0)
+    auto = parse_request({"model": "m", "input": "x", "truncation": "auto"})
+    with pytest.raises(ContextLengthExceeded, match="alone does not fit"):
+        await _submit_fitting(_fake_request(engine), auto, context, build)
+    assert engine.open == 0
+    disabled = parse_request({"model": "m", "input": "x"})
+    with pytest.raises(ContextLengthExceeded, match='truncation: "auto"'):
+        await _submit_fitting(_fake_request(_OneSlotEngine(2)), disabled, context, build)
