@@ -454,3 +454,82 @@ async def test_too_long_input_alone_and_disabled_truncation_are_400s() -> None:
     disabled = parse_request({"model": "m", "input": "x"})
     with pytest.raises(ContextLengthExceeded, match='truncation: "auto"'):
         await _submit_fitting(_fake_request(_OneSlotEngine(2)), disabled, context, build)
+
+
+# --- the SSE body: framing, failure mid-stream, what gets stored ------------------------------
+
+class _MemoryStore:
+    def __init__(self) -> None:
+        self.items: dict[str, Any] = {}
+
+    async def put(self, item: Any) -> None:
+        self.items[item.id] = item
+
+
+class _FakeStream:
+    model = "m"
+    first_token_at = None  # read by record_finish
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._gen()
+
+    async def _gen(self) -> AsyncIterator[Any]:
+        for event in self.events:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def _sse_frames(events: list[Any], store: _MemoryStore) -> list[tuple[str, str]]:
+    from types import SimpleNamespace
+
+    from app.api.responses import _sse, _Turn
+
+    request: Any = SimpleNamespace(state=SimpleNamespace(log_fields={}))
+    turn = _Turn(store=store, owner="k", ttl=60, keep=True,  # type: ignore[arg-type]
+                 input_items=normalize_input("hi", _no_refs),
+                 context=[ChatMessage(role="user", content="hi")])
+    stream = _FakeStream(events)
+    frames = [chunk.decode() async for chunk in
+              _sse(request, stream, _renderer(), turn)]  # type: ignore[arg-type]
+    assert stream.closed
+    parsed = []
+    for frame in frames:
+        lines = frame.strip().splitlines()
+        parsed.append((lines[0].removeprefix("event: "), lines[-1].removeprefix("data: ")))
+    return parsed
+
+
+@pytest.mark.parametrize("failure", [Failed(EngineFailure("boom")), RuntimeError("boom")])
+async def test_sse_failure_mid_stream_is_response_failed_then_done(failure: Any) -> None:
+    import json
+
+    store = _MemoryStore()
+    frames = await _sse_frames([TextDelta("par"), failure], store)
+    assert frames[-1] == ("data: [DONE]", "[DONE]")
+    name, data = frames[-2]
+    payload = json.loads(data)
+    assert name == payload["type"] == "response.failed"
+    assert payload["response"]["error"]["code"] == "server_error"
+    assert all(json.loads(d)["type"] == n for n, d in frames[:-1])
+    assert store.items == {}  # a failed turn cannot be continued, so it is not stored
+
+
+async def test_sse_stores_the_turn_with_its_output_in_the_context() -> None:
+    import json
+
+    store = _MemoryStore()
+    frames = await _sse_frames([TextDelta("Hello"), Finish("stop", USAGE)], store)
+    final = json.loads(frames[-2][1])
+    assert final["type"] == "response.completed"
+    [saved] = store.items.values()
+    assert saved.response == final["response"] and saved.owner == "k"
+    assert saved.context == [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "Hello"}]
