@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_list_command(model_commands)
 
-    from app.ops import doctor, service
+    from app.ops import bench, doctor, service
     from app.security import cli as keys_cli
 
-    for module in (keys_cli, doctor, service):
+    for module in (keys_cli, doctor, service, bench):
         module.add_commands(commands)
     return parser
 

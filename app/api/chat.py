@@ -45,11 +45,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         # "assistantassistant".
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}
+        heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
-                          prelude=[first]),
-            heartbeat_seconds=request.app.state.settings.server.heartbeat_seconds,
-        )
+                          prelude=[first], heartbeat=heartbeat))
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
     await record_finish(request, stream, finish)
     return JSONResponse({

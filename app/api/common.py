@@ -88,16 +88,21 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 class EventStreamResponse(StreamingResponse):
-    """SSE with heartbeats; the body iterator is always closed, so a vanished client's
-    generation is cancelled at once rather than whenever the generator is collected."""
+    """SSE whose body iterator is always closed, so a vanished client's generation is
+    cancelled at once rather than whenever the generator is collected.
+
+    Bodies built on `GenerationStream.batches` send their own heartbeats; for any other body,
+    `heartbeat_seconds` wraps it in `with_heartbeats`.
+    """
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], *, heartbeat_seconds: float,
+    def __init__(self, body: AsyncIterator[bytes], *, heartbeat_seconds: float | None = None,
                  heartbeat: bytes = OPENAI_HEARTBEAT, headers: dict[str, str] | None = None):
         self._source = body
         super().__init__(
-            with_heartbeats(body, heartbeat_seconds, heartbeat),
+            body if heartbeat_seconds is None
+            else with_heartbeats(body, heartbeat_seconds, heartbeat),
             headers={**SSE_HEADERS, **(headers or {})},
             media_type=self.media_type,
         )

@@ -41,12 +41,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         envelope = {"id": completion_id, "object": "text_completion", "created": created,
                     "model": stream.model, "system_fingerprint": None}
+        heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _text_choice,
                           include_usage=body.include_usage,
-                          prelude=[_text_choice(echo, None)] if echo else []),
-            heartbeat_seconds=request.app.state.settings.server.heartbeat_seconds,
-        )
+                          prelude=[_text_choice(echo, None)] if echo else [],
+                          heartbeat=heartbeat))
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
     await record_finish(request, stream, finish)
     return JSONResponse({

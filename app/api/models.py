@@ -28,7 +28,7 @@ def _model_object(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
         "owned_by": "mlx-gateway",
         # Extra fields (clients ignore them): where the model stands in memory.
         "loaded": loaded,
-        "size_bytes": spec.estimated_bytes,
+        "size_bytes": engine.pool.footprint(spec),
         "pinned": spec.pinned,
         "aliases": list(spec.aliases),
         "last_used": int(resident.last_used) if resident and loaded else None,

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from app.api.common import record_finish
-from app.api.sse import DONE, sse_data
+from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
 from app.core.types import Failed, Finish, TextDelta, Usage
 from app.engine.service import GenerationStream, gateway_error
 
@@ -30,7 +30,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
                         choice: ChoiceFactory, *, include_usage: bool,
-                        prelude: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+                        prelude: list[dict[str, Any]], heartbeat: float
+                        ) -> AsyncIterator[bytes]:
     """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
     finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
     as an OpenAI error payload, which the SDKs raise."""
@@ -44,16 +45,21 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
     try:
         for entry in prelude:
             yield chunk([entry])
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                yield chunk([choice(event.text, None)])
-            elif isinstance(event, Finish):
-                await record_finish(request, stream, event)
-                yield chunk([choice(None, event.reason)])
-                if include_usage:
-                    yield chunk([], event.usage)
-                yield DONE
-            elif isinstance(event, Failed):
-                yield sse_data(gateway_error(event.error).openai_body())
+        async for events in stream.batches(heartbeat):
+            if not events:
+                yield OPENAI_HEARTBEAT
+                continue
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            if text:
+                yield chunk([choice(text, None)])
+            for event in events:
+                if isinstance(event, Finish):
+                    await record_finish(request, stream, event)
+                    yield chunk([choice(None, event.reason)])
+                    if include_usage:
+                        yield chunk([], event.usage)
+                    yield DONE
+                elif isinstance(event, Failed):
+                    yield sse_data(gateway_error(event.error).openai_body())
     finally:
         await stream.aclose()

@@ -57,10 +57,16 @@ class ModelPool:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._released = asyncio.Event()  # set whenever a lease or memory is given back
-        for spec in registry.oversized(self.policy.budget_bytes):
+        for spec in registry:
+            if self.footprint(spec) <= self.policy.budget_bytes:
+                continue
             log.warning("model can never fit the memory budget", model=spec.id,
-                        needs=format_bytes(spec.estimated_bytes),
+                        needs=format_bytes(self.footprint(spec)),
                         budget=format_bytes(self.policy.budget_bytes))
+
+    def footprint(self, spec: ModelSpec) -> int:
+        """Bytes a model is charged: weights, KV for its context, and its prefix cache."""
+        return spec.estimated_bytes + self.settings.engine.prompt_cache_bytes
 
     def loaded(self) -> dict[str, LoadedModel]:
         return dict(self._loaded)
@@ -78,7 +84,7 @@ class ModelPool:
             if (pending := self._loading.get(spec.id)) is not None:
                 await asyncio.shield(pending)  # single flight: share the load under way
                 continue
-            decision = self.policy.decide_load(spec.id, spec.estimated_bytes, time.time())
+            decision = self.policy.decide_load(spec.id, self.footprint(spec), time.time())
             if decision.kind == "never":
                 raise InsufficientMemory(decision.reason, param="model")
             if decision.kind == "wait":
@@ -136,16 +142,17 @@ class ModelPool:
         # Victims leave the pool before the first await, so no request can lease one of them
         # while it is being unloaded.
         reason: EvictReason = (
-            "budget" if self.policy.used_bytes + spec.estimated_bytes > self.policy.budget_bytes
+            "budget" if self.policy.used_bytes + self.footprint(spec) > self.policy.budget_bytes
             else "lru")
         victims = [victim for victim in evict if self._detach(victim, reason)]
-        for victim in victims:
-            await self._unload(victim, reason)
-        # Reserve the memory before the load, so concurrent decisions count it.
-        self.policy.mark_loaded(spec.id, spec.estimated_bytes, time.time(), pinned=spec.pinned,
+        # Reserve the memory before the first await, so every concurrent decision counts it.
+        self.policy.mark_loaded(spec.id, self.footprint(spec), time.time(), pinned=spec.pinned,
                                 ttl=spec.ttl)
+        self.policy.acquire(spec.id, time.time())  # a model being loaded is no one's victim
         started = time.monotonic()
         try:
+            for victim in victims:
+                await self._unload(victim, reason)
             loaded = await self._thread.call(lambda: self._load_on_thread(spec))
         except Exception as error:
             self.policy.forget(spec.id)
@@ -158,6 +165,7 @@ class ModelPool:
             raise failure from error
         finally:
             self._loading.pop(spec.id, None)
+        self.policy.release(spec.id, time.time())
         metrics.MODEL_LOADS.labels(result="ok").inc()
         metrics.MODEL_LOAD_DURATION.labels(model=spec.id).observe(time.monotonic() - started)
         self._loaded[spec.id] = loaded

@@ -7,6 +7,7 @@ stop strings, cancellation between steps, and turning tokens into GenerationEven
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,8 @@ class Sequence:
     sampler: Any
     processors: list[Any]
     stop: list[str]
-    emit: EventSink  # thread-safe: hands events to the request's asyncio queue
+    deliver: EventSink  # runs on `loop`: hands events to the request's stream
+    loop: asyncio.AbstractEventLoop
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -59,10 +61,18 @@ class Sequence:
                       cached_tokens=self.cached_tokens)
         self._pending.append(Finish(reason=reason, usage=usage))
 
+    def take_events(self) -> list[GenerationEvent]:
+        events, self._pending = self._pending, []
+        return events
+
     def flush_events(self) -> None:
         if self._pending:
-            events, self._pending = self._pending, []
-            self.emit(events)
+            self.loop.call_soon_threadsafe(self.deliver, self.take_events())
+
+
+def _deliver_all(batches: list[tuple[EventSink, list[GenerationEvent]]]) -> None:
+    for deliver, events in batches:
+        deliver(events)
 
 
 class ModelBatch:
@@ -149,8 +159,12 @@ class ModelBatch:
                     self._prompt_cache.insert_cache(
                         "model", list(response.all_tokens), response.prompt_cache
                     )
-        for seq in self._by_uid.values():
-            seq.flush_events()
+        # One hop to the event loop per step for every sequence: each hop wakes the loop,
+        # and the loop shares the GIL with this thread.
+        ready = [(seq.deliver, seq.take_events()) for seq in self._by_uid.values()
+                 if seq._pending]
+        if ready:
+            next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
         if done:
             self._forget(done)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -65,11 +66,37 @@ class GenerationStream:
         while not self._ready:
             self._ready.extend(await self._inbox.get())
         event = self._ready.popleft()
+        self._observe(event)
+        return event
+
+    async def batches(self, heartbeat: float) -> AsyncIterator[list[GenerationEvent]]:
+        """Everything that is ready, as one list per wake-up; an empty list when nothing came
+        for `heartbeat` seconds (prefill, queueing), so the caller can keep the line alive.
+
+        Under load a slow reader gets several tokens per list and sends them as one chunk,
+        instead of paying the per-chunk cost on the event loop for each token.
+        """
+        while not (self._finished and not self._ready):
+            if not self._ready:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        self._ready.extend(await self._inbox.get())
+                except TimeoutError:
+                    yield []
+                    continue
+            while not self._inbox.empty():
+                self._ready.extend(self._inbox.get_nowait())
+            events = list(self._ready)
+            self._ready.clear()
+            for event in events:
+                self._observe(event)
+            yield events
+
+    def _observe(self, event: GenerationEvent) -> None:
         if isinstance(event, TextDelta) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if isinstance(event, Finish | Failed):
             self._finish(event)
-        return event
 
     async def collect(self) -> tuple[str, Finish]:
         """Run to the end; the whole text and the Finish. A Failed event is raised."""
@@ -161,11 +188,6 @@ class Engine:
             self._tokenize, prompt_tokens, loaded.tokenizer, request
         )
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
-        stream_ref: list[GenerationStream] = []
-
-        def emit(events: list[GenerationEvent]) -> None:
-            loop.call_soon_threadsafe(stream_ref[0].deliver, events)
-
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,
@@ -173,10 +195,10 @@ class Engine:
             sampler=make_sequence_sampler(request.sampling),
             processors=make_sequence_processors(request.sampling),
             stop=list(request.stop),
-            emit=emit,
+            deliver=lambda events: stream.deliver(events),
+            loop=loop,
         )
         stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded, slot_started)
-        stream_ref.append(stream)
         self._thread.add_sequence(loaded.id, seq)
         return stream
 
