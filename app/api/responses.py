@@ -28,8 +28,16 @@ from app.api.responses_schema import (
     parse_request,
     turn_starts,
 )
-from app.api.sse import DONE, sse_data
-from app.core.types import ChatMessage, Failed, Finish, GenerationRequest, SamplingParams
+from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
+from app.core.types import (
+    ChatMessage,
+    Failed,
+    Finish,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
 from app.engine.service import GenerationStream, gateway_error
 from app.errors import ContextLengthExceeded, EngineFailure, GatewayError, InvalidRequest, NotFound
 from app.store import ResponseStore, StoredResponse
@@ -135,9 +143,10 @@ async def create_response(request: Request) -> Response:
                  input_items=items, context=[*context[dropped:], *new_messages])
 
     if req.stream:
+        # The body sends its own heartbeats from the engine's batches.
         return EventStreamResponse(
-            _sse(request, stream, renderer, turn),
-            heartbeat_seconds=settings.server.heartbeat_seconds, headers=headers,
+            _sse(request, stream, renderer, turn, settings.server.heartbeat_seconds),
+            headers=headers,
         )
     error = await until_disconnected(request, _run(request, stream, renderer), stream.aclose)
     if error is not None:
@@ -237,30 +246,44 @@ def _frame(event: dict[str, Any]) -> bytes:
     return sse_data(event, event=event["type"])
 
 
+def _coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
+    """Adjacent text deltas of one wake-up as one delta: one SSE event instead of several."""
+    out: list[GenerationEvent] = []
+    for event in events:
+        if isinstance(event, TextDelta) and out and isinstance(out[-1], TextDelta):
+            out[-1] = TextDelta(out[-1].text + event.text)
+        else:
+            out.append(event)
+    return out
+
+
 async def _sse(request: Request, stream: GenerationStream, renderer: ResponseRenderer,
-               turn: _Turn) -> AsyncIterator[bytes]:
+               turn: _Turn, heartbeat: float) -> AsyncIterator[bytes]:
     """The event stream; the turn is stored before its final event, so a client that chains
     the next turn the moment it sees `response.completed` finds it."""
     try:
-        for event in renderer.start():
-            yield _frame(event)
+        yield b"".join(_frame(event) for event in renderer.start())
         try:
-            async for generated in stream:
-                if isinstance(generated, Finish):
-                    await record_finish(request, stream, generated)
-                events = renderer.feed(generated)
-                if renderer.finished:
-                    await turn.save(renderer)
-                for event in events:
-                    yield _frame(event)
+            async for batch in stream.batches(heartbeat):
+                if not batch:
+                    yield OPENAI_HEARTBEAT
+                    continue
+                events: list[dict[str, Any]] = []
+                for generated in _coalesce(batch):
+                    if isinstance(generated, Finish):
+                        await record_finish(request, stream, generated)
+                    events += renderer.feed(generated)
+                    if renderer.finished:
+                        await turn.save(renderer)
+                        break
+                yield b"".join(_frame(event) for event in events)
                 if renderer.finished:
                     break
         except Exception as exc:
-            for event in renderer.fail(gateway_error(exc)):
-                yield _frame(event)
+            yield b"".join(_frame(event) for event in renderer.fail(gateway_error(exc)))
         if not renderer.finished:
-            for event in renderer.fail(EngineFailure("generation ended without finishing")):
-                yield _frame(event)
+            failure = EngineFailure("generation ended without finishing")
+            yield b"".join(_frame(event) for event in renderer.fail(failure))
         yield DONE
     finally:
         await stream.aclose()

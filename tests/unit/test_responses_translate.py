@@ -474,14 +474,12 @@ class _FakeStream:
         self.events = events
         self.closed = False
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._gen()
-
-    async def _gen(self) -> AsyncIterator[Any]:
+    async def batches(self, heartbeat: float) -> AsyncIterator[list[Any]]:
+        yield []  # a quiet spell: the body must send a heartbeat comment
         for event in self.events:
             if isinstance(event, Exception):
                 raise event
-            yield event
+            yield [event, TextDelta("")] if isinstance(event, TextDelta) else [event]
 
     async def aclose(self) -> None:
         self.closed = True
@@ -497,9 +495,11 @@ async def _sse_frames(events: list[Any], store: _MemoryStore) -> list[tuple[str,
                  input_items=normalize_input("hi", _no_refs),
                  context=[ChatMessage(role="user", content="hi")])
     stream = _FakeStream(events)
-    frames = [chunk.decode() async for chunk in
-              _sse(request, stream, _renderer(), turn)]  # type: ignore[arg-type]
+    chunks = [chunk.decode() async for chunk in
+              _sse(request, stream, _renderer(), turn, 1.0)]  # type: ignore[arg-type]
     assert stream.closed
+    assert ": ping\n\n" in chunks
+    frames = [f for c in chunks if c != ": ping\n\n" for f in c.split("\n\n") if f]
     parsed = []
     for frame in frames:
         lines = frame.strip().splitlines()
