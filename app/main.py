@@ -11,7 +11,7 @@ import structlog
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from app.api import chat, completions, health, metrics_route, models
+from app.api import chat, completions, health, metrics_route, models, responses
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from app.engine.registry import ModelRegistry
@@ -23,6 +23,7 @@ from app.limits.middleware import RateLimitMiddleware
 from app.security.auth import AuthMiddleware
 from app.security.keys import KeyStore, reload_on_sighup
 from app.settings import DEMO_MODEL_ID, Settings
+from app.store import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
         if keys is not None:
             reload_on_sighup(keys)
         await engine.start()
+        app.state.response_store = open_store(settings)
         warm = asyncio.create_task(_warm_default_model(engine, registry))
         try:
             yield
@@ -54,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
             warm.cancel()
             await engine.stop()
             await limiter.aclose()
+            await app.state.response_store.close()
 
     app = FastAPI(title="mlx-gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -61,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.keys = keys
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics_route):
+    for module in (health, models, chat, completions, metrics_route, responses):
         app.include_router(module.router)
 
     # add_middleware wraps: the last added runs first. Outermost first, requests pass:
