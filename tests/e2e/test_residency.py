@@ -181,13 +181,14 @@ def test_pinned_model_stays_and_leases_block_eviction(
             assert "q4" in loaded(server)
         # f32 is busy streaming (a lease) and f16 cannot fit beside it and the pinned q4:
         # the request waits load_wait seconds, then gets 503 naming who holds the memory.
+        story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
         with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=300, json={
-                "model": "f32", "messages": ASK, "max_tokens": 400, "stream": True,
+                "model": "f32", "messages": story, "max_tokens": 400, "stream": True,
                 "temperature": 0}) as busy:
             lines = busy.iter_lines()
             next(line for line in lines if '"content":"' in line)
-            refused = chat(server, "f16")
             assert states(server)["f32"]["in_flight"] == 1
+            refused = chat(server, "f16")
         assert refused.status_code == 503, refused.text
         assert 1 <= int(refused.headers["retry-after"]) <= 60
         message = refused.json()["error"]["message"]
