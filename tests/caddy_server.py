@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,13 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.local_server import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def caddyfile_for_test(upstream_port: int, http_port: int, https_port: int) -> str:
@@ -43,9 +39,9 @@ def running_caddy(workdir: Path, upstream_port: int, probe_path: str = "/health"
     binary = shutil.which("caddy")
     if binary is None:
         pytest.skip("caddy not installed (make test installs it)")
-    https_port = _free_port()
+    https_port = free_port()
     config = workdir / "Caddyfile"
-    config.write_text(caddyfile_for_test(upstream_port, _free_port(), https_port))
+    config.write_text(caddyfile_for_test(upstream_port, free_port(), https_port))
     env = {**os.environ, "HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
            "XDG_CONFIG_HOME": str(workdir / "config"),
            "MLXGW_SITE": f"https://127.0.0.1:{https_port}"}

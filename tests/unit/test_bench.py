@@ -6,16 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -23,6 +20,7 @@ from starlette.routing import Route
 
 from app.ops import bench
 from app.ops.bench import LevelResult, SSEEvent, SSEParser, percentile, render_table, run_probe
+from tests.local_server import free_port, serving
 
 # ---------------------------------------------------------------- percentile
 
@@ -249,28 +247,13 @@ class FakeServer:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[tuple[str, FakeServer]]:
     fake = FakeServer()
     app = Starlette(routes=[Route("/v1/chat/completions", fake.chat, methods=["POST"])])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1", fake
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}/v1", fake
 
 
 async def test_run_probe_counts_requests_tokens_and_prefers_usage(
@@ -354,7 +337,7 @@ async def test_run_probe_counts_mid_stream_errors_and_refused_connections(
     assert "engine failed" in broken.error_samples[0]
 
     (refused,) = await run_probe(
-        f"http://127.0.0.1:{_free_port()}/v1", model="ok", levels=[1], requests_per_client=2,
+        f"http://127.0.0.1:{free_port()}/v1", model="ok", levels=[1], requests_per_client=2,
         prompt="hi", max_tokens=5, api_key=None, server_pid=None, warmup=0,
     )
     assert (refused.requests, refused.errors) == (2, 2)

@@ -14,20 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.ops import doctor
 from app.ops.doctor import CheckResult, format_results, run_doctor
+from tests.local_server import free_port, serving
 
 KEY = "mgw-k1-testsecret"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -100,7 +95,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_missing_model_path_fails(tmp_path: Path) -> None:
     config = _write_config(tmp_path, f"""
 [server]
-port = {_free_port()}
+port = {free_port()}
 [[models]]
 id = "ghost"
 path = "{tmp_path}/not-there"
@@ -115,7 +110,7 @@ def test_model_bigger_than_budget_fails(tmp_path: Path) -> None:
     folder = _model_dir(tmp_path, size=5000)
     config = _write_config(tmp_path, f"""
 [server]
-port = {_free_port()}
+port = {free_port()}
 [residency]
 memory_budget = "2KB"
 [[models]]
@@ -134,7 +129,7 @@ def test_folder_without_weights_fails(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     config = _write_config(tmp_path, f"""
 [server]
-port = {_free_port()}
+port = {free_port()}
 [[models]]
 id = "hollow"
 path = "{tmp_path}/empty"
@@ -143,7 +138,7 @@ path = "{tmp_path}/empty"
 
 
 def test_non_loopback_without_keys_fails(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {_free_port()}\n')
+    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {free_port()}\n')
     keys = _by_name(run_doctor(config))["keys"]
     assert keys.status == "fail"
     assert "0.0.0.0" in keys.detail
@@ -152,7 +147,7 @@ def test_non_loopback_without_keys_fails(tmp_path: Path) -> None:
 
 def test_non_loopback_with_only_revoked_keys_fails(tmp_path: Path) -> None:
     _write_keys(tmp_path, revoked=True)
-    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {_free_port()}\n')
+    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {free_port()}\n')
     keys = _by_name(run_doctor(config))["keys"]
     assert keys.status == "fail"
     assert "no active keys" in keys.detail
@@ -160,7 +155,7 @@ def test_non_loopback_with_only_revoked_keys_fails(tmp_path: Path) -> None:
 
 def test_non_loopback_with_auth_off_fails(tmp_path: Path) -> None:
     config = _write_config(
-        tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {_free_port()}\n[auth]\nenabled = false\n'
+        tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {free_port()}\n[auth]\nenabled = false\n'
     )
     keys = _by_name(run_doctor(config))["keys"]
     assert keys.status == "fail"
@@ -169,7 +164,7 @@ def test_non_loopback_with_auth_off_fails(tmp_path: Path) -> None:
 
 def test_world_readable_keys_file_warns(tmp_path: Path) -> None:
     _write_keys(tmp_path, mode=0o644)
-    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {_free_port()}\n')
+    config = _write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {free_port()}\n')
     keys = _by_name(run_doctor(config))["keys"]
     assert keys.status == "warn"
     assert "chmod 600" in keys.fix
@@ -177,8 +172,8 @@ def test_world_readable_keys_file_warns(tmp_path: Path) -> None:
 
 def test_unreachable_redis_fails(tmp_path: Path) -> None:
     config = _write_config(
-        tmp_path, f'[server]\nport = {_free_port()}\n[redis]\nurl = '
-                  f'"redis://:hunter2@127.0.0.1:{_free_port()}/0"\n'
+        tmp_path, f'[server]\nport = {free_port()}\n[redis]\nurl = '
+                  f'"redis://:hunter2@127.0.0.1:{free_port()}/0"\n'
     )
     redis_check = _by_name(run_doctor(config))["redis"]
     assert redis_check.status == "fail"
@@ -187,7 +182,7 @@ def test_unreachable_redis_fails(tmp_path: Path) -> None:
 
 
 def test_redis_store_without_redis_url_fails(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, f'[server]\nport = {_free_port()}\n'
+    config = _write_config(tmp_path, f'[server]\nport = {free_port()}\n'
                                      '[responses]\nstore = "redis"\n')
     assert _by_name(run_doctor(config))["redis"].status == "fail"
 
@@ -241,7 +236,7 @@ def test_nothing_running_only_warns(tmp_path: Path) -> None:
     _write_keys(tmp_path)
     config = _write_config(tmp_path, f"""
 [server]
-port = {_free_port()}
+port = {free_port()}
 [[models]]
 id = "m"
 path = "{folder}"
@@ -254,8 +249,8 @@ path = "{folder}"
 
 
 def test_explicit_url_that_does_not_answer_fails(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, f"[server]\nport = {_free_port()}\n")
-    results = _by_name(run_doctor(config, url=f"http://127.0.0.1:{_free_port()}"))
+    config = _write_config(tmp_path, f"[server]\nport = {free_port()}\n")
+    results = _by_name(run_doctor(config, url=f"http://127.0.0.1:{free_port()}"))
     assert results["health"].status == "fail"
 
 
@@ -295,18 +290,8 @@ def stub_state() -> dict[str, bool]:
 
 @pytest.fixture
 def live_server(stub_state: dict[str, bool]) -> Iterator[int]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_stub_gateway(stub_state), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "stub server did not start"
-        time.sleep(0.02)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    with serving(_stub_gateway(stub_state)) as port:
+        yield port
 
 
 @pytest.fixture
@@ -314,7 +299,7 @@ def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -401,7 +386,7 @@ def test_remote_mode_checks_only_what_a_client_sees(
     names = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
     assert names == ["health", "ready", "v1/models"]
     assert _doctor_cli(["doctor", "--url", url, "--key", "mgw-k1-nope"]) == 1
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     assert [r.status for r in run_doctor(None, url=dead)] == ["fail"]
 
 

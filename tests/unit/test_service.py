@@ -9,17 +9,14 @@ import os
 import plistlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
@@ -27,6 +24,7 @@ from app.ops import service
 from app.ops.doctor import run_doctor
 from app.ops.service import ServiceSpec, render_launchd_plist, render_systemd_unit
 from tests.caddy_server import caddy_root_certificate, running_caddy
+from tests.local_server import free_port, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -290,11 +288,6 @@ def test_install_executes_the_plan(tmp_path: Path, home: Path) -> None:
 # --- deploy/Caddyfile through a real Caddy, with a stub upstream ------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class _Upstream:
     """Stands in for the gateway: a stream that only continues when the test says so, and an
@@ -332,19 +325,11 @@ class _Upstream:
 @pytest.fixture
 def upstream() -> Iterator[tuple[_Upstream, int]]:
     stub = _Upstream()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(stub.app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.02)
-    yield stub, port
-    stub.release.set()
-    server.should_exit = True
-    thread.join(10)
+    with serving(stub.app) as port:
+        try:
+            yield stub, port
+        finally:
+            stub.release.set()
 
 
 @pytest.fixture
@@ -410,7 +395,7 @@ def test_doctor_through_caddy_needs_its_ca(tmp_path: Path, caddy: tuple[_Upstrea
     """The second-host check: doctor --url https://... against Caddy's `tls internal`."""
     _, base = caddy
     config = tmp_path / "config.toml"
-    config.write_text(f"[server]\nport = {_free_port()}\n")
+    config.write_text(f"[server]\nport = {free_port()}\n")
     untrusted = {r.name: r for r in run_doctor(config, url=base)}
     assert untrusted["health"].status == "fail"
     assert "--cacert" in untrusted["health"].fix
