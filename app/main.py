@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import structlog
 from fastapi import FastAPI
@@ -22,19 +21,14 @@ from app.limits.factory import build_limiter
 from app.limits.middleware import RateLimitMiddleware
 from app.security.auth import AuthMiddleware
 from app.security.keys import KeyStore, reload_on_sighup
-from app.settings import DEMO_MODEL_ID, Settings
+from app.settings import Settings
 from app.store import open_store
 
 log = structlog.get_logger(__name__)
 
 
-def demo_model_dir(settings: Settings) -> Path:
-    return settings.cache_dir / "models" / DEMO_MODEL_ID
-
-
 def create_app(settings: Settings) -> FastAPI:
-    demo = demo_model_dir(settings)
-    registry = ModelRegistry.build(settings, demo_path=demo if demo.is_dir() else None)
+    registry = ModelRegistry.from_settings(settings)
     limiter = build_limiter(settings)
     limits = settings.limits
     breaker = CircuitBreaker(limiter, global_rpm=limits.global_rpm,

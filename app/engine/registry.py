@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import structlog
 
+from app.engine.demo import demo_model_dir
 from app.engine.gguf import read_gguf_header
 from app.engine.residency import format_bytes
 from app.errors import ModelNotFound
@@ -90,6 +91,14 @@ class ModelRegistry:
             self._names[name] = spec
 
     @classmethod
+    def from_settings(cls, settings: Settings, *, log_warnings: bool = True) -> ModelRegistry:
+        """The registry `serve` and `models list` use: the demo model counts once it exists
+        (`mlx-gateway models demo` converts it)."""
+        demo = demo_model_dir(settings.cache_dir)
+        return cls.build(settings, demo_path=demo if demo.is_dir() else None,
+                         log_warnings=log_warnings)
+
+    @classmethod
     def build(cls, settings: Settings, *, demo_path: Path | None,
               log_warnings: bool = True) -> ModelRegistry:
         warnings: list[str] = []
@@ -141,10 +150,6 @@ class ModelRegistry:
         for name in (new.id, *new.aliases):
             self._names[name] = new
         return new
-
-    def oversized(self, budget_bytes: int) -> list[ModelSpec]:
-        """Models that cannot fit the memory budget even alone (warn about them at start)."""
-        return [spec for spec in self.specs if spec.estimated_bytes > budget_bytes]
 
 
 # --- building specs ------------------------------------------------------------------------
@@ -368,20 +373,13 @@ def format_table(registry: ModelRegistry) -> str:
     return "\n".join(lines)
 
 
-def default_demo_path(settings: Settings) -> Path:
-    """Where `mlx-gateway models demo` puts the demo model's MLX folder (as app.main does)."""
-    return settings.cache_dir / "models" / DEMO_MODEL_ID
-
-
 def _list_handler(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    demo = default_demo_path(settings)  # as `serve` does: the demo only once it exists
-    registry = ModelRegistry.build(settings, demo_path=demo if demo.is_dir() else None,
-                                   log_warnings=False)
+    registry = ModelRegistry.from_settings(settings, log_warnings=False)
     print(format_table(registry))
     for message in registry.warnings:
         print(f"warning: {message}", file=sys.stderr)

@@ -83,10 +83,6 @@ class EngineThread:
         for batch in self._batches.values():
             batch.cancel_all(failure)
 
-    def active_sequences(self, model_id: str) -> int:
-        batch = self._batches.get(model_id)
-        return len(batch) if batch else 0
-
     def _run(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
         self._started.set()

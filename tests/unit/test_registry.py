@@ -294,14 +294,6 @@ def test_not_found_lists_a_few_ids_and_counts_the_rest(tmp_path: Path) -> None:
     assert len(message) < 400  # the request's string is truncated, not echoed whole
 
 
-def test_oversized(tmp_path: Path) -> None:
-    small, big = mlx_folder(tmp_path / "s", weights=10), mlx_folder(tmp_path / "b", weights=10**6)
-    registry = ModelRegistry.build(settings(tmp_path, models=[
-        {"id": "s", "path": str(small), "max_context": 16},
-        {"id": "b", "path": str(big), "max_context": 16}]), demo_path=None)
-    assert [s.id for s in registry.oversized(500_000)] == ["b"]
-
-
 # --- table and CLI -------------------------------------------------------------------------------
 
 
