@@ -1,0 +1,108 @@
+"""Malformed input at every route of the real server: never a 5xx, never a hang.
+
+Routes come from the server's own OpenAPI document, so a new route is fuzzed without editing
+this file. Three kinds of body: random bytes, random JSON, and a valid body with one field
+replaced by random JSON (which reaches the deeper validation a random document never does).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.e2e.conftest import DEMO_ID
+from tests.e2e.gateway_process import GatewayProcess
+
+pytestmark = pytest.mark.e2e
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+# A generous bound: a hang shows up as a timeout, a slow but correct answer does not.
+TIMEOUT = httpx.Timeout(60.0)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                  max_size=4),
+    max_leaves=12,
+)
+VALID_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"model": DEMO_ID, "max_tokens": 1,
+                             "messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/completions": {"model": DEMO_ID, "max_tokens": 1, "prompt": "Hi"},
+    "/v1/responses": {"model": DEMO_ID, "max_output_tokens": 16, "input": "Hi", "store": False},
+}
+# Token limits the mutation may pick: invalid ones, and nothing that makes a long generation.
+LIMIT_VALUES = [-1, 0, 10**12, "ten", None, 1.5, [], {}]
+
+
+def routes(gateway: GatewayProcess) -> list[tuple[str, str]]:
+    spec = httpx.get(gateway.base_url + "/openapi.json").json()
+    return sorted((method.upper(), path) for path, item in spec["paths"].items()
+                  for method in item if method in ("get", "post", "delete"))
+
+
+def fill(path: str, value: str) -> str:
+    """Put a (hostile) value into every {param} of a path template."""
+    while "{" in path:
+        start, end = path.index("{"), path.index("}")
+        path = path[:start] + quote(value, safe="") + path[end + 1:]
+    return path
+
+
+def check(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error["message"], str) and error["message"]
+
+
+@pytest.fixture(scope="module")
+def all_routes(gateway: GatewayProcess) -> list[tuple[str, str]]:
+    found = routes(gateway)
+    assert ("POST", "/v1/chat/completions") in found and ("GET", "/v1/models") in found
+    return found
+
+
+@FUZZ
+@given(body=st.binary(max_size=300), param=st.text(max_size=30))
+def test_random_bytes(gateway: GatewayProcess, all_routes: list[tuple[str, str]],
+                      body: bytes, param: str) -> None:
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        for method, path in all_routes:
+            check(http.request(method, fill(path, param), content=body,
+                               headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(document=json_values)
+def test_random_json(gateway: GatewayProcess, all_routes: list[tuple[str, str]],
+                     document: Any) -> None:
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        for method, path in all_routes:
+            if method == "POST":
+                check(http.post(fill(path, "x"), content=json.dumps(document),
+                                headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(route=st.sampled_from(sorted(VALID_BODIES)), data=st.data())
+def test_valid_bodies_with_one_field_broken(gateway: GatewayProcess, route: str,
+                                            data: st.DataObject) -> None:
+    body = dict(VALID_BODIES[route])
+    field = data.draw(st.sampled_from([*body, "stream", "stop", "temperature", "top_p", "n",
+                                       "tools", "stream_options", "previous_response_id"]))
+    limits = ("max_tokens", "max_output_tokens")
+    body[field] = data.draw(st.sampled_from(LIMIT_VALUES) if field in limits else json_values)
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        response = http.post(route, json=body)
+        check(response)
+        if response.status_code == 200 and body.get("stream") is True:
+            assert response.text.rstrip().endswith("data: [DONE]")
