@@ -150,6 +150,10 @@ class LimitsSettings(_Section):
 
 class RedisSettings(_Section):
     url: str | None = Field(None, description="redis://host:port/db; unset = in-process limits.")
+    timeout: float = Field(
+        0.1, gt=0, le=5, description="Seconds a limit check waits for Redis before it falls "
+        "back to in-process limits."
+    )
 
 
 class ResponsesSettings(_Section):

@@ -11,5 +11,7 @@ from app.settings import Settings
 def build_limiter(settings: Settings) -> Limiter:
     """Redis (shared across instances, in-process while unreachable) or in-process only."""
     if settings.redis.url:
-        return FallbackLimiter(RedisLimiter.from_url(settings.redis.url), InProcessLimiter())
+        timeout = settings.redis.timeout
+        return FallbackLimiter(RedisLimiter.from_url(settings.redis.url, timeout=timeout),
+                               InProcessLimiter(), timeout=timeout)
     return InProcessLimiter()

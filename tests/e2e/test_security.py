@@ -51,7 +51,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     redis.start()
     server = GatewayProcess(workdir, {
         "auth": {"enabled": True},
-        "redis": {"url": redis.url},
+        # Exact header counts need every check to reach Redis, even on a loaded test box.
+        "redis": {"url": redis.url, "timeout": 2.0},
         "limits": {"per_key_rpm": 1000, "max_inflight": 1, "max_queue": 1},
         "engine": {"default_max_tokens": 16},
         "models": [
@@ -241,3 +242,30 @@ def test_first_start_prints_one_admin_key(tmp_path: Path, demo_model_dir: Path) 
         assert (tmp_path / "config" / "keys.json").stat().st_mode & 0o777 == 0o600
     finally:
         server.stop()
+
+
+def test_global_limit_is_shared_by_two_gateways(tmp_path: Path, demo_model_dir: Path) -> None:
+    """global_rpm counts every request to every gateway that shares the Redis."""
+    redis = RedisServer()
+    redis.start()
+    # A loaded 2-core test machine can delay a live Redis past the 0.1 s default, which would
+    # (correctly) fall back to per-process counting; this test is about sharing, not outages.
+    config = {"auth": {"enabled": False}, "redis": {"url": redis.url, "timeout": 2.0},
+              "limits": {"global_rpm": 3, "per_ip_rpm": 0},
+              "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = GatewayProcess(tmp_path / "a", config).start(wait_ready=False)
+    second = GatewayProcess(tmp_path / "b", config).start(wait_ready=False)
+    try:
+        codes = [httpx.get(server.base_url + "/v1/models").status_code
+                 for server in (first, second, first, second, first)]
+        assert codes == [200, 200, 200, 429, 429]
+        refused = httpx.get(second.base_url + "/v1/models")
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded", refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+    finally:
+        first.stop()
+        second.stop()
+        redis.stop()
