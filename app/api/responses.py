@@ -15,7 +15,13 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.common import EventStreamResponse, record_finish, submit, until_disconnected
+from app.api.common import (
+    EventStreamResponse,
+    new_id,
+    record_finish,
+    submit,
+    until_disconnected,
+)
 from app.api.responses_render import ResponseRenderer, page_items, request_echo
 from app.api.responses_schema import (
     ResponsesRequest,
@@ -23,7 +29,6 @@ from app.api.responses_schema import (
     known_calls,
     message_from_json,
     message_to_json,
-    new_id,
     normalize_input,
     parse_request,
     turn_starts,

@@ -7,12 +7,12 @@ item lists every member it did not match, while a client needs one line naming t
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.api.common import new_id
 from app.core.types import ChatMessage, Role, ToolCall, ToolSpec
 from app.errors import InvalidRequest, NotFound
 
@@ -22,10 +22,6 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _UNSUPPORTED_PARTS = frozenset({"input_image", "input_file", "input_audio"})
 # Prefixes OpenAI uses for item ids; clients sometimes branch on them.
 _ITEM_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(16)}"
 
 
 class _Wire(BaseModel):
