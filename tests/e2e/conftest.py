@@ -49,6 +49,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
         "auth": {"enabled": False},
         "server": {"heartbeat_seconds": 0.2},
         "engine": {"default_max_tokens": 32},
+        # Protocol tests and the fuzzer send hundreds of requests a minute from one address;
+        # limits have fixtures of their own (test_security, test_operations).
+        "limits": {"per_ip_rpm": 0},
         "models": [
             {"id": DEMO_ID, "path": str(demo_float32_dir)},
             # Same weights, tiny context: cheap way to exercise context-length errors.
