@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, Response
 from app.api.common import (
     EventStreamResponse,
     new_id,
-    owner_of,
     record_finish,
     submit,
     until_disconnected,
@@ -34,7 +33,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stop=body.stop_list(),
         tools=body.tool_specs(),
         tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else None,
-        owner=owner_of(request),
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("chatcmpl-"), int(time.time())

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app import metrics
-from app.api.sse import OPENAI_HEARTBEAT, SSE_HEADERS, with_heartbeats
+from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.service import Engine, GenerationStream
 from app.security.auth import authorize_model
@@ -23,11 +23,6 @@ T = TypeVar("T")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
-
-
-def owner_of(request: Request) -> str | None:
-    principal = getattr(request.state, "principal", None)
-    return getattr(principal, "key_id", None) or getattr(principal, "client_ip", None)
 
 
 def engine_of(request: Request) -> Engine:
@@ -91,21 +86,16 @@ class EventStreamResponse(StreamingResponse):
     """SSE whose body iterator is always closed, so a vanished client's generation is
     cancelled at once rather than whenever the generator is collected.
 
-    Bodies built on `GenerationStream.batches` send their own heartbeats; for any other body,
-    `heartbeat_seconds` wraps it in `with_heartbeats`.
+    Heartbeats come from the body itself (`GenerationStream.batches` yields an empty list
+    when the engine is quiet).
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], *, heartbeat_seconds: float | None = None,
-                 heartbeat: bytes = OPENAI_HEARTBEAT, headers: dict[str, str] | None = None):
+    def __init__(self, body: AsyncIterator[bytes], *, headers: dict[str, str] | None = None):
         self._source = body
-        super().__init__(
-            body if heartbeat_seconds is None
-            else with_heartbeats(body, heartbeat_seconds, heartbeat),
-            headers={**SSE_HEADERS, **(headers or {})},
-            media_type=self.media_type,
-        )
+        super().__init__(body, headers={**SSE_HEADERS, **(headers or {})},
+                         media_type=self.media_type)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, Response
 from app.api.common import (
     EventStreamResponse,
     new_id,
-    owner_of,
     record_finish,
     submit,
     until_disconnected,
@@ -33,7 +32,6 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         max_tokens=body.max_tokens,
         sampling=body.sampling(),
         stop=body.stop_list(),
-        owner=owner_of(request),
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("cmpl-"), int(time.time())

@@ -45,6 +45,7 @@ from app.core.types import (
 )
 from app.engine.service import GenerationStream, gateway_error
 from app.errors import ContextLengthExceeded, EngineFailure, GatewayError, InvalidRequest, NotFound
+from app.security.principal import Principal
 from app.store import ResponseStore, StoredResponse
 
 log = structlog.get_logger(__name__)
@@ -54,8 +55,8 @@ TRUNCATED_HEADER = "x-mlxgw-truncated-messages"
 
 
 def _owner(request: Request) -> str:
-    principal = getattr(request.state, "principal", None)
-    return getattr(principal, "key_id", None) or "anonymous"
+    principal: Principal = request.state.principal  # set on every request by the auth layer
+    return principal.owner
 
 
 def _store(request: Request) -> ResponseStore:
@@ -132,7 +133,6 @@ async def create_response(request: Request) -> Response:
             sampling=_sampling(req),
             tools=req.tool_specs(),
             tool_choice=req.tool_choice_internal() if req.tools else None,
-            owner=owner,
         )
 
     stream, dropped = await _submit_fitting(request, req, context, build)

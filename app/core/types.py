@@ -60,8 +60,6 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: str | None = None
-    # Who asked: a key id or client IP, for per-visitor accounting and stored-object ownership.
-    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -210,11 +210,7 @@ class ModelBatch:
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
         metrics.ENGINE_FAILURES.inc(len(self._by_uid))
-        failure = EngineFailure(f"generation failed in the engine: {error}")
-        for seq in self._by_uid.values():
-            seq._pending.append(Failed(failure))
-            seq.flush_events()
-        self._forget(list(self._by_uid))
+        self.cancel_all(EngineFailure(f"generation failed in the engine: {error}"))
 
     def cancel_all(self, failure: Exception) -> None:
         """End every sequence with `failure`: the model is unloaded or the server stops."""

@@ -39,10 +39,9 @@ log = structlog.get_logger(__name__)
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
-    def __init__(self, model: str, prompt_tokens: int, seq: Sequence, engine: Engine,
-                 loaded: LoadedModel, slot_started: float | None) -> None:
+    def __init__(self, model: str, seq: Sequence, engine: Engine, loaded: LoadedModel,
+                 slot_started: float | None) -> None:
         self.model = model
-        self.prompt_tokens = prompt_tokens
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self._seq = seq
@@ -198,7 +197,7 @@ class Engine:
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, len(tokens), seq, self, loaded, slot_started)
+        stream = GenerationStream(loaded.id, seq, self, loaded, slot_started)
         self._thread.add_sequence(loaded.id, seq)
         return stream
 

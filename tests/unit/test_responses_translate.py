@@ -30,6 +30,7 @@ from app.core.types import (
     Usage,
 )
 from app.errors import EngineFailure, InvalidRequest, NotFound
+from app.security.principal import Principal
 
 
 def _no_refs(_: str) -> dict[str, Any] | None:
@@ -403,7 +404,8 @@ def _fake_request(engine: _OneSlotEngine) -> Any:
     from types import SimpleNamespace
 
     spec = SimpleNamespace(id="m", aliases=())
-    principal = SimpleNamespace(key_id="k", models=None)
+    principal = Principal(key_id="k", name="k", admin=False, models=None, rpm=None, tpm=None,
+                          client_ip="127.0.0.1")
     state = SimpleNamespace(engine=engine, registry=SimpleNamespace(resolve=lambda _: spec))
     return SimpleNamespace(app=SimpleNamespace(state=state),
                            state=SimpleNamespace(principal=principal))

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-from app.api.sse import ANTHROPIC_HEARTBEAT, DONE, OPENAI_HEARTBEAT, sse_data, with_heartbeats
+from app.api.sse import ANTHROPIC_HEARTBEAT, DONE, OPENAI_HEARTBEAT, sse_data
+from app.core.types import Finish, TextDelta, Usage
+from app.engine.service import GenerationStream
 
 
 def test_framing() -> None:
@@ -18,29 +19,24 @@ def test_framing() -> None:
     assert lines[0] == "event: ping" and json.loads(lines[1][6:]) == {"type": "ping"}
 
 
-async def test_heartbeats_fill_silence_and_stop_with_source() -> None:
-    async def slow() -> AsyncIterator[bytes]:
-        yield b"first"
-        await asyncio.sleep(0.35)
-        yield b"second"
+class _Door:
+    """Stands in for the engine's release hook: records how the stream ended."""
 
-    out = [chunk async for chunk in with_heartbeats(slow(), 0.1)]
-    assert out[0] == b"first" and out[-1] == b"second"
-    assert out[1:-1] and set(out[1:-1]) == {OPENAI_HEARTBEAT}
+    def __init__(self) -> None:
+        self.outcomes: list[object] = []
+
+    def _release(self, loaded: object, slot_started: object, outcome: object) -> None:
+        self.outcomes.append(outcome)
 
 
-async def test_closing_the_wrapper_closes_the_source() -> None:
-    closed = asyncio.Event()
+async def test_stream_batches_fill_silence_with_heartbeats_and_end_with_the_finish() -> None:
+    door = _Door()
+    stream = GenerationStream("m", None, door, None, None)  # type: ignore[arg-type]
+    finish = Finish("stop", Usage(prompt_tokens=3, completion_tokens=2))
+    stream.deliver([TextDelta("first")])
+    asyncio.get_running_loop().call_later(0.35, stream.deliver, [TextDelta("second"), finish])
 
-    async def endless() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield b"x"
-                await asyncio.sleep(0)
-        finally:
-            closed.set()
-
-    wrapper = with_heartbeats(endless(), 1.0)
-    assert await wrapper.__anext__() == b"x"
-    await wrapper.aclose()  # type: ignore[attr-defined]
-    assert closed.is_set()
+    out = [batch async for batch in stream.batches(0.1)]
+    assert out[0] == [TextDelta("first")] and out[-1] == [TextDelta("second"), finish]
+    assert out[1:-1] and all(batch == [] for batch in out[1:-1])  # heartbeats, nothing else
+    assert door.outcomes == [finish] and stream.first_token_at is not None
