@@ -39,6 +39,15 @@ PREFIX_CACHE_MISSES = Counter(
 PREFIX_CACHED_TOKENS = Counter(
     "mlxgw_prefix_cached_tokens_total", "Prompt tokens served from the prefix cache."
 )
+ENGINE_STEP = Histogram(
+    "mlxgw_engine_step_seconds",
+    "One engine step: a token for every decoding sequence, plus any prefill chunk.",
+    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10),
+)
+STEP_SEQUENCES = Histogram(
+    "mlxgw_engine_step_sequences", "Sequences in the batch at each engine step.",
+    buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+)
 
 # --- security and limits ---------------------------------------------------------------------
 AUTH_FAILURES = Counter("mlxgw_auth_failures_total", "Requests refused for a missing or bad key.")

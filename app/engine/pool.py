@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from app import metrics
+from app.engine.cpu_tuning import tune_for_cpu
 from app.engine.registry import ModelRegistry, ModelSpec
 from app.engine.residency import EvictReason, ResidencyPolicy, format_bytes
 from app.engine.scheduler import ModelBatch
@@ -197,6 +198,8 @@ class ModelPool:
         log.info("model load started", model=spec.id, path=spec.load_path)
         path = self._mlx_folder(spec)
         model, tokenizer, config = load(str(path), return_config=True)
+        if self.settings.engine.cpu_tuning:
+            tune_for_cpu(model)
         context = int(config.get("max_position_embeddings") or spec.context_length or 4096)
         if spec.max_context:
             context = min(context, spec.max_context)

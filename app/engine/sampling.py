@@ -2,6 +2,10 @@
 
 Greedy sequences share one sampler object so BatchGenerator samples them in one batched call.
 A seeded sequence owns its PRNG key, so its draws don't depend on what else is in the batch.
+
+Samplers take a row of logits, normalized or not: the decode step (`app.engine.decode`) skips
+the normalization, so every sampler here must give the same draw for logits shifted by a
+constant. Temperature scaling, top-p, min-p and top-k all do.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ def make_sequence_sampler(params: SamplingParams) -> Sampler:
     inverse_temperature = 1.0 / params.temperature
     key: list[Any] = [mx.random.key(params.seed)] if params.seed is not None else []
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def sample(logits: mx.array) -> mx.array:
         for apply in filters:
-            logprobs = apply(logprobs)
+            logits = apply(logits)
         if key:
             key[0], draw = mx.random.split(key[0])
-            return mx.random.categorical(logprobs * inverse_temperature, key=draw)
-        return mx.random.categorical(logprobs * inverse_temperature)
+            return mx.random.categorical(logits * inverse_temperature, key=draw)
+        return mx.random.categorical(logits * inverse_temperature)
 
     return sample
 

@@ -21,6 +21,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from app import metrics
 from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
+from app.engine.decode import use_logits_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure
 
@@ -96,6 +97,7 @@ class ModelBatch:
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
+        use_logits_decode(self._generator)
         self._by_uid: dict[int, Sequence] = {}
 
     def __len__(self) -> int:
@@ -142,11 +144,14 @@ class ModelBatch:
         self._drop_cancelled()
         if not self._by_uid:
             return
+        started = time.perf_counter()
         try:
             _, responses = self._generator.next()
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
             return
+        metrics.ENGINE_STEP.observe(time.perf_counter() - started)
+        metrics.STEP_SEQUENCES.observe(len(self._by_uid))
         done: list[int] = []
         now = time.monotonic()
         for response in responses:

@@ -1,0 +1,166 @@
+"""Float32 layers laid out for MLX's CPU backend, where matrix products go to the system BLAS.
+
+Measured with Debian's OpenBLAS on a 2-core x86 box (see bench/RESULTS.md):
+
+- A product whose left side has 2..15 rows costs up to twice what 16 rows cost (a (10, 576) by
+  (576, 1536) product: 0.77 ms; (16, 576): 0.49 ms). OpenBLAS's kernels work in blocks of 16
+  rows, so a decode step over a batch of 10 sequences is cheapest when each product is padded to
+  16 rows and the extra rows are dropped afterwards. One row (single-stream decode) is its own
+  fast path and is left alone.
+- `x @ w.T` with the weight stored as (out, in) packs the whole weight on every call; storing it
+  transposed and contiguous does not. That matters most for the vocabulary projection: 49152 x
+  576 costs 16.8 ms as `x @ w.T` and 10.1 ms as `x @ w_t` for one row.
+- MLX's CPU attention gives every query head its own small product against a repeated copy of
+  its key/value head. For a decode step (one query per sequence) grouping the query heads that
+  share a key/value head into one product is a third cheaper at short contexts and more as the
+  context grows (10 sequences, 270-token context: 239 ms per step down to 184 ms).
+
+Quantized layers use MLX's own kernels and are left alone; so is every model on a Mac, where
+MLX runs on the GPU. The rewrite keeps the model's outputs: the same products on the same rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import structlog
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import scaled_dot_product_attention as _MLX_LM_ATTENTION
+
+log = structlog.get_logger(__name__)
+
+ROW_BLOCK = 16
+
+
+def multiply_padded(x: mx.array, weight_t: mx.array, bias: mx.array | None = None) -> mx.array:
+    """`x @ weight_t (+ bias)` over the last axis, with the rows padded to a multiple of 16."""
+    features = x.shape[-1]
+    rows = x.size // features if features else 0
+    flat = x.reshape(rows, features)
+    padding = -rows % ROW_BLOCK if rows > 1 else 0
+    if padding:
+        flat = mx.concatenate([flat, mx.zeros((padding, features), dtype=flat.dtype)])
+    out = flat @ weight_t if bias is None else mx.addmm(bias, flat, weight_t)
+    if padding:
+        out = out[:rows]
+    return out.reshape(*x.shape[:-1], weight_t.shape[-1])
+
+
+class CpuLinear(nn.Module):  # type: ignore[misc]
+    """nn.Linear with its weight stored transposed (in, out)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return multiply_padded(x, self.weight_t, self.get("bias"))
+
+
+class CpuTiedEmbedding(nn.Module):  # type: ignore[misc]
+    """An embedding that is also the output projection, stored once, transposed (dims, vocab).
+
+    Looking tokens up becomes a column gather, which costs little next to the projection.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight_t = mx.contiguous(embedding.weight.T)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.moveaxis(mx.take(self.weight_t, ids, axis=1), 0, -1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return multiply_padded(x, self.weight_t)
+
+
+def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
+                     scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
+    """mlx-lm's `scaled_dot_product_attention`, with one product per key/value head when each
+    sequence brings a single query (a decode step). Anything else goes to mlx-lm's version."""
+    batch, heads, length, dims = queries.shape
+    kv_heads = keys.shape[1]
+    grouped_mask = _grouped_mask(mask, heads, kv_heads)
+    if (length != 1 or sinks is not None or hasattr(cache, "bits") or heads % kv_heads
+            or grouped_mask is False):
+        attention: mx.array = _MLX_LM_ATTENTION(queries, keys, values, cache, scale=scale,
+                                                mask=mask, sinks=sinks)
+        return attention
+    grouped = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, dims)
+    scores = grouped @ keys.swapaxes(-1, -2)  # (batch, kv_heads, group, context)
+    if grouped_mask is not None:
+        if grouped_mask.dtype == mx.bool_:
+            scores = mx.where(grouped_mask, scores, mx.array(-mx.inf, scores.dtype))
+        else:
+            scores = scores + grouped_mask
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ values).reshape(batch, heads, 1, dims)
+
+
+def _grouped_mask(mask: Any, heads: int, kv_heads: int) -> Any:
+    """The mask laid out like the grouped scores; None for no mask, False when unsupported."""
+    if mask is None:
+        return None
+    if not isinstance(mask, mx.array) or mask.ndim != 4:
+        return False  # "causal" and other forms: only used with several queries anyway
+    if mask.shape[1] == 1:
+        return mask  # (batch, 1, 1, context) broadcasts over the groups
+    if mask.shape[1] == heads:
+        return mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, mask.shape[-1])
+    return False
+
+
+def _install_decode_attention(model: nn.Module) -> None:
+    """Point the modules that define `model`'s layers at `decode_attention`.
+
+    mlx-lm's model files call the `scaled_dot_product_attention` they import from
+    mlx_lm.models.base, so the name is replaced in those modules (for every model of the same
+    architecture in this process, which is what we want on a CPU-only machine).
+    """
+    for name in {type(module).__module__ for module in model.modules()}:
+        source = sys.modules.get(name)
+        if getattr(source, "scaled_dot_product_attention", None) is _MLX_LM_ATTENTION:
+            source.scaled_dot_product_attention = decode_attention  # type: ignore[union-attr]
+
+
+def tune_for_cpu(model: nn.Module) -> int:
+    """When MLX computes on the CPU: rewrite `model`'s float32 Linear (and tied embedding) layers
+    in place and give its architecture the grouped decode attention. Returns how many layers
+    were rewritten (0 on a GPU; quantized layers are left alone)."""
+    if mx.default_device() != mx.cpu:
+        return 0
+    _install_decode_attention(model)
+    tied = "lm_head" not in model  # mlx-lm models name an untied output projection lm_head
+    is_module = lambda m: isinstance(m, nn.Module)  # noqa: E731
+    # Paths, not layers: holding every old layer would keep all the old weights alive.
+    paths = [path for path, _ in tree_flatten(model.leaf_modules(), is_leaf=is_module)]
+    rewritten = 0
+    for path in paths:
+        layer = _module_at(model, path)
+        if type(layer) is nn.Linear and layer.weight.dtype == mx.float32:
+            new: nn.Module = CpuLinear(layer)
+        elif type(layer) is nn.Embedding and tied and layer.weight.dtype == mx.float32:
+            new = CpuTiedEmbedding(layer)
+        else:
+            continue
+        del layer
+        # One layer at a time, so the old and new copies of all the weights never coexist.
+        mx.eval(new.parameters())
+        model.update_modules(tree_unflatten([(path, new)]))
+        rewritten += 1
+    mx.clear_cache()
+    if rewritten:
+        log.info("cpu tuning applied", layers=rewritten)
+    return rewritten
+
+
+def _module_at(model: nn.Module, path: str) -> Any:
+    node: Any = model
+    for key in path.split("."):
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node

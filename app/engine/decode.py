@@ -1,0 +1,71 @@
+"""The decode step: one token for every running sequence of a batch.
+
+mlx-lm's GenerationBatch turns each row of logits into log-probabilities (a logsumexp over the
+whole vocabulary) before sampling. Nothing we serve reads log-probabilities, and every sampler in
+`app.engine.sampling` gives the same draw for logits shifted by a constant, so this step samples
+from the logits directly. On MLX's CPU backend that saves a scalar `exp` per vocabulary entry per
+sequence: about 1.2 ms per sequence per step for a 49k vocabulary.
+
+Everything else (extending, filtering, stop tokens, the KV cache) is mlx-lm's GenerationBatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+
+# Stands in for a row's log-probabilities in mlx-lm's responses; nothing reads it.
+NO_LOGPROBS = mx.array([], dtype=mx.float32)
+
+
+class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
+    def _step(self) -> tuple[list[int], list[Any]]:
+        inputs: mx.array = self._next_tokens  # type: ignore[has-type]
+        self._current_tokens = inputs
+        self._current_logprobs = self._next_logprobs  # type: ignore[has-type]
+        logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+
+        contexts = []
+        if any(self.logits_processors):
+            rows = []
+            for i, processors in enumerate(self.logits_processors):
+                row = logits[i : i + 1]
+                if processors:
+                    context = self._token_context[i].update_and_fetch(inputs[i : i + 1])
+                    contexts.append(context)
+                    for processor in processors:
+                        row = processor(context, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+
+        samplers = [s or self.fallback_sampler for s in self.samplers] or [self.fallback_sampler]
+        if all(s is samplers[0] for s in samplers):
+            sampled = samplers[0](logits)  # greedy sequences share one sampler: one call
+        else:
+            sampled = mx.concatenate([s(logits[i : i + 1]) for i, s in enumerate(samplers)])
+
+        # Start the next step's arithmetic before reading this step's tokens back.
+        self._next_tokens = sampled
+        self._next_logprobs = [NO_LOGPROBS] * len(self.uids)
+        mx.async_eval(sampled, contexts)  # type: ignore[no-untyped-call]
+
+        tokens: list[int] = inputs.tolist()  # type: ignore[assignment]
+        for history, token in zip(self.tokens, tokens, strict=True):
+            history.append(token)
+        return tokens, self._current_logprobs
+
+
+def use_logits_decode(generator: BatchGenerator) -> None:
+    """Make `generator` decode with LogitsGenerationBatch.
+
+    BatchGenerator keeps one running GenerationBatch and extends it with each group of sequences
+    that finishes prefill, so replacing the empty one it starts with is enough. (The first token
+    of each joining group is still sampled by mlx-lm's own step, from log-probabilities.)
+    """
+    running = generator._generation_batch
+    if len(running):
+        raise RuntimeError("use_logits_decode must be called before any sequence is inserted")
+    generator._generation_batch = LogitsGenerationBatch.empty(running.model,
+                                                              running.fallback_sampler)

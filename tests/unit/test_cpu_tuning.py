@@ -1,0 +1,152 @@
+"""The CPU decode paths compute what mlx-lm computes: layer layout, grouped attention, and the
+decode step that samples from logits. Tiny random llama models, so every case runs in seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+
+from mlx_lm.generate import BatchGenerator  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention  # noqa: E402
+
+from app.core.types import SamplingParams  # noqa: E402
+from app.engine.cpu_tuning import (  # noqa: E402
+    CpuLinear,
+    CpuTiedEmbedding,
+    decode_attention,
+    multiply_padded,
+    tune_for_cpu,
+)
+from app.engine.decode import LogitsGenerationBatch, use_logits_decode  # noqa: E402
+from app.engine.sampling import make_sequence_processors, make_sequence_sampler  # noqa: E402
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")
+
+TINY = {
+    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+    "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5, "vocab_size": 300, "max_position_embeddings": 512,
+    "rope_traditional": True,
+}
+
+
+def tiny_model(seed: int = 0, **overrides: Any) -> Any:
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict({**TINY, **overrides}))
+    # Larger weights than the default init, so greedy tokens vary and outputs tell models apart.
+    model.update(nn.utils.tree_map(lambda w: w * 4, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("rows", [1, 2, 10, 16, 17, 40])
+def test_padded_product_equals_the_plain_one(rows: int) -> None:
+    x = mx.random.normal((rows, 24))
+    weight = mx.random.normal((24, 40))
+    bias = mx.random.normal((40,))
+    assert mx.allclose(multiply_padded(x, weight), x @ weight, atol=1e-5)
+    assert mx.allclose(multiply_padded(x, weight, bias), x @ weight + bias, atol=1e-5)
+    batched = x.reshape(1, rows, 24)
+    assert multiply_padded(batched, weight).shape == (1, rows, 40)
+
+
+def test_cpu_linear_and_embedding_equal_the_layers_they_replace() -> None:
+    linear = nn.Linear(24, 40, bias=True)
+    x = mx.random.normal((3, 5, 24))
+    assert mx.allclose(CpuLinear(linear)(x), linear(x), atol=1e-5)
+
+    embedding = nn.Embedding(50, 24)
+    tied = CpuTiedEmbedding(embedding)
+    ids = mx.array([[3, 7, 49], [0, 0, 1]])
+    assert mx.array_equal(tied(ids), embedding(ids))
+    assert mx.allclose(tied.as_linear(x), embedding.as_linear(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "context"),
+                         [(1, 4, 2, 7), (10, 9, 3, 60), (3, 8, 8, 33)])
+def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
+                                                context: int) -> None:
+    q = mx.random.normal((batch, heads, 1, 16))
+    k = mx.random.normal((batch, kv_heads, context, 16))
+    v = mx.random.normal((batch, kv_heads, context, 16))
+    padding = mx.random.uniform(shape=(batch, 1, 1, context)) > 0.3
+    padding[..., -1] = True
+    masks = [None, padding, mx.broadcast_to(padding, (batch, heads, 1, context)),
+             mx.random.normal((batch, 1, 1, context))]
+    for mask in masks:
+        ours = decode_attention(q, k, v, None, 0.25, mask)
+        theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
+        assert mx.allclose(ours, theirs, atol=1e-5)
+    # Several queries (prefill) and the "causal" mask go to mlx-lm's own version.
+    q4 = mx.random.normal((batch, heads, 4, 16))
+    assert mx.array_equal(decode_attention(q4, k, v, None, 0.25, "causal"),
+                          mlx_lm_attention(q4, k, v, None, scale=0.25, mask="causal"))
+
+
+def test_tuned_model_computes_the_same_logits() -> None:
+    model = tiny_model()
+    tokens = mx.array([[5, 17, 42, 99, 7, 250, 3, 3, 8, 1, 64]])
+    before = model(tokens)
+    assert tune_for_cpu(model) == 2 * 7 + 1  # 7 projections per layer plus the tied embedding
+    assert isinstance(model.model.layers[0].mlp.up_proj, CpuLinear)
+    assert isinstance(model.model.embed_tokens, CpuTiedEmbedding)
+    after = model(tokens)
+    assert mx.allclose(before, after, atol=1e-4)
+
+
+def test_untied_and_quantized_models_keep_what_the_tuning_cannot_help() -> None:
+    untied = tiny_model(tie_word_embeddings=False)
+    assert tune_for_cpu(untied) == 2 * 7 + 1  # the separate lm_head, not the embedding
+    assert isinstance(untied.lm_head, CpuLinear)
+    assert type(untied.model.embed_tokens) is nn.Embedding
+
+    quantized = tiny_model()
+    nn.quantize(quantized, group_size=32, bits=4)
+    assert tune_for_cpu(quantized) == 0
+
+
+def _generate(model: Any, prompts: list[list[int]], samplers: list[Any], processors: list[Any],
+              *, logits_decode: bool, max_tokens: int = 12) -> dict[int, list[int]]:
+    generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+    if logits_decode:
+        use_logits_decode(generator)
+    uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts), samplers=samplers,
+                            logits_processors=processors)
+    out: dict[int, list[int]] = {uid: [] for uid in uids}
+    while any(len(tokens) < max_tokens for tokens in out.values()):
+        for response in generator.next_generated():
+            out[response.uid].append(response.token)
+    generator.close()
+    return {i: out[uid] for i, uid in enumerate(uids)}
+
+
+def test_logits_decode_samples_what_mlx_lm_samples() -> None:
+    model = tiny_model()
+    tune_for_cpu(model)
+    prompts = [[5, 17, 42], [99, 7, 250, 3, 3, 8, 1], [64], [9, 9, 9, 9]]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+              SamplingParams(temperature=1.0, top_k=20, min_p=0.05, seed=3),
+              SamplingParams(temperature=0, repetition_penalty=1.3)]
+    samplers = [make_sequence_sampler(p) for p in params]
+    processors = [make_sequence_processors(p) for p in params]
+    ours = _generate(model, prompts, samplers, processors, logits_decode=True)
+    samplers = [make_sequence_sampler(p) for p in params]  # fresh PRNG keys
+    theirs = _generate(model, prompts, samplers, processors, logits_decode=False)
+    assert ours == theirs
+    assert len({tuple(tokens) for tokens in ours.values()}) == len(prompts)
+
+
+def test_logits_decode_replaces_only_an_empty_batch() -> None:
+    generator = BatchGenerator(tiny_model())
+    use_logits_decode(generator)
+    assert isinstance(generator._generation_batch, LogitsGenerationBatch)
+    generator.insert([[1, 2, 3]], max_tokens=[4])
+    generator.next_generated()
+    with pytest.raises(RuntimeError):
+        use_logits_decode(generator)
+    generator.close()
