@@ -37,16 +37,17 @@ ROW_BLOCK = 16
 
 def multiply_padded(x: mx.array, weight_t: mx.array, bias: mx.array | None = None) -> mx.array:
     """`x @ weight_t (+ bias)` over the last axis, with the rows padded to a multiple of 16."""
-    features = x.shape[-1]
-    rows = x.size // features if features else 0
-    flat = x.reshape(rows, features)
+    product = (lambda a: a @ weight_t) if bias is None else (
+        lambda a: mx.addmm(bias, a, weight_t))
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
     padding = -rows % ROW_BLOCK if rows > 1 else 0
-    if padding:
-        flat = mx.concatenate([flat, mx.zeros((padding, features), dtype=flat.dtype)])
-    out = flat @ weight_t if bias is None else mx.addmm(bias, flat, weight_t)
-    if padding:
-        out = out[:rows]
-    return out.reshape(*x.shape[:-1], weight_t.shape[-1])
+    if not padding:
+        return product(x)
+    if x.ndim == 3 and x.shape[1] == 1:
+        # A decode step's (batch, 1, features): pad the batch axis, no reshapes needed.
+        return product(mx.pad(x, [(0, padding), (0, 0), (0, 0)]))[:rows]
+    flat = mx.pad(x.reshape(rows, x.shape[-1]), [(0, padding), (0, 0)])
+    return product(flat)[:rows].reshape(*x.shape[:-1], weight_t.shape[-1])
 
 
 class CpuLinear(nn.Module):  # type: ignore[misc]
