@@ -1,7 +1,7 @@
 """mlx-gateway vs mlx_lm.server on the same weights, in one sitting, one server at a time.
 
     python -m bench.compare_mlx_lm --model-dir PATH [--levels 1,5,10] [--requests 3]
-        [--max-tokens 128] [--only gateway|mlx_lm] [--dtype float32|as-is]
+        [--max-tokens 128] [--rounds 1] [--only gateway|mlx_lm] [--dtype float32|as-is]
 
 Both servers get the same environment (OpenBLAS preloaded when present), the same prompts and
 temperature 0, and are run in turn, never together (2 cores). Progress goes to stderr; a
@@ -88,7 +88,8 @@ class ServerRun:
 
 
 def run_one(
-    spec: servers.ServerSpec, args: argparse.Namespace, model_dir: Path, workdir: Path
+    spec: servers.ServerSpec, args: argparse.Namespace, model_dir: Path, workdir: Path,
+    *, with_prefix: bool = True,
 ) -> ServerRun:
     log.info("bench.server_start", server=spec.name, argv=spec.argv)
     command = shlex.join(spec.argv)
@@ -102,7 +103,7 @@ def run_one(
         ))
         log.info("bench.levels_done", server=spec.name)
         prefix = None
-        if args.history_tokens > 0:
+        if with_prefix and args.history_tokens > 0:
             prefix = asyncio.run(first_vs_second_turn(
                 spec.base_url, model=spec.model, count=token_counter(model_dir),
                 history_tokens=args.history_tokens, repeats=args.prefix_repeats,
@@ -182,8 +183,56 @@ def prefix_section(runs: dict[str, ServerRun | None]) -> str:
     return "\n".join(lines)
 
 
+def _server_tables(runs: dict[str, ServerRun | None], heading: str) -> list[str]:
+    out = []
+    for key in ("mlx_lm", "gateway"):
+        run = runs.get(key)
+        out.append(f"{heading} {NAMES[key]}")
+        out.append("")
+        if run is None:
+            out.extend(["pending: not run in this sitting.", ""])
+            continue
+        out.extend([f"Settings: {run.settings}.", "", f"`{run.command}`", "",
+                    render_table(run.levels, markdown=True), ""])
+        out.extend(f"- error sample, {e}" for e in run.errors)
+        if run.errors:
+            out.append("")
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def rounds_section(rounds: list[dict[str, ServerRun | None]], levels: list[int]) -> str:
+    """Per-round tokens/s ratios and their median: drift on a shared machine moves both servers
+    of a round together, so the median of per-round ratios is steadier than one sitting."""
+    lines = ["| clients | " + " | ".join(f"round {i + 1}" for i in range(len(rounds)))
+             + " | median | target | met |",
+             "| ---: | " + " | ".join("---:" for _ in rounds) + " | ---: | --- | --- |"]
+    for level in levels:
+        ratios: list[float] = []
+        for runs in rounds:
+            ours, theirs = _by_level(runs["gateway"], level), _by_level(runs["mlx_lm"], level)
+            if ours and theirs and theirs.tokens_per_s:
+                ratios.append(ours.tokens_per_s / theirs.tokens_per_s)
+        if not ratios:
+            continue
+        median = _median(ratios)
+        target, met = "-", "-"
+        if level == 10:
+            target, met = ">= 1.5x", "yes" if median >= 1.5 else "**no**"
+        elif level == 1:
+            target, met = ">= 0.95x", "yes" if median >= 0.95 else "**no**"
+        lines.append(f"| {level} | " + " | ".join(f"{r:.2f}" for r in ratios)
+                     + f" | {median:.2f} | {target} | {met} |")
+    return "\n".join(lines)
+
+
 def report(
-    args: argparse.Namespace, model_dir: Path, runs: dict[str, ServerRun | None]
+    args: argparse.Namespace, model_dir: Path, rounds: list[dict[str, ServerRun | None]]
 ) -> str:
     blas = (f"OpenBLAS preloaded (`LD_PRELOAD={servers.OPENBLAS}`)" if servers.OPENBLAS.exists()
             else "MLX's default BLAS (OpenBLAS not found)")
@@ -201,26 +250,25 @@ def report(
         "after one uncounted warm-up request. TTFT = first content delta; percentiles by "
         "linear interpolation; tokens/s = completion tokens from the usage chunk / wall time "
         "of the level; peak RSS = largest sampled sum of VmRSS over the server's process "
-        "tree during the level. Servers run one after the other, never together.",
+        "tree during the level. Servers run one after the other, never together"
+        + (f"; {len(rounds)} rounds, the order alternating (mlx_lm.server first in odd "
+           "rounds), each server restarted every round" if len(rounds) > 1 else "") + ".",
         "",
     ]
-    for key in ("mlx_lm", "gateway"):
-        run = runs.get(key)
-        out.append(f"### {NAMES[key]}")
-        out.append("")
-        if run is None:
-            out.extend(["pending: not run in this sitting.", ""])
-            continue
-        out.extend([f"Settings: {run.settings}.", "", f"`{run.command}`", "",
-                    render_table(run.levels, markdown=True), ""])
-        out.extend(f"- error sample, {e}" for e in run.errors)
-        if run.errors:
-            out.append("")
-    out.extend(["### Ratios (mlx-gateway / mlx_lm.server)", "",
-                ratios_section(runs.get("gateway"), runs.get("mlx_lm"), args.levels), ""])
+    many = len(rounds) > 1
+    for index, runs in enumerate(rounds):
+        if many:
+            out.extend([f"### Round {index + 1}", ""])
+        out.extend(_server_tables(runs, "####" if many else "###"))
+        out.extend([f"{'####' if many else '###'} Ratios (mlx-gateway / mlx_lm.server)", "",
+                    ratios_section(runs.get("gateway"), runs.get("mlx_lm"), args.levels), ""])
+    if many:
+        out.extend([f"### Tokens/s ratio (mlx-gateway / mlx_lm.server) over {len(rounds)} "
+                    "rounds", "", rounds_section(rounds, args.levels), ""])
     if args.history_tokens > 0:
         out.extend([f"### Prefix cache: ~{args.history_tokens}-token history, median of "
-                    f"{args.prefix_repeats} fresh conversations", "", prefix_section(runs), ""])
+                    f"{args.prefix_repeats} fresh conversations", "",
+                    prefix_section(rounds[0]), ""])
     return "\n".join(out)
 
 
@@ -243,6 +291,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--history-tokens", type=int, default=1000,
                         help="Prefix-cache scenario history size; 0 skips it.")
     parser.add_argument("--prefix-repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Repeat the levels this many times, alternating which server "
+                             "goes first, and report the median ratio (the prefix-cache "
+                             "scenario runs in the first round only).")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
     return parser.parse_args(argv)
 
@@ -258,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         variant = args.variant_dir or default
         model_dir = make_float32_copy(src, variant.expanduser())
     top = max(args.levels)
-    runs: dict[str, ServerRun | None] = {"mlx_lm": None, "gateway": None}
+    rounds: list[dict[str, ServerRun | None]] = []
     with tempfile.TemporaryDirectory(prefix="mlxgw-bench-") as tmp:
         workdir = Path(tmp)
         specs = {
@@ -266,21 +318,26 @@ def main(argv: list[str] | None = None) -> int:
             "gateway": servers.gateway_spec(
                 model_dir, servers.free_port(), top, workdir, sys.executable),
         }
-        for key in ("mlx_lm", "gateway"):
-            if args.only in (None, key):
-                try:
-                    runs[key] = run_one(specs[key], args, model_dir, workdir)
-                except RuntimeError as error:
-                    log.error("bench.server_failed", server=key, error=str(error))
-    sys.stdout.write(report(args, model_dir, runs) + "\n")
+        for index in range(max(1, args.rounds)):
+            runs: dict[str, ServerRun | None] = {"mlx_lm": None, "gateway": None}
+            order = ("mlx_lm", "gateway") if index % 2 == 0 else ("gateway", "mlx_lm")
+            for key in order:
+                if args.only in (None, key):
+                    try:
+                        runs[key] = run_one(specs[key], args, model_dir, workdir,
+                                            with_prefix=index == 0)
+                    except RuntimeError as error:
+                        log.error("bench.server_failed", server=key, error=str(error))
+            rounds.append(runs)
+    sys.stdout.write(report(args, model_dir, rounds) + "\n")
     if args.json_out:
-        raw = {key: None if run is None else {
+        raw = [{key: None if run is None else {
             "settings": run.settings, "command": run.command,
             "levels": [r.to_dict() for r in run.levels],
             "prefix": asdict(run.prefix) if run.prefix else None,
-        } for key, run in runs.items()}
+        } for key, run in runs.items()} for runs in rounds]
         args.json_out.write_text(json.dumps(raw, indent=2))
-    return 0 if any(runs.values()) else 1
+    return 0 if any(run for runs in rounds for run in runs.values()) else 1
 
 
 if __name__ == "__main__":

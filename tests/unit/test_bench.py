@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +343,28 @@ async def test_run_probe_counts_mid_stream_errors_and_refused_connections(
     )
     assert (refused.requests, refused.errors) == (2, 2)
     assert refused.error_samples[0].startswith("ConnectError")
+
+
+# ---------------------------------------------------------------- bench/compare_mlx_lm rounds
+
+
+def test_compare_report_takes_the_median_of_per_round_ratios() -> None:
+    from bench.compare_mlx_lm import ServerRun, report
+
+    def run(key: str, tokens_per_s: dict[int, float]) -> ServerRun:
+        levels = [LevelResult(level=n, requests=n, errors=0, ttft_p50=0.1, ttft_p95=0.2,
+                              latency_p50=1.0, latency_p95=1.2, tokens_per_s=tps,
+                              completion_tokens=64 * n, wall_seconds=1.0, exact_tokens=True,
+                              peak_rss_bytes=2**30) for n, tps in tokens_per_s.items()]
+        return ServerRun(key, "settings", levels, None, "cmd")
+
+    reference = {1: 10.0, 10: 40.0}
+    rounds = [{"gateway": run("gateway", ours), "mlx_lm": run("mlx_lm", reference)}
+              for ours in ({1: 10.0, 10: 60.0}, {1: 9.0, 10: 50.0}, {1: 12.0, 10: 70.0})]
+    args = argparse.Namespace(requests=2, max_tokens=64, levels=[1, 10], history_tokens=0)
+    text = report(args, Path("/m"), rounds)
+    assert "### Round 3" in text and "3 rounds" in text
+    # 10 clients: ratios 1.50, 1.25, 1.75 -> median 1.50 meets the target.
+    assert "| 10 | 1.50 | 1.25 | 1.75 | 1.50 | >= 1.5x | yes |" in text
+    # 1 client: ratios 1.00, 0.90, 1.20 -> median 1.00.
+    assert "| 1 | 1.00 | 0.90 | 1.20 | 1.00 | >= 0.95x | yes |" in text
