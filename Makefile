@@ -57,7 +57,9 @@ lint: install
 	$(BIN)/mypy
 
 bench: install demo-model
-	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm $(ARGS)
+	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm \
+	  --model-dir $$($(BIN)/python -c 'from app.engine.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
+	  --rounds 3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
