@@ -14,9 +14,15 @@ Measured with Debian's OpenBLAS on a 2-core x86 box (see bench/RESULTS.md):
   its key/value head. For a decode step (one query per sequence) grouping the query heads that
   share a key/value head into one product is a third cheaper at short contexts and more as the
   context grows (10 sequences, 270-token context: 239 ms per step down to 184 ms).
+- MLX has no fused RoPE or RMSNorm kernel on the CPU: each call becomes a dozen or more graph
+  nodes, and every node costs dispatch time on both the calling thread and MLX's compute thread.
+  Compiled for the decode shape, the 30-layer model's step drops from about 4,560 nodes to
+  3,050, and the engine thread's CPU time per step by a quarter (time the 2 cores then give to
+  the arithmetic).
 
 Quantized layers use MLX's own kernels and are left alone; so is every model on a Mac, where
-MLX runs on the GPU. The rewrite keeps the model's outputs: the same products on the same rows.
+MLX runs on the GPU. The rewrite keeps the model's outputs: the same products on the same rows,
+the same RoPE and RMSNorm functions.
 """
 
 from __future__ import annotations
@@ -80,6 +86,39 @@ class CpuTiedEmbedding(nn.Module):  # type: ignore[misc]
         return multiply_padded(x, self.weight_t)
 
 
+class CpuRoPE(nn.RoPE):  # type: ignore[misc]
+    """nn.RoPE whose decode call (one position per sequence) runs as one compiled function."""
+
+    def __init__(self, rope: nn.RoPE) -> None:
+        super().__init__(rope.dims, rope.traditional, rope.base, rope.scale)
+        dims, traditional, base, scale = rope.dims, rope.traditional, rope.base, rope.scale
+        self._decode = mx.compile(lambda x, offset: mx.fast.rope(
+            x, dims, traditional=traditional, base=base, scale=scale, offset=offset))
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        # Array offsets only: a Python int would be baked in, one compilation per position.
+        if isinstance(offset, mx.array) and x.shape[-2] == 1:
+            rotated: mx.array = self._decode(x, offset)
+            return rotated
+        return super().__call__(x, offset)  # type: ignore[no-any-return]
+
+
+class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
+    """nn.RMSNorm whose decode call (batch, 1, dims) runs as one compiled function."""
+
+    def __init__(self, norm: nn.RMSNorm) -> None:
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        eps = norm.eps
+        self._decode = mx.compile(lambda x, weight: mx.fast.rms_norm(x, weight, eps))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.ndim == 3 and x.shape[1] == 1:  # prefill lengths vary: left uncompiled
+            normed: mx.array = self._decode(x, self["weight"])
+            return normed
+        return super().__call__(x)  # type: ignore[no-any-return]
+
+
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                      scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention`, with one product per key/value head when each
@@ -130,9 +169,9 @@ def _install_decode_attention(model: nn.Module) -> None:
 
 
 def tune_for_cpu(model: nn.Module) -> int:
-    """When MLX computes on the CPU: rewrite `model`'s float32 Linear (and tied embedding) layers
-    in place and give its architecture the grouped decode attention. Returns how many layers
-    were rewritten (0 on a GPU; quantized layers are left alone)."""
+    """When MLX computes on the CPU: rewrite `model`'s float32 Linear (and tied embedding),
+    RoPE and RMSNorm layers in place and give its architecture the grouped decode attention.
+    Returns how many layers were rewritten (0 on a GPU; quantized layers are left alone)."""
     if mx.default_device() != mx.cpu:
         return 0
     _install_decode_attention(model)
@@ -147,6 +186,10 @@ def tune_for_cpu(model: nn.Module) -> int:
             new: nn.Module = CpuLinear(layer)
         elif type(layer) is nn.Embedding and tied and layer.weight.dtype == mx.float32:
             new = CpuTiedEmbedding(layer)
+        elif type(layer) is nn.RoPE:
+            new = CpuRoPE(layer)
+        elif type(layer) is nn.RMSNorm:
+            new = CpuRMSNorm(layer)
         else:
             continue
         del layer

@@ -17,6 +17,8 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention 
 from app.core.types import SamplingParams  # noqa: E402
 from app.engine.cpu_tuning import (  # noqa: E402
     CpuLinear,
+    CpuRMSNorm,
+    CpuRoPE,
     CpuTiedEmbedding,
     decode_attention,
     multiply_padded,
@@ -88,12 +90,30 @@ def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads
                           mlx_lm_attention(q4, k, v, None, scale=0.25, mask="causal"))
 
 
+def test_compiled_rope_and_norm_equal_the_layers_they_replace() -> None:
+    rope = nn.RoPE(16, traditional=True, base=10000.0)
+    x = mx.random.normal((5, 4, 1, 16))
+    offsets = mx.array([0, 3, 17, 100, 255])
+    assert mx.allclose(CpuRoPE(rope)(x, offsets), rope(x, offsets), atol=1e-6)
+    prefill = mx.random.normal((1, 4, 9, 16))
+    assert mx.array_equal(CpuRoPE(rope)(prefill, 4), rope(prefill, 4))
+
+    norm = nn.RMSNorm(24, eps=1e-5)
+    norm.weight = mx.random.normal((24,))
+    for shape in [(7, 1, 24), (1, 9, 24)]:
+        h = mx.random.normal(shape)
+        assert mx.allclose(CpuRMSNorm(norm)(h), norm(h), atol=1e-6)
+
+
 def test_tuned_model_computes_the_same_logits() -> None:
     model = tiny_model()
     tokens = mx.array([[5, 17, 42, 99, 7, 250, 3, 3, 8, 1, 64]])
     before = model(tokens)
-    assert tune_for_cpu(model) == 2 * 7 + 1  # 7 projections per layer plus the tied embedding
+    # Per layer 7 projections, 2 norms and the RoPE; plus the tied embedding and the final norm.
+    assert tune_for_cpu(model) == 2 * 10 + 2
     assert isinstance(model.model.layers[0].mlp.up_proj, CpuLinear)
+    assert isinstance(model.model.layers[1].self_attn.rope, CpuRoPE)
+    assert isinstance(model.model.norm, CpuRMSNorm)
     assert isinstance(model.model.embed_tokens, CpuTiedEmbedding)
     after = model(tokens)
     assert mx.allclose(before, after, atol=1e-4)
@@ -101,13 +121,14 @@ def test_tuned_model_computes_the_same_logits() -> None:
 
 def test_untied_and_quantized_models_keep_what_the_tuning_cannot_help() -> None:
     untied = tiny_model(tie_word_embeddings=False)
-    assert tune_for_cpu(untied) == 2 * 7 + 1  # the separate lm_head, not the embedding
+    assert tune_for_cpu(untied) == 2 * 10 + 2  # the separate lm_head, not the embedding
     assert isinstance(untied.lm_head, CpuLinear)
     assert type(untied.model.embed_tokens) is nn.Embedding
 
     quantized = tiny_model()
     nn.quantize(quantized, group_size=32, bits=4)
-    assert tune_for_cpu(quantized) == 0
+    assert tune_for_cpu(quantized) == 2 * 3 + 1  # norms and RoPE only
+    assert isinstance(quantized.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
 
 
 def _generate(model: Any, prompts: list[list[int]], samplers: list[Any], processors: list[Any],
