@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,8 @@ import pytest
 import redis
 
 from tests.e2e.conftest import DEMO_ID
-from tests.e2e.gateway_process import ROOT, GatewayProcess, free_port
+from tests.e2e.gateway_process import ROOT, GatewayProcess
+from tests.redis_server import running_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -322,25 +321,8 @@ def test_chains_are_private_per_key_and_survive_a_restart(tmp_path: Path,
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
-         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    probe = redis.Redis(port=port)
-    try:
-        for _ in range(200):
-            try:
-                if probe.ping():
-                    break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        probe.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_redis() as server:
+        yield server.url
 
 
 def test_redis_store_serves_chains_with_a_ttl(tmp_path: Path, demo_model_dir: Path,

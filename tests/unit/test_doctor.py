@@ -7,9 +7,7 @@ import http.server
 import json
 import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from fastapi.responses import JSONResponse
 from app.ops import doctor
 from app.ops.doctor import CheckResult, format_results, run_doctor
 from tests.local_server import free_port, serving
+from tests.redis_server import running_redis
 
 KEY = "mgw-k1-testsecret"
 
@@ -296,23 +295,10 @@ def live_server(stub_state: dict[str, bool]) -> Iterator[int]:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    with running_redis() as server:
+        yield server.url
 
 
 def test_healthy_setup_is_all_ok(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import stat
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ import redis
 
 from app.settings import ConfigError, Settings
 from app.store import RedisStore, ResponseStore, SqliteStore, StoredResponse, open_store
+from tests.redis_server import running_redis
 
 
 def _item(response_id: str = "resp_1", owner: str = "key1", ttl: float = 60.0) -> StoredResponse:
@@ -32,35 +30,10 @@ def _item(response_id: str = "resp_1", owner: str = "key1", ttl: float = 60.0) -
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(200):
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_redis() as server:
+        yield server.url
 
 
 @pytest.fixture(params=["sqlite", "redis"])
