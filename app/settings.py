@@ -124,8 +124,9 @@ class EngineSettings(_Section):
         4096, ge=1, description="Completion cap when a request names none."
     )
     cpu_tuning: bool = Field(
-        True, description="On MLX's CPU backend, lay float32 layers out for the BLAS and group "
-        "decode attention by key/value head (faster decode, same outputs); no effect on a GPU."
+        True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
+        "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "
+        "decode, same outputs); no effect on a GPU."
     )
 
     @field_validator("prompt_cache_bytes", mode="before")
