@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.handler is _serve:
+        # Before MLX loads: on Linux the system OpenBLAS is preloaded into a fresh process.
+        from app.ops.system_blas import reexec_with_system_blas
+        reexec_with_system_blas()
     try:
         code: int = args.handler(args)
     except ConfigError as error:

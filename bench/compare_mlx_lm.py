@@ -29,6 +29,7 @@ import structlog
 
 from app.engine.variants import make_float_variant
 from app.ops.bench import DEFAULT_PROMPT, LevelResult, _levels, render_table, run_probe
+from app.ops.system_blas import OPENBLAS
 from bench import servers
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
 
@@ -234,8 +235,10 @@ def rounds_section(rounds: list[dict[str, ServerRun | None]], levels: list[int])
 def report(
     args: argparse.Namespace, model_dir: Path, rounds: list[dict[str, ServerRun | None]]
 ) -> str:
-    blas = (f"OpenBLAS preloaded (`LD_PRELOAD={servers.OPENBLAS}`)" if servers.OPENBLAS.exists()
-            else "MLX's default BLAS (OpenBLAS not found)")
+    env = servers.bench_env()
+    blas = (f"OpenBLAS preloaded for both (`LD_PRELOAD={env['LD_PRELOAD']}`, "
+            f"`OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT', 'default')}`)"
+            if OPENBLAS.exists() else "MLX's default BLAS (OpenBLAS not found)")
     invocation = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
     out = [
         f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {model_dir.name}",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 
+from app.ops.system_blas import with_system_blas
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 GATEWAY_MODEL_ID = "bench-model"
 READY_TIMEOUT = 600.0
 STOP_GRACE = 30.0
@@ -38,16 +39,13 @@ def free_port() -> int:
 
 
 def bench_env() -> dict[str, str]:
-    """The environment both servers get: ours, plus Debian's OpenBLAS when it exists.
+    """The environment both servers get: ours, plus Debian's OpenBLAS and its thread timeout
+    when it exists (`app.ops.system_blas`, the settings `mlx-gateway serve` gives itself).
 
     MLX's CPU backend uses whatever BLAS is loaded for float32 matmuls; the reference
-    netlib BLAS it links by default is several times slower.
+    BLAS bundled with mlx-cpu is many times slower.
     """
-    env = dict(os.environ)
-    if OPENBLAS.exists():
-        preload = env.get("LD_PRELOAD", "")
-        if str(OPENBLAS) not in preload.split(":"):
-            env["LD_PRELOAD"] = f"{OPENBLAS}:{preload}" if preload else str(OPENBLAS)
+    env = with_system_blas(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

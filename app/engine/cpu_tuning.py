@@ -122,8 +122,14 @@ class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                      scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention`, with one product per key/value head when each
-    sequence brings a single query (a decode step). Anything else goes to mlx-lm's version."""
-    batch, heads, length, dims = queries.shape
+    sequence brings a single query (a decode step). Anything else goes to mlx-lm's version.
+
+    With two or more sequences, the first half of the batch is computed on a second CPU stream
+    (MLX gives each stream its own thread) while the calling stream computes the other half:
+    attention is many small products and a softmax per sequence, work that MLX's one compute
+    thread otherwise does alone while the BLAS threads wait for the next projection.
+    """
+    batch, heads, length, _ = queries.shape
     kv_heads = keys.shape[1]
     grouped_mask = _grouped_mask(mask, heads, kv_heads)
     if (length != 1 or sinks is not None or hasattr(cache, "bits") or heads % kv_heads
@@ -131,15 +137,46 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
         attention: mx.array = _MLX_LM_ATTENTION(queries, keys, values, cache, scale=scale,
                                                 mask=mask, sinks=sinks)
         return attention
+    if batch < 2:
+        return _grouped_attention(queries, keys, values, scale, grouped_mask)
+    half = batch // 2
+
+    def rows(mask: mx.array | None, part: slice) -> mx.array | None:
+        return mask[part] if mask is not None and mask.shape[0] == batch else mask
+
+    first, second = slice(0, half), slice(half, batch)
+    with mx.stream(_side_stream()):
+        head = _grouped_attention(queries[first], keys[first], values[first], scale,
+                                  rows(grouped_mask, first))
+    tail = _grouped_attention(queries[second], keys[second], values[second], scale,
+                              rows(grouped_mask, second))
+    return mx.concatenate([head, tail])
+
+
+def _grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                       mask: mx.array | None) -> mx.array:
+    """Single-query attention with the query heads grouped by the key/value head they share."""
+    batch, heads, _, dims = queries.shape
+    kv_heads = keys.shape[1]
     grouped = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, dims)
     scores = grouped @ keys.swapaxes(-1, -2)  # (batch, kv_heads, group, context)
-    if grouped_mask is not None:
-        if grouped_mask.dtype == mx.bool_:
-            scores = mx.where(grouped_mask, scores, mx.array(-mx.inf, scores.dtype))
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         else:
-            scores = scores + grouped_mask
+            scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ values).reshape(batch, heads, 1, dims)
+
+
+_SIDE_STREAM: list[Any] = []
+
+
+def _side_stream() -> Any:
+    """The second CPU stream decode attention shares its work with (made once, on first use)."""
+    if not _SIDE_STREAM:
+        _SIDE_STREAM.append(mx.new_stream(mx.cpu))
+    return _SIDE_STREAM[0]
 
 
 def _grouped_mask(mask: Any, heads: int, kv_heads: int) -> Any:

@@ -78,8 +78,10 @@ def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads
     v = mx.random.normal((batch, kv_heads, context, 16))
     padding = mx.random.uniform(shape=(batch, 1, 1, context)) > 0.3
     padding[..., -1] = True
+    # Per sequence, per head, additive, and one mask broadcast over the batch: with two or
+    # more sequences the halves of the batch go to two streams, each with its rows of the mask.
     masks = [None, padding, mx.broadcast_to(padding, (batch, heads, 1, context)),
-             mx.random.normal((batch, 1, 1, context))]
+             mx.random.normal((batch, 1, 1, context)), padding[:1]]
     for mask in masks:
         ours = decode_attention(q, k, v, None, 0.25, mask)
         theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
