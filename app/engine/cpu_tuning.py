@@ -113,7 +113,9 @@ class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
         self._decode = mx.compile(lambda x, weight: mx.fast.rms_norm(x, weight, eps))
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.ndim == 3 and x.shape[1] == 1:  # prefill lengths vary: left uncompiled
+        # Decode shapes: (batch, 1, dims), or the (rows, dims) of cpu_decode. Prefill lengths
+        # vary, so prefill is left uncompiled.
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 1):
             normed: mx.array = self._decode(x, self["weight"])
             return normed
         return super().__call__(x)  # type: ignore[no-any-return]
