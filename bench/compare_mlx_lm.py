@@ -94,7 +94,8 @@ def run_one(
 ) -> ServerRun:
     log.info("bench.server_start", server=spec.name, argv=spec.argv)
     command = shlex.join(spec.argv)
-    with servers.running(spec, servers.bench_env(), workdir / f"{spec.name}.log") as pid:
+    env = servers.bench_env(blas_settings=spec.name == "gateway" or args.mlx_lm_blas == "same")
+    with servers.running(spec, env, workdir / f"{spec.name}.log") as pid:
         levels = asyncio.run(run_probe(
             spec.base_url, model=spec.model, levels=args.levels,
             requests_per_client=args.requests, prompt=args.prompt,
@@ -236,8 +237,11 @@ def report(
     args: argparse.Namespace, model_dir: Path, rounds: list[dict[str, ServerRun | None]]
 ) -> str:
     env = servers.bench_env()
-    blas = (f"OpenBLAS preloaded for both (`LD_PRELOAD={env['LD_PRELOAD']}`, "
-            f"`OPENBLAS_THREAD_TIMEOUT={env.get('OPENBLAS_THREAD_TIMEOUT', 'default')}`)"
+    timeout = env.get("OPENBLAS_THREAD_TIMEOUT", "OpenBLAS's default")
+    blas = (f"OpenBLAS preloaded for both (`LD_PRELOAD={env.get('LD_PRELOAD')}`); "
+            + (f"`OPENBLAS_THREAD_TIMEOUT={timeout}` for both" if args.mlx_lm_blas == "same"
+               else f"`OPENBLAS_THREAD_TIMEOUT={timeout}` for mlx-gateway (what `serve` sets), "
+                    "OpenBLAS's default for mlx_lm.server")
             if OPENBLAS.exists() else "MLX's default BLAS (OpenBLAS not found)")
     invocation = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
     out = [
@@ -298,6 +302,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Repeat the levels this many times, alternating which server "
                              "goes first, and report the median ratio (the prefix-cache "
                              "scenario runs in the first round only).")
+    parser.add_argument("--mlx-lm-blas", choices=["same", "defaults"], default="same",
+                        help="same (default): mlx_lm.server gets the OpenBLAS thread timeout "
+                             "the gateway gives itself; defaults: the preload only, as a user "
+                             "runs it.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
     return parser.parse_args(argv)
 

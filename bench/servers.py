@@ -38,14 +38,17 @@ def free_port() -> int:
         return port
 
 
-def bench_env() -> dict[str, str]:
-    """The environment both servers get: ours, plus Debian's OpenBLAS and its thread timeout
-    when it exists (`app.ops.system_blas`, the settings `mlx-gateway serve` gives itself).
+def bench_env(*, blas_settings: bool = True) -> dict[str, str]:
+    """The environment a server gets: ours, plus Debian's OpenBLAS when it exists, with the
+    thread timeout `mlx-gateway serve` gives itself (`app.ops.system_blas`).
 
-    MLX's CPU backend uses whatever BLAS is loaded for float32 matmuls; the reference
-    BLAS bundled with mlx-cpu is many times slower.
+    `blas_settings=False` keeps the preload but leaves OpenBLAS's own thread timeout: how a
+    user runs mlx_lm.server with OpenBLAS preloaded. MLX's CPU backend uses whatever BLAS is
+    loaded for float32 matmuls; the reference BLAS bundled with mlx-cpu is many times slower.
     """
     env = with_system_blas(os.environ)
+    if not blas_settings:
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -1,5 +1,6 @@
-"""The CPU decode paths on the real demo model: a tuned, batched decode writes what mlx-lm's
-own single-sequence generation writes, token for token (greedy)."""
+"""The CPU decode paths on the real demo model: a tuned, batched decode (the tuned layers, split
+attention and cpu_decode's llama step) writes what mlx-lm's own single-sequence generation
+writes, token for token (greedy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ mx = pytest.importorskip("mlx.core")
 from mlx_lm import load, stream_generate  # noqa: E402
 from mlx_lm.generate import BatchGenerator  # noqa: E402
 
+from app.engine.cpu_decode import LlamaDecodeStep  # noqa: E402
 from app.engine.cpu_tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import use_logits_decode  # noqa: E402
 
@@ -45,6 +47,7 @@ def test_tuned_batched_decode_matches_mlx_lm_token_for_token(demo_float32_dir: P
     generator = BatchGenerator(tuned, completion_batch_size=16, prefill_batch_size=16,
                                stop_tokens=[[t] for t in tokenizer.eos_token_ids])
     use_logits_decode(generator)
+    assert isinstance(generator._generation_batch.forward, LlamaDecodeStep)
     uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts))
     got: dict[int, list[int]] = {uid: [] for uid in uids}
     finished: set[int] = set()

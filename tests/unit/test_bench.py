@@ -361,10 +361,19 @@ def test_compare_report_takes_the_median_of_per_round_ratios() -> None:
     reference = {1: 10.0, 10: 40.0}
     rounds = [{"gateway": run("gateway", ours), "mlx_lm": run("mlx_lm", reference)}
               for ours in ({1: 10.0, 10: 60.0}, {1: 9.0, 10: 50.0}, {1: 12.0, 10: 70.0})]
-    args = argparse.Namespace(requests=2, max_tokens=64, levels=[1, 10], history_tokens=0)
+    args = argparse.Namespace(requests=2, max_tokens=64, levels=[1, 10], history_tokens=0,
+                              mlx_lm_blas="same")
     text = report(args, Path("/m"), rounds)
     assert "### Round 3" in text and "3 rounds" in text
     # 10 clients: ratios 1.50, 1.25, 1.75 -> median 1.50 meets the target.
     assert "| 10 | 1.50 | 1.25 | 1.75 | 1.50 | >= 1.5x | yes |" in text
     # 1 client: ratios 1.00, 0.90, 1.20 -> median 1.00.
     assert "| 1 | 1.00 | 0.90 | 1.20 | 1.00 | >= 0.95x | yes |" in text
+
+
+def test_bench_env_can_leave_mlx_lm_openblas_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import servers
+
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "16")
+    assert servers.bench_env()["OPENBLAS_THREAD_TIMEOUT"] == "16"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in servers.bench_env(blas_settings=False)
