@@ -10,15 +10,21 @@ step (one new token per sequence) with far fewer nodes:
   row count OpenBLAS is fastest at), instead of every projection padding, reshaping and slicing
   its own input; padded rows are zero and stay zero through every layer;
 - RoPE's cos/sin for this step's positions are computed once, not in each of the 2 x 30 calls,
-  and applied as `x * cos + swapped(x) * sin`, bit for bit what RoPE computes.
+  and applied as `x * cos + swapped(x) * sin`, bit for bit what RoPE computes; the attention
+  scale rides on the queries' cos/sin when it is a power of two (exact);
+- queries are laid out grouped by key/value head from the start, the padding mask is turned
+  into an additive one once per step, and each half of the batch attends on its own CPU stream
+  (as `cpu_tuning.decode_attention` does).
 
-Everything else is the model's own: its weights, its norms' functions, its KV cache objects,
-`cpu_tuning.decode_attention`. Prefill and anything this class does not know go through the
-model's own `__call__`.
+Everything else is the model's own: its weights, its norms' functions, its KV cache objects.
+Prefill and anything this class does not know go through the model's own `__call__`.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -33,7 +39,7 @@ from app.engine.cpu_tuning import (
     CpuRMSNorm,
     CpuRoPE,
     CpuTiedEmbedding,
-    decode_attention,
+    side_stream,
 )
 
 
@@ -48,6 +54,20 @@ def _rotate(x: mx.array, cos: mx.array, sin: mx.array, traditional: bool) -> mx.
 
 
 _rotate_compiled = mx.compile(_rotate, shapeless=False)
+
+
+@dataclass
+class _StepPlan:
+    """What every layer of one decode step shares."""
+
+    batch: int
+    parts: list[slice]  # the batch, or its two halves (the first runs on the side stream)
+    cos: mx.array  # (batch, 1, 1, head_dim), for the keys
+    sin: mx.array
+    query_cos: mx.array  # the same with the attention scale folded in, for the queries
+    query_sin: mx.array
+    query_scale: float  # 1.0 when the scale is folded into query_cos/query_sin
+    masks: list[mx.array | None]  # additive, one per part, shaped like its scores
 
 
 class LlamaDecodeStep:
@@ -98,27 +118,51 @@ class LlamaDecodeStep:
         hidden = inner.embed_tokens(tokens)  # (batch, features)
         if rows != batch:
             hidden = mx.pad(hidden, [(0, rows - batch), (0, 0)])
-        # Every layer's cache holds the same positions: they are filled, extended and
-        # filtered together.
-        cos, sin = self._rotation(caches[0].offset)
-        mask = caches[0].make_mask(1)  # what the model makes for one new token per sequence
+        plan = self._plan(batch, caches[0])
         for layer, cache in zip(self.layers, caches, strict=True):
-            hidden = self._layer(layer, hidden, batch, cos, sin, mask, cache)
+            hidden = self._layer(layer, hidden, plan, cache)
         out: mx.array = (inner.norm(hidden) @ self.output_t)[:batch]
         return out
 
-    def _layer(self, layer: Any, hidden: mx.array, batch: int, cos: mx.array, sin: mx.array,
-               mask: Any, cache: Any) -> mx.array:
+    def _plan(self, batch: int, cache: Any) -> _StepPlan:
+        # Every layer's cache holds the same positions and padding: they are filled, extended
+        # and filtered together.
+        cos, sin = self._rotation(cache.offset)
+        query_cos, query_sin, query_scale = cos, sin, self.scale
+        if math.log2(self.scale).is_integer():  # a power of two: folding it in is exact
+            query_cos, query_sin, query_scale = cos * self.scale, sin * self.scale, 1.0
+        half = batch // 2
+        parts = [slice(0, half), slice(half, batch)] if batch > 1 else [slice(0, batch)]
+        mask = cache.make_mask(1)  # what the model makes for one new token per sequence
+        masks: list[mx.array | None] = []
+        for part in parts:
+            if mask is None:
+                masks.append(None)
+                continue
+            rows = mask[part] if mask.shape[0] == batch else mask
+            additive = mx.where(rows, mx.array(0.0), mx.array(-mx.inf))
+            group = self.heads // self.kv_heads
+            masks.append(mx.broadcast_to(additive, (part.stop - part.start, self.kv_heads,
+                                                    group, additive.shape[-1])))
+        return _StepPlan(batch, parts, cos, sin, query_cos, query_sin, query_scale, masks)
+
+    def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
         attention, mlp = layer.self_attn, layer.mlp
+        batch, traditional = plan.batch, self.rope.traditional
+        group = self.heads // self.kv_heads
         normed = layer.input_layernorm(hidden)
-        queries = self._heads(normed @ attention.q_proj.weight_t, batch, self.heads)
-        keys = self._heads(normed @ attention.k_proj.weight_t, batch, self.kv_heads)
-        values = self._heads(normed @ attention.v_proj.weight_t, batch, self.kv_heads)
-        traditional = self.rope.traditional
-        queries = _rotate_compiled(queries, cos, sin, traditional)
-        keys = _rotate_compiled(keys, cos, sin, traditional)
+        queries = (normed @ attention.q_proj.weight_t)[:batch]
+        queries = queries.reshape(batch, self.kv_heads, group, self.head_dim)
+        queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
+        if plan.query_scale != 1.0:
+            queries = queries * plan.query_scale
+        keys = (normed @ attention.k_proj.weight_t)[:batch]
+        keys = keys.reshape(batch, self.kv_heads, 1, self.head_dim)
+        keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
+        values = (normed @ attention.v_proj.weight_t)[:batch]
+        values = values.reshape(batch, self.kv_heads, 1, self.head_dim)
         keys, values = cache.update_and_fetch(keys, values)
-        attended = decode_attention(queries, keys, values, cache, self.scale, mask)
+        attended = self._attend(queries, keys, values, plan)
         attended = attended.reshape(batch, self.heads * self.head_dim)
         if hidden.shape[0] != batch:
             attended = mx.pad(attended, [(0, hidden.shape[0] - batch), (0, 0)])
@@ -128,9 +172,23 @@ class LlamaDecodeStep:
         out: mx.array = hidden + gated @ mlp.down_proj.weight_t
         return out
 
-    def _heads(self, projected: mx.array, batch: int, heads: int) -> mx.array:
-        """(rows, heads * head_dim) -> (batch, heads, 1, head_dim), padded rows dropped."""
-        return projected[:batch].reshape(batch, heads, 1, self.head_dim)
+    @staticmethod
+    def _attend(queries: mx.array, keys: mx.array, values: mx.array,
+                plan: _StepPlan) -> mx.array:
+        """Grouped single-query attention, the first half of the batch on the side stream."""
+        whole = len(plan.parts) == 1
+        outputs = []
+        for index, (part, mask) in enumerate(zip(plan.parts, plan.masks, strict=True)):
+            stream = mx.stream(side_stream()) if index == 0 and not whole else nullcontext()
+            with stream:
+                q, k, v = ((queries, keys, values) if whole
+                           else (queries[part], keys[part], values[part]))
+                scores = q @ k.swapaxes(-1, -2)  # (part, kv_heads, group, context)
+                if mask is not None:
+                    scores = scores + mask
+                weights = mx.softmax(scores, axis=-1, precise=True)
+                outputs.append(weights @ v)
+        return outputs[0] if whole else mx.concatenate(outputs)
 
     def _rotation(self, offsets: mx.array) -> tuple[mx.array, mx.array]:
         """cos and signed sin for each sequence's position, shaped (batch, 1, 1, head_dim).

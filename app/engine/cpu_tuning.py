@@ -147,7 +147,7 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
         return mask[part] if mask is not None and mask.shape[0] == batch else mask
 
     first, second = slice(0, half), slice(half, batch)
-    with mx.stream(_side_stream()):
+    with mx.stream(side_stream()):
         head = _grouped_attention(queries[first], keys[first], values[first], scale,
                                   rows(grouped_mask, first))
     tail = _grouped_attention(queries[second], keys[second], values[second], scale,
@@ -174,7 +174,7 @@ def _grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, scal
 _SIDE_STREAM: list[Any] = []
 
 
-def _side_stream() -> Any:
+def side_stream() -> Any:
     """The second CPU stream decode attention shares its work with (made once, on first use)."""
     if not _SIDE_STREAM:
         _SIDE_STREAM.append(mx.new_stream(mx.cpu))
