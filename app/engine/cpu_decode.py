@@ -4,7 +4,8 @@ On MLX's CPU backend every graph node costs a few microseconds twice: on the thr
 and dispatches the graph, and on the compute thread that runs it. mlx-lm's llama forward, with
 the layers of `cpu_tuning`, is about 3,650 nodes per decode step for a 30-layer model; at 10
 sequences that overhead rivals the arithmetic. This forward computes the same thing for a decode
-step (one new token per sequence) with far fewer nodes:
+step (one new token per sequence) from about 1,660 nodes, and the engine thread's CPU time per
+step drops from about 35 ms to 20 ms:
 
 - the hidden state stays one (rows, features) matrix, padded once to a multiple of 16 rows (the
   row count OpenBLAS is fastest at), instead of every projection padding, reshaping and slicing
