@@ -24,7 +24,6 @@ Prefill and anything this class does not know go through the model's own `__call
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,8 @@ from app.engine.cpu_tuning import (
     CpuRMSNorm,
     CpuRoPE,
     CpuTiedEmbedding,
-    side_stream,
+    attend_grouped,
+    on_two_streams,
 )
 
 
@@ -62,13 +62,12 @@ class _StepPlan:
     """What every layer of one decode step shares."""
 
     batch: int
-    parts: list[slice]  # the batch, or its two halves (the first runs on the side stream)
     cos: mx.array  # (batch, 1, 1, head_dim), for the keys
     sin: mx.array
     query_cos: mx.array  # the same with the attention scale folded in, for the queries
     query_sin: mx.array
     query_scale: float  # 1.0 when the scale is folded into query_cos/query_sin
-    masks: list[mx.array | None]  # additive, one per part, shaped like its scores
+    masks: dict[int, mx.array | None]  # additive, by the first row of each part of the batch
 
 
 class LlamaDecodeStep:
@@ -132,20 +131,20 @@ class LlamaDecodeStep:
         query_cos, query_sin, query_scale = cos, sin, self.scale
         if math.log2(self.scale).is_integer():  # a power of two: folding it in is exact
             query_cos, query_sin, query_scale = cos * self.scale, sin * self.scale, 1.0
-        half = batch // 2
+        half = batch // 2  # the parts `on_two_streams` makes
         parts = [slice(0, half), slice(half, batch)] if batch > 1 else [slice(0, batch)]
         mask = cache.make_mask(1)  # what the model makes for one new token per sequence
-        masks: list[mx.array | None] = []
+        masks: dict[int, mx.array | None] = {}
         for part in parts:
             if mask is None:
-                masks.append(None)
+                masks[part.start] = None
                 continue
             rows = mask[part] if mask.shape[0] == batch else mask
             additive = mx.where(rows, mx.array(0.0), mx.array(-mx.inf))
             group = self.heads // self.kv_heads
-            masks.append(mx.broadcast_to(additive, (part.stop - part.start, self.kv_heads,
-                                                    group, additive.shape[-1])))
-        return _StepPlan(batch, parts, cos, sin, query_cos, query_sin, query_scale, masks)
+            masks[part.start] = mx.broadcast_to(
+                additive, (part.stop - part.start, self.kv_heads, group, additive.shape[-1]))
+        return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks)
 
     def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
         attention, mlp = layer.self_attn, layer.mlp
@@ -176,20 +175,14 @@ class LlamaDecodeStep:
     @staticmethod
     def _attend(queries: mx.array, keys: mx.array, values: mx.array,
                 plan: _StepPlan) -> mx.array:
-        """Grouped single-query attention, the first half of the batch on the side stream."""
-        whole = len(plan.parts) == 1
-        outputs = []
-        for index, (part, mask) in enumerate(zip(plan.parts, plan.masks, strict=True)):
-            stream = mx.stream(side_stream()) if index == 0 and not whole else nullcontext()
-            with stream:
-                q, k, v = ((queries, keys, values) if whole
-                           else (queries[part], keys[part], values[part]))
-                scores = q @ k.swapaxes(-1, -2)  # (part, kv_heads, group, context)
-                if mask is not None:
-                    scores = scores + mask
-                weights = mx.softmax(scores, axis=-1, precise=True)
-                outputs.append(weights @ v)
-        return outputs[0] if whole else mx.concatenate(outputs)
+        """Grouped single-query attention, each half of the batch on its own stream."""
+        def part(rows: slice) -> mx.array:
+            whole = rows.stop - rows.start == plan.batch
+            q, k, v = ((queries, keys, values) if whole
+                       else (queries[rows], keys[rows], values[rows]))
+            return attend_grouped(q, k, v, plan.masks[rows.start])
+
+        return on_two_streams(plan.batch, part)
 
     def _rotation(self, offsets: mx.array) -> tuple[mx.array, mx.array]:
         """cos and signed sin for each sequence's position, shaped (batch, 1, 1, head_dim).

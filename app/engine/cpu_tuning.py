@@ -31,6 +31,7 @@ the same RoPE and RMSNorm functions.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -127,14 +128,10 @@ class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                      scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention`, with one product per key/value head when each
-    sequence brings a single query (a decode step). Anything else goes to mlx-lm's version.
-
-    With two or more sequences, the first half of the batch is computed on a second CPU stream
-    (MLX gives each stream its own thread) while the calling stream computes the other half:
-    attention is many small products and a softmax per sequence, work that MLX's one compute
-    thread otherwise does alone while the BLAS threads wait for the next projection.
+    sequence brings a single query (a decode step), split over two CPU streams
+    (`on_two_streams`). Anything else goes to mlx-lm's version.
     """
-    batch, heads, length, _ = queries.shape
+    batch, heads, length, dims = queries.shape
     kv_heads = keys.shape[1]
     grouped_mask = _grouped_mask(mask, heads, kv_heads)
     if (length != 1 or sinks is not None or hasattr(cache, "bits") or heads % kv_heads
@@ -142,43 +139,53 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
         attention: mx.array = _MLX_LM_ATTENTION(queries, keys, values, cache, scale=scale,
                                                 mask=mask, sinks=sinks)
         return attention
-    if batch < 2:
-        return _grouped_attention(queries, keys, values, scale, grouped_mask)
-    half = batch // 2
 
-    def rows(mask: mx.array | None, part: slice) -> mx.array | None:
-        return mask[part] if mask is not None and mask.shape[0] == batch else mask
+    def part(rows: slice) -> mx.array:
+        mask = grouped_mask
+        if mask is not None and mask.shape[0] == batch:
+            mask = mask[rows]
+        grouped = (queries[rows] * scale).reshape(-1, kv_heads, heads // kv_heads, dims)
+        attended = attend_grouped(grouped, keys[rows], values[rows], mask)
+        return attended.reshape(-1, heads, 1, dims)
 
-    first, second = slice(0, half), slice(half, batch)
-    with mx.stream(side_stream()):
-        head = _grouped_attention(queries[first], keys[first], values[first], scale,
-                                  rows(grouped_mask, first))
-    tail = _grouped_attention(queries[second], keys[second], values[second], scale,
-                              rows(grouped_mask, second))
-    return mx.concatenate([head, tail])
+    return on_two_streams(batch, part)
 
 
-def _grouped_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                       mask: mx.array | None) -> mx.array:
-    """Single-query attention with the query heads grouped by the key/value head they share."""
-    batch, heads, _, dims = queries.shape
-    kv_heads = keys.shape[1]
-    grouped = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, dims)
-    scores = grouped @ keys.swapaxes(-1, -2)  # (batch, kv_heads, group, context)
+def attend_grouped(queries: mx.array, keys: mx.array, values: mx.array,
+                   mask: mx.array | None) -> mx.array:
+    """Single-query attention with the (scaled) queries grouped by the key/value head they
+    share: (batch, kv_heads, group, dims) against (batch, kv_heads, context, dims). `mask` is
+    boolean (False hides a position) or additive."""
+    scores = queries @ keys.swapaxes(-1, -2)  # (batch, kv_heads, group, context)
     if mask is not None:
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         else:
             scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
-    return (weights @ values).reshape(batch, heads, 1, dims)
+    return weights @ values
+
+
+def on_two_streams(batch: int, part: Callable[[slice], mx.array]) -> mx.array:
+    """`part(rows)` for the whole batch, concatenated along it.
+
+    With two or more sequences the first half of the batch is computed on a second CPU stream
+    (MLX gives each stream its own thread) while the calling stream computes the other half:
+    per-sequence work that MLX's one compute thread would otherwise do alone while the BLAS
+    threads wait for the next projection."""
+    if batch < 2:
+        return part(slice(0, batch))
+    half = batch // 2
+    with mx.stream(_side_stream()):
+        head = part(slice(0, half))
+    return mx.concatenate([head, part(slice(half, batch))])
 
 
 _SIDE_STREAM: list[Any] = []
 
 
-def side_stream() -> Any:
-    """The second CPU stream decode attention shares its work with (made once, on first use)."""
+def _side_stream() -> Any:
+    """The second CPU stream of `on_two_streams` (made once, on first use)."""
     if not _SIDE_STREAM:
         _SIDE_STREAM.append(mx.new_stream(mx.cpu))
     return _SIDE_STREAM[0]
