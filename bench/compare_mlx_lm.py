@@ -2,10 +2,12 @@
 
     python -m bench.compare_mlx_lm --model-dir PATH [--levels 1,5,10] [--requests 3]
         [--max-tokens 128] [--rounds 1] [--only gateway|mlx_lm] [--dtype float32|as-is]
+        [--mlx-lm-blas same|defaults]
 
-Both servers get the same environment (OpenBLAS preloaded when present), the same prompts and
-temperature 0, and are run in turn, never together (2 cores). Progress goes to stderr; a
-markdown section for bench/RESULTS.md goes to stdout.
+Both servers get the same environment (OpenBLAS preloaded when present, with the gateway's
+thread timeout unless `--mlx-lm-blas defaults`), the same prompts and temperature 0, and are
+run in turn, never together (2 cores). Progress goes to stderr; a markdown section for
+bench/RESULTS.md goes to stdout.
 """
 
 from __future__ import annotations

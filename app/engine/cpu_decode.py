@@ -40,6 +40,7 @@ from app.engine.cpu_tuning import (
     CpuRoPE,
     CpuTiedEmbedding,
     attend_grouped,
+    batch_parts,
     on_two_streams,
 )
 
@@ -67,7 +68,7 @@ class _StepPlan:
     query_cos: mx.array  # the same with the attention scale folded in, for the queries
     query_sin: mx.array
     query_scale: float  # 1.0 when the scale is folded into query_cos/query_sin
-    masks: dict[int, mx.array | None]  # additive, by the first row of each part of the batch
+    masks: dict[int, mx.array | None]  # additive, by the first row of each `batch_parts`
 
 
 class LlamaDecodeStep:
@@ -79,6 +80,7 @@ class LlamaDecodeStep:
         self.layers = inner.layers
         attention = self.layers[0].self_attn
         self.heads, self.kv_heads = attention.n_heads, attention.n_kv_heads
+        self.group = self.heads // self.kv_heads  # query heads per key/value head
         self.head_dim = attention.head_dim
         self.scale = attention.scale
         self.rope: CpuRoPE = attention.rope
@@ -131,28 +133,24 @@ class LlamaDecodeStep:
         query_cos, query_sin, query_scale = cos, sin, self.scale
         if math.log2(self.scale).is_integer():  # a power of two: folding it in is exact
             query_cos, query_sin, query_scale = cos * self.scale, sin * self.scale, 1.0
-        half = batch // 2  # the parts `on_two_streams` makes
-        parts = [slice(0, half), slice(half, batch)] if batch > 1 else [slice(0, batch)]
         mask = cache.make_mask(1)  # what the model makes for one new token per sequence
         masks: dict[int, mx.array | None] = {}
-        for part in parts:
+        for part in batch_parts(batch):
             if mask is None:
                 masks[part.start] = None
                 continue
             rows = mask[part] if mask.shape[0] == batch else mask
             additive = mx.where(rows, mx.array(0.0), mx.array(-mx.inf))
-            group = self.heads // self.kv_heads
-            masks[part.start] = mx.broadcast_to(
-                additive, (part.stop - part.start, self.kv_heads, group, additive.shape[-1]))
+            shape = (part.stop - part.start, self.kv_heads, self.group, additive.shape[-1])
+            masks[part.start] = mx.broadcast_to(additive, shape)
         return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks)
 
     def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
         attention, mlp = layer.self_attn, layer.mlp
         batch, traditional = plan.batch, self.rope.traditional
-        group = self.heads // self.kv_heads
         normed = layer.input_layernorm(hidden)
         queries = (normed @ attention.q_proj.weight_t)[:batch]
-        queries = queries.reshape(batch, self.kv_heads, group, self.head_dim)
+        queries = queries.reshape(batch, self.kv_heads, self.group, self.head_dim)
         queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
         if plan.query_scale != 1.0:
             queries = queries * plan.query_scale

@@ -173,12 +173,18 @@ def on_two_streams(batch: int, part: Callable[[slice], mx.array]) -> mx.array:
     (MLX gives each stream its own thread) while the calling stream computes the other half:
     per-sequence work that MLX's one compute thread would otherwise do alone while the BLAS
     threads wait for the next projection."""
-    if batch < 2:
-        return part(slice(0, batch))
-    half = batch // 2
+    parts = batch_parts(batch)
+    if len(parts) == 1:
+        return part(parts[0])
     with mx.stream(_side_stream()):
-        head = part(slice(0, half))
-    return mx.concatenate([head, part(slice(half, batch))])
+        head = part(parts[0])
+    return mx.concatenate([head, part(parts[1])])
+
+
+def batch_parts(batch: int) -> list[slice]:
+    """The rows `on_two_streams` hands to `part`: the whole batch, or its two halves."""
+    half = batch // 2
+    return [slice(0, half), slice(half, batch)] if batch > 1 else [slice(0, batch)]
 
 
 _SIDE_STREAM: list[Any] = []
