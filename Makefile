@@ -60,7 +60,7 @@ lint: install
 
 bench: install demo-model
 	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm \
-	  --model-dir $$($(BIN)/python -c 'from app.engine.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
+	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
 	  --rounds 3 $(ARGS)
 
 clean:

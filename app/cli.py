@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from app.settings import ConfigError, Settings, load_settings
+from app.settings import ConfigError, load_settings
 
 # Nothing may reach a model hub at run time; local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,17 +17,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 
-def config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config file (default: $MLXGW_CONFIG)")
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from app.http.app import create_app
+    from app.http.server import DrainingServer
     from app.logging import configure_logging
-    from app.main import create_app
+    from app.models.cli import ensure_demo
     from app.security.auth import check_bind_safety, ensure_first_key
     from app.security.keys import KeyStore
-    from app.server import DrainingServer
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -43,29 +39,10 @@ def _serve(args: argparse.Namespace) -> int:
         print("Created the first admin key. It is shown only this once; keep it safe:\n"
               f"{first_key}", flush=True)
     if not settings.models and not settings.discovery.model_dirs:
-        _ensure_demo(settings, quiet=True)
+        ensure_demo(settings, quiet=True)
     app = create_app(settings)
     DrainingServer(app, host=settings.server.host, port=settings.server.port,
                    grace=settings.server.shutdown_grace).run()
-    return 0
-
-
-def _ensure_demo(settings: Settings, *, quiet: bool = False) -> Path:
-    from app.engine.demo import ensure_demo_model
-
-    def progress(done: int, total: int) -> None:
-        if not quiet and sys.stderr.isatty():
-            width = 30
-            filled = width * done // max(total, 1)
-            print(f"\rconverting [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
-                  end="" if done < total else "\n", file=sys.stderr)
-
-    return ensure_demo_model(settings.cache_dir, progress=progress)
-
-
-def _models_demo(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    print(_ensure_demo(settings))
     return 0
 
 
@@ -74,27 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlx-gateway", description="Serve local MLX models as an OpenAI-compatible API."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    # Every subcommand that reads the config takes the same --config.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: $MLXGW_CONFIG)")
 
-    serve = commands.add_parser("serve", help="run the gateway")
-    config_argument(serve)
+    serve = commands.add_parser("serve", parents=[config], help="run the gateway")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     serve.set_defaults(handler=_serve)
 
-    models = commands.add_parser("models", help="model registry and the demo model")
-    model_commands = models.add_subparsers(dest="models_command", required=True)
-    demo = model_commands.add_parser("demo", help="fetch and convert the demo model; print path")
-    config_argument(demo)
-    demo.set_defaults(handler=_models_demo)
-    from app.engine.registry import add_list_command
-
-    add_list_command(model_commands)
-
-    from app.ops import bench, doctor, service
+    from app.models import cli as models_cli
+    from app.ops import bench, doctor, service_manager
     from app.security import cli as keys_cli
 
-    for module in (keys_cli, doctor, service, bench):
-        module.add_commands(commands)
+    for module in (models_cli, keys_cli, doctor, service_manager):
+        module.add_commands(commands, config)
+    bench.add_commands(commands)  # talks to a URL; reads no config
     return parser
 
 

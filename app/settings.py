@@ -39,6 +39,16 @@ def parse_bytes(value: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def format_bytes(value: int) -> str:
+    """12_300_000_000 -> '12.3 GB' (decimal units, as users see them in Finder)."""
+    amount = float(value)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(amount) < 1000:
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
+    return f"{amount:.1f} TB"
+
+
 def _home(*parts: str) -> Path:
     return Path.home().joinpath(*parts)
 

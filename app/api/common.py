@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
-from app.engine.service import Engine, GenerationStream
+from app.engine.engine import Engine, GenerationStream
 from app.security.auth import authorize_model
 
 T = TypeVar("T")

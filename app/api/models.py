@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.engine.registry import ModelRegistry, ModelSpec
-from app.engine.service import Engine
+from app.engine.engine import Engine
+from app.models.registry import ModelRegistry, ModelSpec
 from app.security.auth import require_admin
 
 router = APIRouter()

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from app.engine.cpu_decode import LlamaDecodeStep
+from app.engine.cpu.llama_step import LlamaDecodeStep
 
 # (tokens (batch,), per-layer caches) -> logits (batch, vocabulary) for one new token each.
 DecodeForward = Callable[[mx.array, list[Any]], mx.array]

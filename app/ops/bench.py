@@ -556,5 +556,4 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("--pid", type=_positive, default=None,
                         help="Local server process id whose peak RSS to sample.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    parser.add_argument("--config", default=None, help="Config file (unused by bench).")
     parser.set_defaults(handler=_run_command)

@@ -426,13 +426,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "fail" for r in results) else 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                 config: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
-        "doctor", help="Check config, keys, port, server, Redis and models; exit 1 on failure.",
+        "doctor", parents=[config],
+        help="Check config, keys, port, server, Redis and models; exit 1 on failure.",
         description="Run after every install or config change. Each line is ok, warn or fail; "
                     "anything not ok comes with its fix.",
     )
-    parser.add_argument("--config", metavar="FILE", help="The gateway's TOML config.")
     parser.add_argument("--url", metavar="URL",
                         help="Server to check (default: the configured host and port). From a "
                              "second machine: the address clients use, e.g. https://host.")

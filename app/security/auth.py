@@ -1,89 +1,18 @@
-"""Deny-by-default authentication as a pure ASGI middleware, plus the startup safety checks.
+"""Who may do what: admin and model scopes, the first key, and the startup bind check.
 
-The decision uses only the raw ASGI `scope["path"]` (never a URL rebuilt from the Host
-header) and the method, so Host tricks and query strings cannot open a route.
+The middleware that establishes the caller is app/http/auth.py.
 """
 
 from __future__ import annotations
 
 import structlog
 
-from app import metrics
-from app.errors import AuthenticationFailed, PermissionDenied
-from app.security.asgi import ASGIApp, Receive, Scope, Send, header, send_error, state
-from app.security.client_ip import client_ip, parse_networks
-from app.security.keys import KeyRecord, KeyStore
+from app.errors import PermissionDenied
+from app.security.keys import KeyStore
 from app.security.principal import Principal
 from app.settings import ConfigError, Settings
 
 log = structlog.get_logger(__name__)
-
-OPEN_PATHS = frozenset({"/health", "/ready"})
-# One message for missing, malformed, unknown and revoked keys: say nothing about which.
-AUTH_MESSAGE = "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key'."
-
-
-def presented_keys(scope: Scope) -> list[str]:
-    """Candidate keys from `Authorization: Bearer` and `x-api-key`, in that order."""
-    found: list[str] = []
-    authorization = header(scope, b"authorization")
-    if authorization:
-        scheme, _, value = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            found.append(value.strip())
-    api_key = header(scope, b"x-api-key")
-    if api_key and api_key.strip() and api_key.strip() not in found:
-        found.append(api_key.strip())
-    return found
-
-
-def is_preflight(scope: Scope) -> bool:
-    return scope.get("method") == "OPTIONS" and header(
-        scope, b"access-control-request-method") is not None
-
-
-class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyStore | None, settings: Settings) -> None:
-        self.app = app
-        self.keys = keys
-        self.enabled = settings.auth.enabled
-        self.trusted = parse_networks(settings.server.trusted_proxies)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        ip = client_ip(scope, self.trusted)
-        if not self.enabled:
-            state(scope)["principal"] = Principal.anonymous(ip)
-            await self.app(scope, receive, send)
-            return
-        record = self._verify(scope)
-        if record is not None:
-            state(scope)["principal"] = Principal.from_key(record, ip)
-        elif scope.get("path") in OPEN_PATHS or is_preflight(scope):
-            state(scope)["principal"] = Principal.unauthenticated(ip)
-        else:
-            metrics.AUTH_FAILURES.inc()
-            log.info("request refused: missing or invalid key", client_ip=ip,
-                     path=scope.get("path"))
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            await send_error(scope, send, AuthenticationFailed(AUTH_MESSAGE),
-                             {"WWW-Authenticate": "Bearer"})
-            return
-        await self.app(scope, receive, send)
-
-    def _verify(self, scope: Scope) -> KeyRecord | None:
-        if self.keys is None:
-            return None
-        for token in presented_keys(scope):
-            record = self.keys.verify(token)
-            if record is not None:
-                return record
-        return None
-
 
 def require_admin(principal: Principal | None) -> None:
     if principal is None or not principal.admin:

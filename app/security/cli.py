@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from app.security.keys import KeyRecord, KeyStore
 from app.settings import load_settings
@@ -84,15 +83,13 @@ def revoke_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                 config: argparse.ArgumentParser) -> None:
     keys = subparsers.add_parser("keys", help="create, list and revoke API keys")
     commands = keys.add_subparsers(dest="keys_command", required=True)
 
     def leaf(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("--config", type=Path, default=None,
-                            help="TOML config file (default: $MLXGW_CONFIG)")
-        return parser
+        return commands.add_parser(name, parents=[config], help=help_text)
 
     create = leaf("create", "create a key; prints it once on the last line")
     create.add_argument("--name", required=True, help="who or what the key is for")

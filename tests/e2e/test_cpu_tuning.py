@@ -13,8 +13,8 @@ mx = pytest.importorskip("mlx.core")
 from mlx_lm import load, stream_generate  # noqa: E402
 from mlx_lm.generate import BatchGenerator  # noqa: E402
 
-from app.engine.cpu_decode import LlamaDecodeStep  # noqa: E402
-from app.engine.cpu_tuning import tune_for_cpu  # noqa: E402
+from app.engine.cpu.llama_step import LlamaDecodeStep  # noqa: E402
+from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import use_logits_decode  # noqa: E402
 
 pytestmark = [pytest.mark.e2e,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.engine.demo import (
+from app.models.demo import (
     DEMO_GGUF_ENV,
     DEMO_GGUF_NAME,
     DemoModelUnavailable,

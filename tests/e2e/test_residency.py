@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.engine.variants import make_float_variant
+from bench.variants import make_float_variant
 from tests.e2e.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.e2e

@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from app.errors import Overloaded, RateLimited
+from app.http.limits import RateLimitMiddleware
 from app.limits.admission import Admission
 from app.limits.breaker import BreakerState, CircuitBreaker
-from app.limits.middleware import RateLimitMiddleware
 from app.limits.window import InProcessLimiter
 from app.settings import Settings
 

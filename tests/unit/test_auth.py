@@ -15,8 +15,8 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from app.errors import GatewayError
+from app.http.auth import AuthMiddleware
 from app.security.auth import (
-    AuthMiddleware,
     authorize_model,
     check_bind_safety,
     ensure_first_key,

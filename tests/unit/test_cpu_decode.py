@@ -1,4 +1,4 @@
-"""The llama decode step of app/engine/cpu_decode.py computes exactly what the tuned model's own
+"""The llama decode step of app/engine/cpu/llama_step.py computes exactly what the tuned model's own
 forward computes, bit for bit, for every batch size and both RoPE layouts."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
 
-from app.engine.cpu_decode import LlamaDecodeStep  # noqa: E402
-from app.engine.cpu_tuning import tune_for_cpu  # noqa: E402
+from app.engine.cpu.llama_step import LlamaDecodeStep  # noqa: E402
+from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import decode_forward  # noqa: E402
 from tests.unit.test_cpu_tuning import tiny_model  # noqa: E402
 

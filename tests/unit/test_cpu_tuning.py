@@ -15,7 +15,7 @@ from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention  # noqa: E402
 
 from app.core.types import SamplingParams  # noqa: E402
-from app.engine.cpu_tuning import (  # noqa: E402
+from app.engine.cpu.tuning import (  # noqa: E402
     CpuLinear,
     CpuRMSNorm,
     CpuRoPE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import http.server
 import json
 import shutil
@@ -15,7 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.ops import doctor
+from app.cli import build_parser
 from app.ops.doctor import CheckResult, format_results, run_doctor
 from tests.local_server import free_port, serving
 from tests.redis_server import running_redis
@@ -52,9 +51,7 @@ def _model_dir(tmp_path: Path, size: int = 4096) -> Path:
 
 
 def _doctor_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-gateway")
-    doctor.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     code: int = args.handler(args)
     return code
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from app.engine.gguf import (
+from app.models.gguf.convert import (
     GGUFHeader,
     TensorInfo,
     UnsupportedModel,
@@ -26,7 +26,7 @@ from app.engine.gguf import (
     is_conversion_of,
     read_gguf_header,
 )
-from app.engine.gguf_tokenizer import build_tokenizer_files
+from app.models.gguf.tokenizer import build_tokenizer_files
 
 # --------------------------------------------------------------------------- a tiny GGUF writer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from app.security import cli as keys_cli
+from app.cli import build_parser
 from app.security.keys import KeyStore, parse_token
 
 
@@ -111,9 +111,7 @@ def test_secret_never_reaches_the_logs(keys_path: Path) -> None:
 # --- CLI -------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-gateway")
-    keys_cli.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def _run(argv: list[str]) -> int:

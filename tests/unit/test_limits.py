@@ -16,12 +16,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
+from app.http.auth import AuthMiddleware
+from app.http.limits import RateLimitMiddleware
 from app.limits.breaker import CircuitBreaker
 from app.limits.fallback import FallbackLimiter
-from app.limits.middleware import RateLimitMiddleware
 from app.limits.redis_backend import RedisLimiter
 from app.limits.window import InProcessLimiter, Limiter
-from app.security.auth import AuthMiddleware
 from app.security.keys import KeyStore
 from app.settings import Settings
 from tests.redis_server import RedisServer
@@ -326,7 +326,7 @@ async def test_hung_redis_times_out_into_the_fallback(clock: FakeClock) -> None:
 
 
 def test_ipv6_clients_share_their_64() -> None:
-    from app.limits.middleware import ip_bucket
+    from app.http.limits import ip_bucket
 
     assert ip_bucket("2001:db8:1:2:aaaa::1") == ip_bucket("2001:db8:1:2:ffff::9")
     assert ip_bucket("2001:db8:1:2::1") != ip_bucket("2001:db8:1:3::1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
@@ -11,13 +10,11 @@ from typing import Any
 
 import pytest
 
-from app.engine.demo import DEMO_GGUF_NAME
-from app.engine.registry import (
-    ModelRegistry,
-    add_list_command,
-    format_table,
-)
+from app.cli import main
 from app.errors import ModelNotFound
+from app.models.cli import format_table
+from app.models.demo import DEMO_GGUF_NAME
+from app.models.registry import ModelRegistry
 from app.settings import DEMO_MODEL_ID, Settings, load_settings
 
 # Left in the cache by `mlx-gateway models demo` (make test runs it first).
@@ -327,11 +324,7 @@ def test_models_list_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         f'cache_dir = "{tmp_path / "cache"}"\n'
         f'[[models]]\nid = "smol"\npath = "{folder}"\n'
         f'[[models]]\nid = "smol"\npath = "{folder}"\n')
-    parser = argparse.ArgumentParser()
-    models = parser.add_subparsers(dest="command").add_parser("models").add_subparsers()
-    add_list_command(models)
-    args = parser.parse_args(["models", "list", "--config", str(config)])
-    assert args.handler(args) == 0
+    assert main(["models", "list", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[1].split()[:3] == ["smol", "config", "mlx"]
     assert len(out.splitlines()) == 2
@@ -339,10 +332,7 @@ def test_models_list_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_models_list_command_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_list_command(parser.add_subparsers())
-    args = parser.parse_args(["list", "--config", str(tmp_path / "missing.toml")])
-    assert args.handler(args) == 2
+    assert main(["models", "list", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.residency import (
+from app.engine.residency.policy import (
     LoadDecision,
     ResidencyPolicy,
-    format_bytes,
     parse_budget,
     physical_memory_bytes,
 )
+from app.settings import format_bytes
 
 GB = 10**9
 

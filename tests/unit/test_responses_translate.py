@@ -9,8 +9,8 @@ import pytest
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseItemList
 
-from app.api.responses_render import ResponseRenderer, page_items, request_echo
-from app.api.responses_schema import (
+from app.api.openai.responses_render import ResponseRenderer, page_items, request_echo
+from app.api.openai.responses_schema import (
     ResponsesRequest,
     items_to_messages,
     message_from_json,
@@ -420,7 +420,7 @@ def _history(turns: int) -> list[ChatMessage]:
                          [(8, 6, 12), (8, 17, 0), (8, 15, 2), (8, 2, 16), (3, 3, 4), (5, 9, 2)])
 async def test_auto_truncation_drops_the_fewest_oldest_turns(turns: int, limit: int,
                                                              dropped: int) -> None:
-    from app.api.responses import _submit_fitting
+    from app.api.openai.responses import _submit_fitting
     from app.core.types import GenerationRequest
 
     context = _history(turns)
@@ -438,7 +438,7 @@ async def test_auto_truncation_drops_the_fewest_oldest_turns(turns: int, limit: 
 
 
 async def test_too_long_input_alone_and_disabled_truncation_are_400s() -> None:
-    from app.api.responses import _submit_fitting
+    from app.api.openai.responses import _submit_fitting
     from app.core.types import GenerationRequest
     from app.errors import ContextLengthExceeded
 
@@ -490,7 +490,7 @@ class _FakeStream:
 async def _sse_frames(events: list[Any], store: _MemoryStore) -> list[tuple[str, str]]:
     from types import SimpleNamespace
 
-    from app.api.responses import _sse, _Turn
+    from app.api.openai.responses import _sse, _Turn
 
     request: Any = SimpleNamespace(state=SimpleNamespace(log_fields={}))
     turn = _Turn(store=store, owner="k", ttl=60, keep=True,  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ import json
 
 from app.api.sse import ANTHROPIC_HEARTBEAT, DONE, OPENAI_HEARTBEAT, sse_data
 from app.core.types import Finish, TextDelta, Usage
-from app.engine.service import GenerationStream
+from app.engine.engine import GenerationStream
 
 
 def test_framing() -> None:

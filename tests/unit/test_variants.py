@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.utils import load_model, save_config, save_model  # noqa: E402
 
-from app.engine.registry import ModelRegistry  # noqa: E402
-from app.engine.variants import make_float_variant  # noqa: E402
+from app.models.registry import ModelRegistry  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from bench.variants import make_float_variant  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
@@ -112,7 +112,7 @@ def _demo_folder() -> Path | None:
     override = os.environ.get("MLXGW_TEST_MODEL_DIR")  # as tests/e2e/conftest.py
     if override:
         return Path(override)
-    from app.engine.demo import demo_model_dir
+    from app.models.demo import demo_model_dir
     from app.settings import load_settings
 
     return demo_model_dir(load_settings().cache_dir)  # filled by `mlx-gateway models demo`

@@ -10,16 +10,17 @@ import structlog
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from app.api import chat, completions, health, metrics_route, models, responses
+from app.api import health, metrics_route, models
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from app.engine.registry import ModelRegistry
-from app.engine.service import Engine
+from app.api.openai import chat, completions, responses
+from app.engine.engine import Engine
+from app.http.auth import AuthMiddleware
+from app.http.edge import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.http.limits import RateLimitMiddleware
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.limits.factory import build_limiter
-from app.limits.middleware import RateLimitMiddleware
-from app.security.auth import AuthMiddleware
+from app.models.registry import ModelRegistry
 from app.security.keys import KeyStore, reload_on_sighup
 from app.settings import Settings
 from app.store import open_store

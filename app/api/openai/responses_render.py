@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from app.api.common import new_id
-from app.api.responses_schema import ResponsesRequest
+from app.api.openai.responses_schema import ResponsesRequest
 from app.core.types import Failed, Finish, GenerationEvent, TextDelta, ToolCallDelta, Usage
 from app.errors import GatewayError, InvalidRequest, RateLimited
 

@@ -7,9 +7,7 @@ name a registry id or alias: its string is looked up in a dict and never reaches
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,11 +15,14 @@ from typing import Any, Literal
 
 import structlog
 
-from app.engine.demo import demo_model_dir
-from app.engine.gguf import read_gguf_header
-from app.engine.residency import format_bytes
 from app.errors import ModelNotFound
-from app.settings import DEMO_MODEL_ID, ConfigError, ModelEntry, Settings, load_settings
+from app.models.demo import demo_model_dir
+from app.models.gguf.convert import read_gguf_header
+from app.settings import (
+    DEMO_MODEL_ID,
+    ModelEntry,
+    Settings,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -352,45 +353,3 @@ def _lmstudio_repo(publisher: str, repo: Path, warnings: list[str]) -> list[Mode
     if len(ggufs) == 1:
         return [_make_spec(model_id, ggufs[0], "lmstudio")]
     return [_make_spec(p.stem, p, "lmstudio") for p in ggufs]
-
-
-# --- CLI: `mlx-gateway models list` -------------------------------------------------------------
-
-
-def format_table(registry: ModelRegistry) -> str:
-    header = ("ID", "SOURCE", "FORMAT", "SIZE", "MEMORY", "CONTEXT", "PINNED", "ALIASES")
-    rows = [header]
-    for spec in registry.specs:
-        rows.append((spec.id, spec.source, spec.format, format_bytes(spec.weight_bytes),
-                     format_bytes(spec.estimated_bytes), str(spec.context_length),
-                     "yes" if spec.pinned else "no", ", ".join(spec.aliases) or "-"))
-    if len(rows) == 1:
-        return ("no models: add [[models]] entries or [discovery] model_dirs to the config, "
-                "or run `mlx-gateway models demo`")
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    return "\n".join(lines)
-
-
-def _list_handler(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
-    registry = ModelRegistry.from_settings(settings, log_warnings=False)
-    print(format_table(registry))
-    for message in registry.warnings:
-        print(f"warning: {message}", file=sys.stderr)
-    return 0
-
-
-def add_list_command(
-    models_subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> None:
-    """Add `list` to the `models` command's subparsers (cli.py owns `models` itself)."""
-    parser = models_subparsers.add_parser(
-        "list", help="Print the models the gateway would serve, without starting it.")
-    parser.add_argument("--config", type=Path, default=None, help="TOML config file.")
-    parser.set_defaults(handler=_list_handler)

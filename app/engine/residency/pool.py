@@ -19,18 +19,18 @@ from typing import Any
 import structlog
 
 from app import metrics
-from app.engine.cpu_tuning import tune_for_cpu
-from app.engine.registry import ModelRegistry, ModelSpec
-from app.engine.residency import EvictReason, ResidencyPolicy, format_bytes
+from app.engine.cpu.tuning import tune_for_cpu
+from app.engine.residency.policy import EvictReason, ResidencyPolicy
 from app.engine.scheduler import ModelBatch
-from app.engine.worker import EngineThread
+from app.engine.thread import EngineThread
 from app.errors import (
     Conflict,
     InsufficientMemory,
     ModelLoadFailed,
     Overloaded,
 )
-from app.settings import Settings
+from app.models.registry import ModelRegistry, ModelSpec
+from app.settings import Settings, format_bytes
 
 log = structlog.get_logger(__name__)
 TTL_SWEEP_MAX_SECONDS = 30.0
@@ -217,7 +217,7 @@ class ModelPool:
     def _mlx_folder(self, spec: ModelSpec) -> Path:
         if spec.format != "gguf":
             return Path(spec.load_path)
-        from app.engine.gguf import ensure_converted
+        from app.models.gguf.convert import ensure_converted
 
         safe = re.sub(r"[^A-Za-z0-9._-]+", "--", spec.id)
         return ensure_converted(Path(spec.load_path), self.settings.cache_dir / "models" / safe)

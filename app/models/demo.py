@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from app.engine.gguf import ensure_converted, file_lock
+from app.models.gguf.convert import ensure_converted, file_lock
 from app.settings import DEMO_MODEL_ID
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from fastapi import Request
 from app.api.common import record_finish
 from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
 from app.core.types import Failed, Finish, TextDelta, Usage
-from app.engine.service import GenerationStream, gateway_error
+from app.engine.engine import GenerationStream, gateway_error
 
 # (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
 ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]

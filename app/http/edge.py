@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.api.errors import error_response
 from app.errors import PayloadTooLarge
+from app.http.asgi import header
 
 log = structlog.get_logger("mlx_gateway.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -29,7 +30,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        given = _header(scope, b"x-request-id")
+        given = header(scope, b"x-request-id")
         request_id = given if given and _REQUEST_ID.match(given) else secrets.token_hex(8)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -76,7 +77,7 @@ class BodySizeLimitMiddleware:
         too_large = PayloadTooLarge(
             f"The request body is larger than this server accepts ({self.max_bytes} bytes)."
         )
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(too_large, scope["path"])(scope, receive, send)
             return
@@ -93,9 +94,3 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, counting_receive, send)
 
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None

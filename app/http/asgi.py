@@ -1,4 +1,5 @@
-"""Answering from a pure ASGI middleware with a GatewayError in the caller's protocol."""
+"""Helpers for the pure ASGI middleware: headers, per-request state, errors in the caller's
+protocol."""
 
 from __future__ import annotations
 

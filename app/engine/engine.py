@@ -15,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from app.core.types import Failed, Finish, GenerationEvent, GenerationRequest, TextDelta
-from app.engine.pool import LoadedModel, ModelPool
 from app.engine.prompt import prompt_tokens
-from app.engine.registry import ModelRegistry
+from app.engine.residency.pool import LoadedModel, ModelPool
 from app.engine.sampling import make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
-from app.engine.worker import EngineThread
+from app.engine.thread import EngineThread
 from app.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -31,6 +30,7 @@ from app.errors import (
 )
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
+from app.models.registry import ModelRegistry
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -22,8 +22,8 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
-from app.api.responses_render import ResponseRenderer, page_items, request_echo
-from app.api.responses_schema import (
+from app.api.openai.responses_render import ResponseRenderer, page_items, request_echo
+from app.api.openai.responses_schema import (
     ResponsesRequest,
     items_to_messages,
     known_calls,
@@ -43,7 +43,7 @@ from app.core.types import (
     SamplingParams,
     TextDelta,
 )
-from app.engine.service import GenerationStream, gateway_error
+from app.engine.engine import GenerationStream, gateway_error
 from app.errors import ContextLengthExceeded, EngineFailure, GatewayError, InvalidRequest, NotFound
 from app.security.principal import Principal
 from app.store import ResponseStore, StoredResponse

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from app.engine.gguf_tokenizer import build_tokenizer_files, check_tokenizer
+from app.models.gguf.tokenizer import build_tokenizer_files, check_tokenizer
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from app import metrics
-from app.settings import ResidencySettings, parse_bytes
+from app.settings import ResidencySettings, format_bytes, parse_bytes
 
 DecisionKind = Literal["resident", "load", "wait", "never"]
 EvictReason = Literal["lru", "ttl", "manual", "budget"]
@@ -51,16 +51,6 @@ class LoadDecision:
     evict: tuple[str, ...] = ()
     holders: tuple[str, ...] = ()
     reason: str = ""
-
-
-def format_bytes(value: int) -> str:
-    """12_300_000_000 -> '12.3 GB' (decimal units, as users see them in Finder)."""
-    amount = float(value)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(amount) < 1000:
-            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
-        amount /= 1000
-    return f"{amount:.1f} TB"
 
 
 def parse_budget(value: str, physical_bytes: int) -> int:

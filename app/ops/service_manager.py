@@ -323,7 +323,7 @@ def _run(argv: Sequence[str]) -> int:
         return 127
 
 
-def _resolve_config(arg: str | None) -> Path:
+def _resolve_config(arg: str | Path | None) -> Path:
     candidates = [arg] if arg else [os.environ.get("MLXGW_CONFIG"),
                                     str(Path.home() / ".config" / "mlx-gateway" / "config.toml")]
     for candidate in candidates:
@@ -393,7 +393,8 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return _finish(plan, args)
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                 config: argparse.ArgumentParser) -> None:
     service = subparsers.add_parser(
         "service", help="Run the gateway at login and restart it after a crash.",
         description="Install the gateway as a launchd LaunchAgent (macOS) or a systemd user "
@@ -403,8 +404,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     def leaf(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
              ) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--config", metavar="FILE", help="The gateway's TOML config.")
+        parser = actions.add_parser(name, parents=[config], help=help_text,
+                                    description=help_text)
         parser.add_argument("--dry-run", action="store_true",
                             help="Print what would be written and run; change nothing.")
         parser.add_argument("--manager", choices=["launchd", "systemd"], default=None,

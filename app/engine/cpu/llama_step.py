@@ -33,7 +33,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import BatchKVCache
 
-from app.engine.cpu_tuning import (
+from app.engine.cpu.tuning import (
     ROW_BLOCK,
     CpuLinear,
     CpuRMSNorm,

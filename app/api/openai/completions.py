@@ -15,8 +15,8 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
-from app.api.openai_schema import CompletionRequest
-from app.api.openai_stream import openai_chunks, usage_body
+from app.api.openai.schema import CompletionRequest
+from app.api.openai.stream import openai_chunks, usage_body
 from app.core.types import GenerationRequest
 
 router = APIRouter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -20,9 +19,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from app.ops import service
+from app.cli import build_parser
+from app.ops import service_manager
 from app.ops.doctor import run_doctor
-from app.ops.service import ServiceSpec, render_launchd_plist, render_systemd_unit
+from app.ops.service_manager import ServiceSpec, render_launchd_plist, render_systemd_unit
 from tests.caddy_server import caddy_root_certificate, running_caddy
 from tests.local_server import free_port, serving
 
@@ -60,7 +60,7 @@ def test_plist_parses_and_has_the_launchd_keys(tmp_path: Path) -> None:
     assert plist["ThrottleInterval"] >= 5
     assert plist["ProcessType"] == "Interactive"
     assert plist["ExitTimeOut"] > spec.shutdown_grace
-    assert plist["ExitTimeOut"] == 43 + service.STOP_MARGIN_SECONDS
+    assert plist["ExitTimeOut"] == 43 + service_manager.STOP_MARGIN_SECONDS
     assert plist["StandardOutPath"] == str(tmp_path / "Logs" / "mlx-gateway" / "mlx-gateway.log")
     assert plist["StandardErrorPath"].endswith("/mlx-gateway/mlx-gateway.err.log")
     assert plist["EnvironmentVariables"] == {
@@ -81,11 +81,12 @@ def test_relative_paths_are_refused(tmp_path: Path) -> None:
 
 def test_broken_template_is_caught(tmp_path: Path) -> None:
     bad = tmp_path / "bad.plist.in"
-    bad.write_text(service.PLIST_TEMPLATE.read_text().replace("</dict>\n</plist>", "</plist>"))
+    template = service_manager.PLIST_TEMPLATE.read_text()
+    bad.write_text(template.replace("</dict>\n</plist>", "</plist>"))
     with pytest.raises(ValueError, match="does not parse"):
         render_launchd_plist(_spec(tmp_path), template=bad)
     unfilled = tmp_path / "unfilled.plist.in"
-    unfilled.write_text(service.PLIST_TEMPLATE.read_text().replace("@LABEL@", "@NOPE@"))
+    unfilled.write_text(service_manager.PLIST_TEMPLATE.read_text().replace("@LABEL@", "@NOPE@"))
     with pytest.raises(ValueError, match="@NOPE@"):
         render_launchd_plist(_spec(tmp_path), template=unfilled)
 
@@ -129,7 +130,7 @@ def test_systemd_unit_content(tmp_path: Path) -> None:
 
 
 def test_systemd_quote_escapes_dollar_and_percent() -> None:
-    assert service._systemd_quote('/a b/$x%y"z') == '"/a b/$$x%%y\\"z"'
+    assert service_manager._systemd_quote('/a b/$x%y"z') == '"/a b/$$x%%y\\"z"'
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
@@ -147,17 +148,15 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_venv_python_keeps_the_venv_symlink() -> None:
-    assert service.venv_python() == Path(os.path.abspath(sys.executable))
-    assert service.venv_python().is_absolute()
+    assert service_manager.venv_python() == Path(os.path.abspath(sys.executable))
+    assert service_manager.venv_python().is_absolute()
 
 
 # --- the CLI, through --dry-run ---------------------------------------------------------------
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-gateway")
-    service.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     code: int = args.handler(args)
     return code
 
@@ -274,14 +273,14 @@ def test_install_executes_the_plan(tmp_path: Path, home: Path) -> None:
         ran.append(list(argv))  # type: ignore[call-overload]
         return 1 if "bootout" in ran[-1] else 0  # "not loaded" must not stop the install
 
-    plan = service.install_plan(spec, "launchd")
+    plan = service_manager.install_plan(spec, "launchd")
     assert plan.execute(fake_run) == 0
     plist_path = home / "Library" / "LaunchAgents" / "com.mlx-gateway.plist"
     assert plistlib.loads(plist_path.read_bytes())["Label"] == "com.mlx-gateway"
     assert spec.log_dir.is_dir()
     assert [argv[1] for argv in ran] == ["bootout", "enable", "bootstrap"]
 
-    failing = service.install_plan(spec, "systemd")
+    failing = service_manager.install_plan(spec, "systemd")
     assert failing.execute(lambda argv: 5 if "enable" in argv else 0) == 5
 
 

@@ -15,10 +15,18 @@ import math
 
 from app import metrics
 from app.errors import GatewayError, RateLimited
+from app.http.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+    state,
+)
+from app.http.auth import is_preflight
 from app.limits.breaker import CircuitBreaker
 from app.limits.window import Limiter, LimitResult
-from app.security.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, state
-from app.security.auth import is_preflight
 from app.security.client_ip import client_ip, parse_networks
 from app.security.principal import Principal
 from app.settings import Settings
@@ -64,6 +72,7 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self.limits = settings.limits
         self.breaker = breaker
+        # Only for use without AuthMiddleware in front, which otherwise decides the address.
         self.trusted = parse_networks(settings.server.trusted_proxies)
 
     def _visitor(self, scope: Scope) -> tuple[str, int, int]:

@@ -14,7 +14,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from app.engine.service import Engine
+from app.engine.engine import Engine
 
 log = structlog.get_logger(__name__)
 
