@@ -30,14 +30,25 @@ CANCELLED = Counter(
     "mlxgw_sequences_cancelled_total", "Sequences stopped early because the client went away."
 )
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
-PREFIX_CACHE_HITS = Counter(
-    "mlxgw_prefix_cache_hits_total", "Prompts that reused cached KV for a prefix."
+PREFIX_CACHE_LOOKUPS = Counter(
+    "mlxgw_prefix_cache_lookups_total",
+    "Prompts looked up in the prefix cache, by outcome: hit (all but the last token cached), "
+    "partial (a shorter prefix cached), miss (nothing reused).",
+    ["outcome"],
 )
-PREFIX_CACHE_MISSES = Counter(
-    "mlxgw_prefix_cache_misses_total", "Prompts prefilled from scratch."
+PREFIX_CACHE_TOKENS = Counter(
+    "mlxgw_prefix_cache_tokens_total",
+    "Prompt tokens reused from the prefix cache or prefilled.", ["kind"],
 )
-PREFIX_CACHED_TOKENS = Counter(
-    "mlxgw_prefix_cached_tokens_total", "Prompt tokens served from the prefix cache."
+PREFIX_CACHE_INSERTS = Counter(
+    "mlxgw_prefix_cache_inserts_total",
+    "Computed KV kept in the prefix cache, by how its sequence got there: finished, "
+    "cancelled, failed (ended by an engine error or shutdown), prefilled (a long prompt kept "
+    "as soon as its prefill completed).",
+    ["reason"],
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "mlxgw_prefix_cache_bytes", "Bytes of KV the prefix cache holds, per model.", ["model"]
 )
 ENGINE_STEP = Histogram(
     "mlxgw_engine_step_seconds",

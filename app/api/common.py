@@ -34,7 +34,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     """Hand the request to the engine; errors here still become a proper HTTP status."""
     request.state.log_fields = {"model": generation.model}
     spec = request.app.state.registry.resolve(generation.model)
-    authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
+    principal = getattr(request.state, "principal", None)
+    authorize_model(principal, spec.id, *spec.aliases)
+    if principal is not None:  # the prefix cache is shared within an owner only
+        generation.owner = principal.owner
     stream = await engine_of(request).submit(generation)
     request.state.log_fields["model"] = stream.model
     return stream

@@ -60,6 +60,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: str | None = None
+    # Who asked (the API key id; "anonymous" for every keyless loopback client): prefix-cache
+    # reuse never crosses owners, since `cached_tokens` would reveal what another key sent.
+    owner: str = "anonymous"
 
 
 @dataclass(frozen=True)

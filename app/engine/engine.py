@@ -194,6 +194,7 @@ class Engine:
             sampler=make_sequence_sampler(request.sampling),
             processors=make_sequence_processors(request.sampling),
             stop=list(request.stop),
+            owner=request.owner,
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )

@@ -17,17 +17,22 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from app import metrics
 from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
 from app.engine.decode import use_logits_decode
+from app.engine.prefix_cache import PrefixCache
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure
 
 log = structlog.get_logger(__name__)
 
 EventSink = Callable[[list[GenerationEvent]], None]
+
+# A prompt with at least this many new tokens is put in the prefix cache as soon as its prefill
+# completes (a second request with the same long prefix needn't wait for the first to finish);
+# shorter ones only when they end: one copy of their KV fewer, and they are cheap to redo.
+EARLY_INSERT_MIN_TOKENS = 256
 
 
 @dataclass(eq=False)
@@ -42,6 +47,7 @@ class Sequence:
     stop: list[str]
     deliver: EventSink  # runs on `loop`: hands events to the request's stream
     loop: asyncio.AbstractEventLoop
+    owner: str = "anonymous"  # whose prefix cache namespace this prompt reads and feeds
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -81,13 +87,12 @@ class ModelBatch:
 
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
-        prompt_cache_bytes: int, stream: Any,
+        prompt_cache_bytes: int, stream: Any, model_id: str = "model",
     ) -> None:
         self.tokenizer = tokenizer
-        # Finished sequences leave their KV here; a later prompt that starts the same way (the
-        # next turn of a chat, an agent's fixed system prompt) prefills only what is new.
-        self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
-        self._cache_enabled = prompt_cache_bytes > 0
+        # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
+        # same owner that starts the same way prefills only what is new.
+        self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id)
         self._eos = set(tokenizer.eos_token_ids)
         self._generator = BatchGenerator(
             model,
@@ -107,13 +112,11 @@ class ModelBatch:
         seq._detokenizer = self.tokenizer.detokenizer
         seq._stops = StopStringMatcher(seq.stop)
         stop_tokens = StopSequences([[t] for t in sorted(self._eos)])
-        cache, rest = self._reusable_cache(seq.prompt)
-        seq.cached_tokens = len(seq.prompt) - len(rest)
-        (metrics.PREFIX_CACHE_HITS if seq.cached_tokens else metrics.PREFIX_CACHE_MISSES).inc()
-        metrics.PREFIX_CACHED_TOKENS.inc(seq.cached_tokens)
+        found = self._prefix.lookup(seq.owner, seq.prompt)
+        seq.cached_tokens = found.cached_tokens
         (seq.uid,) = self._generator.insert(
-            [rest],
-            caches=[cache] if cache is not None else None,
+            [found.rest],
+            caches=[found.cache] if found.cache is not None else None,
             all_tokens=[seq.prompt[: seq.cached_tokens]],
             max_tokens=[seq.max_tokens],
             samplers=[seq.sampler],
@@ -122,22 +125,27 @@ class ModelBatch:
         )
         self._by_uid[seq.uid] = seq
 
-    def _reusable_cache(self, prompt: list[int]) -> tuple[Any, list[int]]:
-        """The longest cached KV this prompt starts with, and the tokens still to prefill."""
-        if not self._cache_enabled:
-            return None, prompt
-        cache, rest = self._prompt_cache.fetch_nearest_cache("model", prompt)
-        if cache is not None and not rest:
-            # An exact hit still needs one token to compute the first logits from.
-            if not can_trim_prompt_cache(cache):
-                return None, prompt
-            trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
-        return cache, rest
-
     @property
     def prompt_cache_bytes(self) -> int:
-        return int(self._prompt_cache.nbytes)
+        """Bytes the prefix cache holds (its own arrays: what is counted is what is held)."""
+        return self._prefix.nbytes
+
+    def _save(self, uids: list[int], reason: str, *, decode_only: bool = False) -> None:
+        """Put what `uids` have computed so far into the prefix cache (they are ending, or a
+        long prompt just finished prefilling). `decode_only` after a failed step: a prefill
+        chunk that broke may have left some layers written and others not, while a decoding
+        row's KV is sound up to the tokens it records."""
+        if not self._prefix.enabled:
+            return
+        generator = self._generator
+        for uid, (stage, idx) in generator._find_uids(uids).items():
+            seq = self._by_uid.get(uid)
+            if seq is None or stage == 0 or (decode_only and stage == 1):
+                continue  # stage 0: not started, its cache came from the prefix cache
+            batch = generator._generation_batch if stage == 2 else generator._prompt_batch
+            tokens = list(batch.tokens[idx])
+            if len(tokens) > seq.cached_tokens:  # something new was computed
+                self._prefix.insert(seq.owner, tokens, batch.extract_cache(idx), reason)
 
     def step(self) -> None:
         """Drop cancelled sequences, then advance every other one by a prefill chunk or a token."""
@@ -146,7 +154,7 @@ class ModelBatch:
             return
         started = time.perf_counter()
         try:
-            _, responses = self._generator.next()
+            prompt_responses, responses = self._generator.next()
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
             return
@@ -160,10 +168,12 @@ class ModelBatch:
                 continue
             if self._advance(seq, response.token, response.finish_reason, now):
                 done.append(seq.uid)
-                if response.prompt_cache is not None and self._cache_enabled:
-                    self._prompt_cache.insert_cache(
-                        "model", list(response.all_tokens), response.prompt_cache
-                    )
+                if response.prompt_cache is not None and response.finish_reason is not None:
+                    self._prefix.insert(seq.owner, list(response.all_tokens),
+                                        response.prompt_cache, "finished")
+                elif response.finish_reason is None:  # a stop string ended it mid-batch
+                    self._save([seq.uid], "finished")
+        self._save_prefilled(prompt_responses)
         # One hop to the event loop per step for every sequence: each hop wakes the loop,
         # and the loop shares the GIL with this thread.
         ready = [(seq.deliver, seq.take_events()) for seq in self._by_uid.values()
@@ -172,6 +182,13 @@ class ModelBatch:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
         if done:
             self._forget(done)
+
+    def _save_prefilled(self, prompt_responses: list[Any]) -> None:
+        long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._by_uid
+                and len(self._by_uid[r.uid].prompt) - self._by_uid[r.uid].cached_tokens
+                >= EARLY_INSERT_MIN_TOKENS]
+        if long:
+            self._save(long, "prefilled")
 
     def _advance(self, seq: Sequence, token: int, finish_reason: str | None, now: float) -> bool:
         """Feed one sampled token to its sequence; True when the sequence is finished."""
@@ -205,6 +222,7 @@ class ModelBatch:
             seq.finish("cancelled")
             seq.flush_events()
         if gone:
+            self._save(gone, "cancelled")
             self._forget(gone)
 
     def _forget(self, uids: list[int]) -> None:
@@ -215,15 +233,20 @@ class ModelBatch:
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
         metrics.ENGINE_FAILURES.inc(len(self._by_uid))
-        self.cancel_all(EngineFailure(f"generation failed in the engine: {error}"))
+        self._save(list(self._by_uid), "failed", decode_only=True)
+        self.cancel_all(EngineFailure(f"generation failed in the engine: {error}"), save=False)
 
-    def cancel_all(self, failure: Exception) -> None:
-        """End every sequence with `failure`: the model is unloaded or the server stops."""
+    def cancel_all(self, failure: Exception, *, save: bool = True) -> None:
+        """End every sequence with `failure`: the model is unloaded or the server stops.
+        What they computed stays in the prefix cache (`save`) for when the client retries."""
+        if save:
+            self._save(list(self._by_uid), "failed")
         for seq in self._by_uid.values():
             seq._pending.append(Failed(failure))
             seq.flush_events()
         self._forget(list(self._by_uid))
 
     def close(self) -> None:
+        self._prefix.clear()
         self._generator.close()
         mx.clear_cache()

@@ -207,7 +207,7 @@ class ModelPool:
         batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
                            prefill_chunk=engine.prefill_chunk,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
-                           stream=self._thread.stream)
+                           stream=self._thread.stream, model_id=spec.id)
         self._thread.attach(spec.id, batch)
         _publish_memory()
         log.info("model load finished", model=spec.id, context_length=context,
@@ -229,7 +229,8 @@ class ModelPool:
         before = int(mx.get_active_memory())
         batch = self._thread.detach(model_id)
         if batch is not None:
-            batch.cancel_all(Overloaded("The model was unloaded; retry shortly.", retry_after=1))
+            batch.cancel_all(Overloaded("The model was unloaded; retry shortly.", retry_after=1),
+                             save=False)
             batch.close()
         del batch
         gc.collect()

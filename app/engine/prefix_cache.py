@@ -1,0 +1,129 @@
+"""The prefix (prompt) cache of one model: KV already computed, reused by later prompts that
+start the same way (the next turn of a chat, an agent's fixed system prompt).
+
+Two things mlx-lm's LRUPromptCache does not do on its own, and this module adds:
+
+- **Owners.** Reuse is namespaced by owner (the API key; every anonymous loopback client is one
+  owner). `cached_tokens` is returned to the caller, so a shared cache would tell any key
+  whether another key recently sent a given document.
+- **A byte budget that holds.** mlx-lm hands over a finished row's KV as a *lazy* slice of the
+  whole batch's buffers: until evaluated it keeps every layer's (batch x heads x length x dim)
+  buffer alive while the LRU counts only the row's share. Entries are evaluated into their own
+  exact-size arrays on insert, so the bytes counted are the bytes held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import mlx.core as mx
+import structlog
+from mlx_lm.models.cache import (
+    KVCache,
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
+
+from app import metrics
+
+log = structlog.get_logger(__name__)
+
+Outcome = Literal["hit", "partial", "miss"]
+
+
+@dataclass
+class Lookup:
+    cache: list[Any] | None  # per-layer caches to start from, or None
+    rest: list[int]  # the prompt tokens still to prefill
+    cached_tokens: int
+    outcome: Outcome
+
+
+def _own_copy(layers: list[Any], length: int) -> list[Any] | None:
+    """`layers` cut to exactly `length` positions, evaluated into arrays of their own; None when
+    a layer holds fewer positions (its KV was never computed, e.g. a prefill chunk that failed).
+    """
+    out: list[Any] = []
+    for layer in layers:
+        if isinstance(layer, KVCache):
+            if layer.keys is None or layer.offset < length:
+                return None
+            copy = KVCache()
+            # contiguous() of a slice copies; evaluated now, it no longer references the batch.
+            copy.keys = mx.contiguous(layer.keys[..., :length, :])
+            copy.values = mx.contiguous(layer.values[..., :length, :])
+            copy.offset = length
+            out.append(copy)
+        else:  # other kinds (rotating, SSM state) are kept whole, as mlx-lm extracted them
+            out.append(layer)
+    mx.eval([layer.state for layer in out])
+    return out
+
+
+class PrefixCache:
+    """One model's prefix cache. Every method runs on the MLX thread."""
+
+    def __init__(self, max_bytes: int, *, model_id: str = "model") -> None:
+        self.model_id = model_id
+        self.enabled = max_bytes > 0
+        self.max_bytes = max_bytes
+        self._lru = LRUPromptCache(max_size=1 << 20, max_bytes=max(max_bytes, 1))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._lru.nbytes)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def lookup(self, owner: str, prompt: list[int]) -> Lookup:
+        """The longest cached KV of `owner` this prompt starts with; counted in the metrics."""
+        cache, rest = self._nearest(owner, prompt)
+        cached = len(prompt) - len(rest)
+        outcome: Outcome = "miss" if cached == 0 else (
+            "hit" if cached >= len(prompt) - 1 else "partial")
+        metrics.PREFIX_CACHE_LOOKUPS.labels(outcome).inc()
+        metrics.PREFIX_CACHE_TOKENS.labels("reused").inc(cached)
+        metrics.PREFIX_CACHE_TOKENS.labels("prefilled").inc(len(rest))
+        return Lookup(cache=cache, rest=rest, cached_tokens=cached, outcome=outcome)
+
+    def _nearest(self, owner: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        if not self.enabled:
+            return None, prompt
+        cache, rest = self._lru.fetch_nearest_cache(owner, prompt)
+        if cache is not None and not rest:
+            # An exact hit still needs one token to compute the first logits from.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, list(rest)
+
+    def insert(self, owner: str, tokens: list[int], layers: list[Any], reason: str) -> bool:
+        """Keep the KV of `tokens` (the first len(tokens) positions of `layers`) for `owner`.
+
+        Entries that are a prefix of this one are dropped by the LRU (this one covers them);
+        the least recently used go when the budget is exceeded. False when nothing was kept.
+        """
+        if not self.enabled or not tokens:
+            return False
+        try:
+            own = _own_copy(layers, len(tokens))
+        except Exception as error:  # a poisoned graph (failed step): keep nothing, serve on
+            log.warning("prefix cache insert skipped", reason=reason, error=repr(error))
+            return False
+        if own is None:
+            return False
+        nbytes = sum(layer.nbytes for layer in own)
+        if nbytes > self.max_bytes:
+            return False  # would evict everything, itself included
+        self._lru.insert_cache(owner, list(tokens), own)
+        metrics.PREFIX_CACHE_INSERTS.labels(reason).inc()
+        metrics.PREFIX_CACHE_BYTES.labels(self.model_id).set(self.nbytes)
+        return True
+
+    def clear(self) -> None:
+        self._lru.trim_to(n_sequences=0)
+        metrics.PREFIX_CACHE_BYTES.labels(self.model_id).set(0)
