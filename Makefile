@@ -14,7 +14,7 @@ PRELOAD  := $(if $(and $(filter Linux,$(UNAME)),$(wildcard $(OPENBLAS))),LD_PREL
 APT_PACKAGES := redis-server caddy libopenblas0-pthread
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo-model run test test-unit lint bench clean
+.PHONY: install system-deps demo-model run test test-unit lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench: install demo-model
 	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm \
 	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
 	  --rounds 3 $(ARGS)
+
+# N clients for M minutes, every third stream abandoned after its first chunk: errors, the
+# in-flight gauges once idle and the RSS drift (ARGS="--minutes 2 --prompt-cache-bytes 50MB").
+soak: install demo-model
+	$(PRELOAD) $(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -77,6 +77,11 @@ class Sequence:
             self.loop.call_soon_threadsafe(self.deliver, self.take_events())
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def _deliver_all(batches: list[tuple[EventSink, list[GenerationEvent]]]) -> None:
     for deliver, events in batches:
         deliver(events)
@@ -104,13 +109,43 @@ class ModelBatch:
         )
         use_logits_decode(self._generator)
         self._by_uid: dict[int, Sequence] = {}
+        self._prefilling: set[int] = set()  # uids prefilling >= EARLY_INSERT_MIN_TOKENS
+        self._parked: list[tuple[Sequence, int]] = []  # (sequence, the uid it waits for)
 
     def __len__(self) -> int:
-        return len(self._by_uid)
+        return len(self._by_uid) + len(self._parked)
 
     def add(self, seq: Sequence) -> None:
         seq._detokenizer = self.tokenizer.detokenizer
         seq._stops = StopStringMatcher(seq.stop)
+        self._drop_cancelled()  # a turn the client just stopped: its KV goes in before lookup
+        if not self._wait_for_shared_prefill(seq):
+            self._start(seq)
+
+    def _wait_for_shared_prefill(self, seq: Sequence) -> bool:
+        """Park `seq` while a sequence of the same owner prefills a long prefix of its prompt
+        (two requests with one long system prompt, close together): it starts from that KV
+        once computed, instead of computing it a second time alongside."""
+        if not self._prefix.enabled:
+            return False
+        for uid in self._prefilling:
+            other = self._by_uid[uid]
+            if other.owner != seq.owner:
+                continue
+            shared = _common_prefix(other.prompt, seq.prompt)
+            if shared - other.cached_tokens >= EARLY_INSERT_MIN_TOKENS:
+                self._parked.append((seq, uid))
+                return True
+        return False
+
+    def _unpark(self) -> None:
+        ready = [seq for seq, uid in self._parked if uid not in self._prefilling]
+        if ready:
+            self._parked = [(seq, uid) for seq, uid in self._parked if uid in self._prefilling]
+            for seq in ready:
+                self._start(seq)
+
+    def _start(self, seq: Sequence) -> None:
         stop_tokens = StopSequences([[t] for t in sorted(self._eos)])
         found = self._prefix.lookup(seq.owner, seq.prompt)
         seq.cached_tokens = found.cached_tokens
@@ -124,6 +159,8 @@ class ModelBatch:
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
+        if len(found.rest) >= EARLY_INSERT_MIN_TOKENS and self._prefix.enabled:
+            self._prefilling.add(seq.uid)
 
     @property
     def prompt_cache_bytes(self) -> int:
@@ -150,6 +187,7 @@ class ModelBatch:
     def step(self) -> None:
         """Drop cancelled sequences, then advance every other one by a prefill chunk or a token."""
         self._drop_cancelled()
+        self._unpark()
         if not self._by_uid:
             return
         started = time.perf_counter()
@@ -184,11 +222,11 @@ class ModelBatch:
             self._forget(done)
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
-        long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._by_uid
-                and len(self._by_uid[r.uid].prompt) - self._by_uid[r.uid].cached_tokens
-                >= EARLY_INSERT_MIN_TOKENS]
+        long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling]
         if long:
             self._save(long, "prefilled")
+            self._prefilling.difference_update(long)
+            self._unpark()
 
     def _advance(self, seq: Sequence, token: int, finish_reason: str | None, now: float) -> bool:
         """Feed one sampled token to its sequence; True when the sequence is finished."""
@@ -214,6 +252,12 @@ class ModelBatch:
         return True
 
     def _drop_cancelled(self) -> None:
+        for seq, _ in self._parked:
+            if seq.cancelled.is_set():
+                metrics.CANCELLED.inc()
+                seq.finish("cancelled")
+                seq.flush_events()
+        self._parked = [(seq, uid) for seq, uid in self._parked if not seq.cancelled.is_set()]
         gone = [uid for uid, seq in self._by_uid.items() if seq.cancelled.is_set()]
         for uid in gone:
             seq = self._by_uid[uid]
@@ -229,6 +273,7 @@ class ModelBatch:
         self._generator.remove(uids)
         for uid in uids:
             self._by_uid.pop(uid, None)
+            self._prefilling.discard(uid)
 
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
@@ -241,7 +286,8 @@ class ModelBatch:
         What they computed stays in the prefix cache (`save`) for when the client retries."""
         if save:
             self._save(list(self._by_uid), "failed")
-        for seq in self._by_uid.values():
+        parked, self._parked = [seq for seq, _ in self._parked], []
+        for seq in [*self._by_uid.values(), *parked]:
             seq._pending.append(Failed(failure))
             seq.flush_events()
         self._forget(list(self._by_uid))

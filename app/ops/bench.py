@@ -511,7 +511,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _run_soak(args: argparse.Namespace) -> int:
+    from app.ops import soak
+
+    result = asyncio.run(soak.run_soak(
+        args.url, model=args.model, clients=args.clients, seconds=args.minutes * 60,
+        warmup_seconds=args.warmup, max_tokens=args.max_tokens,
+        api_key=args.key or os.environ.get("MLXGW_BENCH_KEY"), server_pid=args.pid,
+    ))
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(soak.render(result) + "\n")
+        for sample in result.error_samples:
+            sys.stdout.write(f"error: {sample}\n")
+    return 0 if soak.passed(result) else 1
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.soak:
+        return _run_soak(args)
     results = asyncio.run(
         run_probe(
             args.url,
@@ -556,4 +575,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("--pid", type=_positive, default=None,
                         help="Local server process id whose peak RSS to sample.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    soak = parser.add_argument_group(
+        "soak", "--soak: CLIENTS clients stream for MINUTES minutes, every third stream "
+        "abandoned after its first chunk; reports errors, the in-flight gauges once idle (must "
+        "be 0) and the RSS drift after WARMUP seconds (with --pid; must be <= 15%%). Exits 1 "
+        "when either fails.")
+    soak.add_argument("--soak", action="store_true", help="Run the soak test instead.")
+    soak.add_argument("--clients", type=_positive, default=10, help="Soak clients (default 10).")
+    soak.add_argument("--minutes", type=float, default=5.0, help="Soak duration (default 5).")
+    soak.add_argument("--warmup", type=float, default=60.0,
+                      help="Seconds of load before the RSS baseline is taken (default 60).")
     parser.set_defaults(handler=_run_command)

@@ -33,7 +33,8 @@ def ask(client: openai.OpenAI, question: str, max_tokens: int = 16) -> str:
 
 
 def metric(gateway: GatewayProcess, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", httpx.get(gateway.base_url + "/metrics").text, re.M)
+    text = httpx.get(gateway.base_url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -75,14 +76,15 @@ def test_second_turn_hits_the_prefix_cache(client: openai.OpenAI,
     ]
     first = client.chat.completions.create(model=DEMO_ID, messages=history,  # type: ignore[arg-type]
                                            temperature=0, max_tokens=12)
-    hits_before = metric(gateway, "mlxgw_prefix_cache_hits_total")
+    reused = 'mlxgw_prefix_cache_lookups_total{outcome="partial"}'
+    hits_before = metric(gateway, reused)
     second = client.chat.completions.create(
         model=DEMO_ID, temperature=0, max_tokens=12,
         messages=[*history,  # type: ignore[list-item]
                   {"role": "assistant", "content": first.choices[0].message.content},
                   {"role": "user", "content": "And of Spain?"}],
     )
-    assert metric(gateway, "mlxgw_prefix_cache_hits_total") == hits_before + 1
+    assert metric(gateway, reused) == hits_before + 1
     assert first.usage is not None and second.usage is not None
     details = second.usage.prompt_tokens_details
     assert details is not None and details.cached_tokens is not None

@@ -252,3 +252,20 @@ async def test_the_counted_bytes_are_the_bytes_held(engine: Engine) -> None:
     counted, freed = await engine._thread.call(drop)
     assert counted > 0
     assert abs(freed - counted) <= 0.05 * counted, (counted, freed)
+
+
+async def test_requests_arriving_together_compute_a_shared_prefix_once(engine: Engine) -> None:
+    """The second waits for the first's prefill instead of prefilling the same prefix beside
+    it, then answers as a cold run does."""
+    owner = f"key-{uuid.uuid4().hex}"
+    shared = history(24)
+    first = request([*shared, ChatMessage("user", "List every note.")], owner, max_tokens=4)
+    second = request([*shared, ChatMessage("user", "Which place?")], owner, max_tokens=8)
+    a, b = tokens_of(engine, first), tokens_of(engine, second)
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    (_, one), (text, two) = await asyncio.gather(run(engine, first), run(engine, second))
+    assert one.usage.cached_tokens == 0
+    assert two.usage.cached_tokens == common
+    cold_text, _ = await run(engine, request(second.messages or [], f"cold-{owner}",
+                                              max_tokens=8))
+    assert text == cold_text
