@@ -67,8 +67,8 @@ class SoakResult:
 
 
 def soak_prompt(rng: random.Random) -> str:
-    """A prompt nobody sent before, 30 to ~600 tokens long."""
-    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 450)))
+    """A prompt nobody sent before, about 40 to 300 tokens long."""
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 200)))
     return f"Request {uuid.uuid4().hex}. Summarise these words in one sentence: {words}"
 
 
@@ -135,7 +135,7 @@ async def run_soak(
         while time.monotonic() < stop_at:
             counter += 1
             abort = counter % 3 == 0  # every third stream is abandoned after its first chunk
-            body = {"model": model, "stream": True, "temperature": 0.7,
+            body = {"model": model, "stream": True, "temperature": 0.0,
                     "max_tokens": rng.randint(max_tokens // 2, max_tokens),
                     "messages": [{"role": "user", "content": soak_prompt(rng)}]}
             error = await _one_stream(client, url, body, headers, abort)

@@ -169,7 +169,7 @@ ENDINGS: dict[str, Callable[[Engine, GenerationRequest], Awaitable[None]]] = {
 @pytest.mark.parametrize("ending", list(ENDINGS))
 async def test_next_turn_reuses_what_the_first_computed(engine: Engine, ending: str) -> None:
     owner = f"key-{uuid.uuid4().hex}"
-    first_messages = [*history(8), ChatMessage("user", "What is 2 + 2? Answer with a number.")]
+    first_messages = [*history(6), ChatMessage("user", "What is 2 + 2? Answer with a number.")]
     first = request(first_messages, owner)
     await ENDINGS[ending](engine, first)
     # The next turn renders an assistant message the model did not write (an edited answer):
@@ -217,7 +217,7 @@ async def test_another_owner_never_reuses_a_prefix(engine: Engine) -> None:
 
 async def test_a_long_prompt_is_reusable_while_its_answer_is_generated(engine: Engine) -> None:
     owner = f"key-{uuid.uuid4().hex}"
-    shared = history(24)
+    shared = history(14)
     first = request([*shared, ChatMessage("user", "List every note.")], owner, max_tokens=200)
     second = request([*shared, ChatMessage("user", "Which place?")], owner, max_tokens=4)
     a, b = tokens_of(engine, first), tokens_of(engine, second)
@@ -238,8 +238,8 @@ async def test_the_counted_bytes_are_the_bytes_held(engine: Engine) -> None:
     batch = batch_of(engine)
     await engine._thread.call(batch._prefix.clear)
     owner = f"key-{uuid.uuid4().hex}"
-    reqs = [request([*history(2 + 3 * i), ChatMessage("user", "Name a bird.")], owner,
-                    max_tokens=2 + i) for i in range(6)]
+    reqs = [request([*history(1 + 2 * i), ChatMessage("user", "Name a bird.")], owner,
+                    max_tokens=2 + i) for i in range(5)]
     await asyncio.gather(*(run(engine, r) for r in reqs))
 
     def drop() -> tuple[int, int]:
@@ -258,7 +258,7 @@ async def test_requests_arriving_together_compute_a_shared_prefix_once(engine: E
     """The second waits for the first's prefill instead of prefilling the same prefix beside
     it, then answers as a cold run does."""
     owner = f"key-{uuid.uuid4().hex}"
-    shared = history(24)
+    shared = history(14)
     first = request([*shared, ChatMessage("user", "List every note.")], owner, max_tokens=4)
     second = request([*shared, ChatMessage("user", "Which place?")], owner, max_tokens=8)
     a, b = tokens_of(engine, first), tokens_of(engine, second)
