@@ -96,3 +96,10 @@ RECLAIMED_BYTES = Counter(
 MLX_ACTIVE_BYTES = Gauge(
     "mlxgw_mlx_active_bytes", "Bytes MLX holds in arrays, read after each load and eviction."
 )
+
+# --- output parsing --------------------------------------------------------------------------
+TOOL_CALL_PARSE_FAILURES = Counter(
+    "mlxgw_tool_call_parse_failures_total",
+    "Tool-call blocks the model wrote that could not be parsed; their text went to content.",
+    ["format"],
+)

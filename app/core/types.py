@@ -60,10 +60,20 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: str | None = None
+    # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
+    # is how the Responses/chat `reasoning.effort` reaches templates that read it.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Text the model wrote inside its reasoning (think) block: never part of the content."""
+
     text: str
 
 
@@ -99,4 +109,4 @@ class Failed:
     error: Exception
 
 
-GenerationEvent = TextDelta | ToolCallDelta | Finish | Failed
+GenerationEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Failed
