@@ -36,6 +36,8 @@ FAMILY_FORMAT = {
 
 def _format(fixture: Fixture) -> Format | None:
     name = FAMILY_FORMAT[fixture.family]
+    if fixture.reference_model.startswith("moonshotai/Kimi-K3"):
+        name = "kimi_k3"
     return None if name == "harmony" else FORMATS[name]
 
 
@@ -52,9 +54,19 @@ def new_parser(fixture: Fixture) -> OutputParser | HarmonyParser:
     fmt = _format(fixture)
     if fmt is None:
         return HarmonyParser()
-    prompt = fixture.generation_prompt or ""
+    prompt = fixture.generation_prompt or _default_prompt(fixture)
     return OutputParser(fmt, schemas=_schemas(fixture),
                         start_in_reasoning=starts_in_reasoning(prompt, fmt.think))
+
+
+def _default_prompt(fixture: Fixture) -> str:
+    """The reference model's generation prompt, for fixtures that do not record theirs: we
+    render the prompt ourselves, so we always know whether it opened a think block."""
+    family = family_for(fixture)
+    for model in family.reference_models if family else ():
+        if model.repo == fixture.reference_model:
+            return model.default_generation_prompt or ""
+    return ""
 
 
 def run(fixture: Fixture, deltas: Sequence[str]) -> ParseResult:

@@ -364,3 +364,31 @@ def make_call_from_mapping(item: Any) -> Call | None:
     if not isinstance(item, dict):
         return None
     return make_call(item.get("name"), item.get("arguments", {}))
+
+
+def dsml_prefix(body: str) -> str:
+    """A cut-off DSML block up to its last complete invoke."""
+    last = None
+    for last in _DSML_INVOKE.finditer(body):
+        pass
+    return body[:last.end()] if last else ""
+
+
+def kimi_k3(body: str, schemas: Schemas) -> list[Call] | None:
+    """Kimi K3 XTML: mlx-lm's parser, but a call it cannot read fails the block."""
+    from mlx_lm.tool_parsers import kimi_k3 as k3
+
+    found = list(k3._call_regex.finditer(body))
+    if not found or k3._call_regex.sub("", body).strip():
+        return None
+    calls: list[Call] = []
+    for match in found:
+        try:
+            item = k3._parse_single_call(match.group("attrs"), match.group("body"))
+        except ValueError:
+            return None
+        call = make_call_from_mapping(item)
+        if call is None:
+            return None
+        calls.append(call)
+    return calls

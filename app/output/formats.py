@@ -34,6 +34,8 @@ class Block:
     end_mode: EndMode = "marker"
     json_body: bool = False
     incremental: bool = False
+    opaque: tuple[tuple[str, str], ...] = ()  # regions where the end marker is just text
+    complete_prefix: Callable[[str], str] | None = None  # the whole calls of a cut-off body
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ _HERMES = Block(TOOL_CALL_START, TOOL_CALL_END, bodies.json_calls, json_body=Tru
 FORMATS: dict[str, Format] = {
     "generic": Format("generic", (_HERMES,)),
     "hermes": Format("hermes", (_HERMES,)),
-    "qwen3_xml": Format("qwen3_xml", (Block("<tool_call>", "</tool_call>", bodies.qwen_xml),)),
-    "glm": Format("glm", (Block("<tool_call>", "</tool_call>", bodies.glm),)),
+    "qwen3_xml": Format("qwen3_xml", (Block("<tool_call>", "</tool_call>", bodies.qwen_xml,
+                                            opaque=(("<parameter=", "</parameter>"),)),)),
+    "glm": Format("glm", (Block("<tool_call>", "</tool_call>", bodies.glm,
+                                opaque=(("<arg_value>", "</arg_value>"),)),)),
     "kimi": Format(
         "kimi", (Block("<|tool_call_begin|>", "<|tool_call_end|>", bodies.kimi),),
         wrappers=("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"),
@@ -63,9 +67,12 @@ FORMATS: dict[str, Format] = {
         "deepseek",
         (
             Block("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", bodies.deepseek),
-            Block("<｜DSML｜function_calls>", "</｜DSML｜function_calls>", bodies.dsml),
-            Block("<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>", bodies.dsml),
-            Block("<｜DSML｜ calls>", "</｜DSML｜ calls>", bodies.dsml),
+            Block("<｜DSML｜function_calls>", "</｜DSML｜function_calls>", bodies.dsml,
+                  complete_prefix=bodies.dsml_prefix),
+            Block("<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>", bodies.dsml,
+                  complete_prefix=bodies.dsml_prefix),
+            Block("<｜DSML｜ calls>", "</｜DSML｜ calls>", bodies.dsml,
+                  complete_prefix=bodies.dsml_prefix),
         ),
         wrappers=("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"),
     ),
@@ -74,7 +81,8 @@ FORMATS: dict[str, Format] = {
         think=(("[THINK]", "[/THINK]"), ("<think>", "</think>")),
     ),
     "gemma4": Format(
-        "gemma4", (Block("<|tool_call>", "<tool_call|>", bodies.gemma4),),
+        "gemma4", (Block("<|tool_call>", "<tool_call|>", bodies.gemma4,
+                         opaque=(('<|"|>', '<|"|>'),)),),
         think=(("<|channel>thought", "<channel|>"),),
     ),
     "llama": Format(
@@ -86,6 +94,12 @@ FORMATS: dict[str, Format] = {
         think=(),
         leading_call=True,
         extra_markers=("<|eom_id|>", "<|eot_id|>"),
+    ),
+    "kimi_k3": Format(
+        "kimi_k3", (Block("<|open|>tools<|sep|>", "<|close|>tools<|sep|>", bodies.kimi_k3),),
+        think=(("<|open|>think<|sep|>", "<|close|>think<|sep|>"),),
+        extra_markers=("<|open|>response<|sep|>", "<|close|>response<|sep|>",
+                       "<|close|>message<|sep|>"),
     ),
     "pythonic": Format(
         "pythonic", (Block("<|tool_call_start|>", "<|tool_call_end|>", bodies.pythonic),)),
@@ -99,6 +113,7 @@ MLX_LM_PARSERS: dict[str, str] = {
     "glm47": "glm",
     "laguna": "glm",
     "kimi_k2": "kimi",
+    "kimi_k3": "kimi_k3",
     "mistral": "mistral",
     "gemma4": "gemma4",
     "pythonic": "pythonic",

@@ -77,3 +77,22 @@ def partial_suffix(text: str, markers: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+def find_outside_regions(text: str, marker: str, regions: tuple[tuple[str, str], ...]) -> int:
+    """Index of `marker` outside the given (open, close) regions, e.g. argument values whose
+    text may contain the call's own end marker. -1 if none (or while a region is open)."""
+    i = 0
+    while i < len(text):
+        if text.startswith(marker, i):
+            return i
+        for open_, close in regions:
+            if text.startswith(open_, i):
+                end = text.find(close, i + len(open_))
+                if end < 0:
+                    return -1
+                i = end + len(close)
+                break
+        else:
+            i += 1
+    return -1

@@ -58,8 +58,12 @@ class OutputParser:
         self._think_end = self._think[0][1] if self._think else ""
         if start_in_reasoning and self._think:
             self._mode = _REASONING
-        self._strip_next = start_in_reasoning
-        self._ws = ""  # trailing whitespace held back: dropped if a marker follows
+        self._ws = ""  # content's trailing whitespace, held until more content follows
+        self._rws = ""  # the same for reasoning
+        self._content_started = False
+        self._reasoning_started = False
+        self._marked = start_in_reasoning  # any think block or call seen
+        self._in_section = False
         self._block: Block | None = None
         self._incremental: _Incremental | None = None
         self._at_start = True  # nothing but whitespace seen yet (for `leading_call`)
@@ -76,10 +80,10 @@ class OutputParser:
 
     def finish(self) -> list[OutputEvent]:
         events = self._drain(final=True)
-        if self._mode == _TEXT and self._ws and not self.calls:
+        if self._ws and not self._marked:
             events.append(TextDelta(self._ws))
         self._ws = ""
-        return events
+        return _merge(events)
 
     # --- the state machine --------------------------------------------------------------------
 
@@ -109,14 +113,13 @@ class OutputParser:
         found = _earliest(self._buf, self._text_markers)
         if found is None:
             hold = 0 if final else jsonscan.partial_suffix(self._buf, self._text_markers)
-            self._emit_text(out, self._buf[:len(self._buf) - hold])
+            self._section_text(out, self._buf[:len(self._buf) - hold])
             self._buf = self._buf[len(self._buf) - hold:]
             return
         at, marker = found
-        self._emit_text(out, self._buf[:at])
+        self._section_text(out, self._buf[:at])
         self._buf = self._buf[at + len(marker):]
-        self._ws = ""
-        self._strip_next = True
+        self._marked = True
         self._at_start = False
         for start, end in self._think:
             if marker == start:
@@ -126,14 +129,20 @@ class OutputParser:
             if marker == block.start:
                 self._mode, self._block, self._incremental = _CALL, block, None
                 return
-        # a wrapper or stray control marker: dropped
+        if marker in self._wrappers:
+            # Inside a tool section only calls count: stray text there is dropped.
+            opens = self._wrappers.index(marker) % 2 == 0
+            self._in_section = opens
+
+    def _section_text(self, out: list[OutputEvent], text: str) -> None:
+        if not self._in_section:
+            self._emit_text(out, text)
 
     def _emit_text(self, out: list[OutputEvent], text: str) -> None:
-        if self._strip_next:
+        """Content, less the whitespace at its very start and end: separators the templates put
+        around think blocks and calls are no part of it. Whitespace inside is kept."""
+        if not self._content_started:
             text = text.lstrip()
-            if not text:
-                return
-            self._strip_next = False
         if not text:
             return
         core = text.rstrip()
@@ -141,6 +150,7 @@ class OutputParser:
             self._ws += text
             return
         self._at_start = False
+        self._content_started = True
         out.append(TextDelta(self._ws + core))
         self._ws = text[len(core):]
 
@@ -154,20 +164,20 @@ class OutputParser:
             return
         self._emit_reasoning(out, self._buf[:at])
         self._buf = self._buf[at + len(end):]
-        self._ws, self._strip_next, self._mode = "", True, _TEXT
+        self._rws, self._mode = "", _TEXT
 
     def _emit_reasoning(self, out: list[OutputEvent], text: str) -> None:
-        if self._strip_next:
+        if not self._reasoning_started:
             text = text.lstrip()
-            if not text:
-                return
-            self._strip_next = False
+        if not text:
+            return
         core = text.rstrip()
         if not core:
-            self._ws += text
+            self._rws += text
             return
-        out.append(ReasoningDelta(self._ws + core))
-        self._ws = text[len(core):]
+        self._reasoning_started = True
+        out.append(ReasoningDelta(self._rws + core))
+        self._rws = text[len(core):]
 
     def _call(self, out: list[OutputEvent], final: bool) -> None:
         block = self._block
@@ -199,8 +209,12 @@ class OutputParser:
             if stop is None:
                 return (len(buf), len(buf)) if final else None
             return stop, stop
-        at = (jsonscan.find_outside_strings(buf, block.end) if block.json_body
-              else buf.find(block.end))
+        if block.json_body:
+            at = jsonscan.find_outside_strings(buf, block.end)
+        elif block.opaque:
+            at = jsonscan.find_outside_regions(buf, block.end, block.opaque)
+        else:
+            at = buf.find(block.end)
         if at < 0 and final and block.json_body:
             at = buf.find(block.end)  # malformed JSON: fall back to the first end marker
         if at < 0:
@@ -212,7 +226,6 @@ class OutputParser:
         assert block is not None
         inc = self._incremental
         self._mode, self._block, self._incremental = _TEXT, None, None
-        self._ws, self._strip_next = "", True
         if inc is not None:
             # Already announced and streamed: send what is left of the arguments.
             end = jsonscan.value_end(body, inc.args_start)
@@ -221,7 +234,11 @@ class OutputParser:
             if rest:
                 out.append(ToolCallDelta(index=inc.index, arguments=rest))
             return
-        calls = block.parse(body, self.schemas) if body.strip() or complete else None
+        if not complete and block.complete_prefix is not None:
+            # Cut off (max_tokens): keep the calls that were written in full.
+            body = block.complete_prefix(body)
+            complete = True
+        calls = block.parse(body, self.schemas) if body.strip() else None
         if calls:
             for call in calls:
                 self._emit_call(out, call)
@@ -229,7 +246,8 @@ class OutputParser:
         if body.strip():
             self.failed_calls += 1
             metrics.TOOL_CALL_PARSE_FAILURES.labels(self.format.name if self.format else "").inc()
-            self._strip_next = False
+            if not complete and self.calls:
+                return  # the cut-off tail after complete calls: counted, not content
             self._emit_text(out, body)
 
     def _emit_call(self, out: list[OutputEvent], call: Call) -> None:
