@@ -133,6 +133,10 @@ class EngineSettings(_Section):
     default_max_tokens: int = Field(
         4096, ge=1, description="Completion cap when a request names none."
     )
+    strict_max_tokens: bool = Field(
+        False, description="Refuse (400) a max_tokens larger than the context leaves room for; "
+        "by default it is capped to the room left and the answer ends with finish_reason length."
+    )
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
         "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "

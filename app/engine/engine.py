@@ -11,11 +11,21 @@ import collections
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
-from app.core.types import Failed, Finish, GenerationEvent, GenerationRequest, TextDelta
-from app.engine.prompt import prompt_tokens
+from app.core.types import (
+    Failed,
+    Finish,
+    GenerationEvent,
+    GenerationRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
+from app.engine.prompt import Prompt, render
 from app.engine.residency.pool import LoadedModel, ModelPool
 from app.engine.sampling import make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
@@ -31,16 +41,46 @@ from app.errors import (
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.models.registry import ModelRegistry
+from app.output.detect import starts_in_reasoning
+from app.output.harmony import HarmonyParser
+from app.output.parser import OutputParser
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Output:
+    """A whole answer: content, reasoning and the calls (id, name, JSON arguments)."""
+
+    text: str
+    reasoning: str
+    calls: list[ToolCall]
+    finish: Finish
+
+
+def output_parser(request: GenerationRequest, prompt: Prompt,
+                  model: str) -> OutputParser | HarmonyParser | None:
+    """The parser that turns this chat request's raw text into content, reasoning and calls,
+    once, below every protocol. Raw completions get none."""
+    output = prompt.output
+    if output is None:
+        return None
+    parse_tools = bool(request.tools) and request.tool_choice != "none"
+    if output.harmony:
+        return HarmonyParser(parse_tools=parse_tools)
+    schemas = {tool.name: tool.parameters for tool in request.tools}
+    think = output.format.think if output.format is not None else ()
+    return OutputParser(output.format, schemas=schemas, parse_tools=parse_tools,
+                        start_in_reasoning=starts_in_reasoning(prompt.text, think), model=model)
 
 
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
     def __init__(self, model: str, seq: Sequence, engine: Engine, loaded: LoadedModel,
-                 slot_started: float | None) -> None:
+                 slot_started: float | None,
+                 parser: OutputParser | HarmonyParser | None = None) -> None:
         self.model = model
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -51,10 +91,28 @@ class GenerationStream:
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
         self._slot_started = slot_started
+        self._parser = parser
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
-        self._inbox.put_nowait(events)
+        self._inbox.put_nowait(self._parse(events) if self._parser is not None else events)
+
+    def _parse(self, events: list[GenerationEvent]) -> list[GenerationEvent]:
+        """Raw text -> content / reasoning / tool-call events, the one place this happens."""
+        parser = self._parser
+        assert parser is not None
+        out: list[GenerationEvent] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                out += parser.feed(event.text)
+            elif isinstance(event, Finish):
+                out += parser.finish()
+                if parser.calls and event.reason == "stop":
+                    event = Finish("tool_calls", event.usage)
+                out.append(event)
+            else:
+                out.append(event)
+        return out
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -92,7 +150,8 @@ class GenerationStream:
             yield events
 
     def _observe(self, event: GenerationEvent) -> None:
-        if isinstance(event, TextDelta) and self.first_token_at is None:
+        if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta) \
+                and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if isinstance(event, Finish | Failed):
             self._finish(event)
@@ -105,6 +164,29 @@ class GenerationStream:
                 parts.append(event.text)
             elif isinstance(event, Finish):
                 return "".join(parts), event
+            elif isinstance(event, Failed):
+                raise event.error
+        raise RuntimeError("generation ended without a finish event")
+
+    async def collect_output(self) -> Output:
+        """Run to the end; content, reasoning and calls merged. A Failed event is raised."""
+        text: list[str] = []
+        reasoning: list[str] = []
+        calls: dict[int, list[str]] = {}
+        async for event in self:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                slot = calls.setdefault(event.index, ["", "", ""])
+                slot[0] = slot[0] or event.id or ""
+                slot[1] += event.name or ""
+                slot[2] += event.arguments
+            elif isinstance(event, Finish):
+                return Output("".join(text), "".join(reasoning),
+                              [ToolCall(i, n, a) for _, (i, n, a) in sorted(calls.items())],
+                              event)
             elif isinstance(event, Failed):
                 raise event.error
         raise RuntimeError("generation ended without a finish event")
@@ -183,9 +265,8 @@ class Engine:
     async def _start(self, request: GenerationRequest, loaded: LoadedModel,
                      slot_started: float | None) -> GenerationStream:
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(
-            self._tokenize, prompt_tokens, loaded.tokenizer, request
-        )
+        prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
+        tokens = prompt.ids
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
         seq = Sequence(
             request_id=request.request_id,
@@ -197,7 +278,8 @@ class Engine:
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, seq, self, loaded, slot_started)
+        stream = GenerationStream(loaded.id, seq, self, loaded, slot_started,
+                                  output_parser(request, prompt, loaded.id))
         self._thread.add_sequence(loaded.id, seq)
         return stream
 
@@ -213,6 +295,9 @@ class Engine:
             return min(room, self.settings.default_max_tokens)
         if request.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if request.max_tokens > room and not self.settings.strict_max_tokens:
+            # Agents ask for 32k by habit: answer what fits, ending with finish_reason length.
+            return room
         if request.max_tokens > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. The prompt has "

@@ -1,12 +1,26 @@
-"""Requests -> prompt token ids, with the model's own chat template."""
+"""Requests -> prompt token ids, with the model's own chat template.
+
+Tools go to the template when it renders them; a template without tool support gets the
+gateway's generic tool format in the system prompt instead (app/output/generic_tools.py).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from app.core.types import ChatMessage, GenerationRequest
 from app.errors import InvalidRequest
+from app.output.detect import ModelOutput, model_output
+from app.output.generic_tools import history_for_generic, render_tools_prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str  # the rendered prompt ("" for raw completions): its end says if a think block is open
+    output: ModelOutput | None  # how this model writes calls and reasoning (chat only)
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -16,7 +30,7 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_calls:
         out["tool_calls"] = [
             {"id": call.id, "type": "function",
-             "function": {"name": call.name, "arguments": json.loads(call.arguments or "{}")}}
+             "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
             for call in message.tool_calls
         ]
     if message.tool_call_id:
@@ -26,26 +40,62 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text  # a client's malformed history is its own; the template gets it as sent
+
+
+def _with_tools_prompt(messages: list[ChatMessage],
+                       request: GenerationRequest) -> list[ChatMessage]:
+    prompt = render_tools_prompt(request.tools, required=request.tool_choice == "required")
+    history = history_for_generic(messages)
+    if history and history[0].role in ("system", "developer"):
+        first = history[0]
+        return [ChatMessage(role="system", content=f"{first.content}\n\n{prompt}"), *history[1:]]
+    return [ChatMessage(role="system", content=prompt), *history]
+
+
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids for the request. Runs off the event loop and off the MLX thread."""
+    return render(tokenizer, request).ids
+
+
+def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
+    """The prompt for the request. Runs off the event loop and off the MLX thread."""
     if request.prompt is not None:
         ids = list(tokenizer.encode(request.prompt))
+        text, output = "", None
     else:
-        messages = [_template_message(m) for m in request.messages or []]
         if not getattr(tokenizer, "has_chat_template", False):
             raise InvalidRequest(
                 f"model {request.model!r} has no chat template; use /v1/completions",
                 param="messages",
             )
-        tools = [
-            {"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": t.parameters}}
-            for t in request.tools
-        ] or None
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=False
-        )
+        output = model_output(tokenizer)
+        chat = list(request.messages or [])
+        offer_tools = bool(request.tools) and request.tool_choice != "none"
+        tools = None
+        if offer_tools and not output.template_tools:
+            chat = _with_tools_prompt(chat, request)
+        elif offer_tools:
+            tools = [
+                {"type": "function", "function": {"name": t.name, "description": t.description,
+                                                  "parameters": t.parameters}}
+                for t in request.tools
+            ]
+        elif not output.template_tools:
+            chat = history_for_generic(chat)
+        messages = [_template_message(m) for m in chat]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                **request.template_kwargs,
+            )
+        except TypeError as error:  # e.g. a kwarg that collides with the template's own
+            raise InvalidRequest(f"chat_template_kwargs: {error}",
+                                 param="chat_template_kwargs") from None
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
-    return ids
+    return Prompt(ids=ids, text=text, output=output)

@@ -115,8 +115,10 @@ def glm(body: str, schemas: Schemas) -> list[Call] | None:
     rest = "" if first < 0 else stripped[first:]
     if not name or "<" in name or "\n" in name or _GLM_PAIR.sub("", rest).strip():
         return None
-    args = {m.group(1).strip(): text_value(m.group(2), param_schema(schemas, name, m.group(1).strip()))
-            for m in _GLM_PAIR.finditer(rest)}
+    args = {}
+    for pair in _GLM_PAIR.finditer(rest):
+        key = pair.group(1).strip()
+        args[key] = text_value(pair.group(2), param_schema(schemas, name, key))
     call = make_call(name, args)
     return [call] if call else None
 
@@ -133,7 +135,7 @@ def kimi(body: str, _schemas: Schemas) -> list[Call] | None:
 
 
 def deepseek(body: str, _schemas: Schemas) -> list[Call] | None:
-    """DeepSeek V3 `function<｜tool▁sep｜>NAME\\n```json...```` and V3.1 `NAME<｜tool▁sep｜>{json}`."""
+    """DeepSeek V3 (`function`, sep, NAME, fenced JSON) and V3.1 (NAME, sep, JSON)."""
     left, sep, right = body.partition("<｜tool▁sep｜>")
     if not sep:
         return None
@@ -151,7 +153,7 @@ _DSML_PARAM = re.compile(
 
 
 def dsml(body: str, schemas: Schemas) -> list[Call] | None:
-    """DeepSeek V3.2+ DSML: `<｜DSML｜invoke name="X"><｜DSML｜parameter name="k" string="true">v...`."""
+    """DeepSeek V3.2+ DSML: `<｜DSML｜invoke name="X"><｜DSML｜parameter name="k" ...>v...`."""
     invokes = list(_DSML_INVOKE.finditer(body))
     if not invokes or _DSML_INVOKE.sub("", body).strip():
         return None
@@ -179,7 +181,8 @@ def dsml(body: str, schemas: Schemas) -> list[Call] | None:
     return calls
 
 
-_MISTRAL_HEADER = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*(?:\[CALL_ID\]\s*[^\[]*)?\[ARGS\]", re.DOTALL)
+_MISTRAL_HEADER = re.compile(
+    r"\s*([A-Za-z0-9_.\-]+)\s*(?:\[CALL_ID\]\s*[^\[]*)?\[ARGS\]", re.DOTALL)
 
 
 def mistral(body: str, schemas: Schemas) -> list[Call] | None:
@@ -368,10 +371,8 @@ def make_call_from_mapping(item: Any) -> Call | None:
 
 def dsml_prefix(body: str) -> str:
     """A cut-off DSML block up to its last complete invoke."""
-    last = None
-    for last in _DSML_INVOKE.finditer(body):
-        pass
-    return body[:last.end()] if last else ""
+    ends = [match.end() for match in _DSML_INVOKE.finditer(body)]
+    return body[:ends[-1]] if ends else ""
 
 
 def kimi_k3(body: str, schemas: Schemas) -> list[Call] | None:

@@ -8,6 +8,7 @@ generic format, which the gateway also renders into the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,8 @@ def model_output(tokenizer: Any) -> ModelOutput:
     except (KeyError, TypeError):
         pass
     found = _detect(tokenizer)
-    try:
+    with contextlib.suppress(TypeError):
         _CACHE[tokenizer] = found
-    except TypeError:
-        pass
     return found
 
 
@@ -88,7 +87,7 @@ def _detect(tokenizer: Any) -> ModelOutput:
     if fmt is None:
         generic = FORMATS["generic"]
         return ModelOutput(format=_with_think(generic, _think_pairs(tokenizer, generic)),
-                           template_tools="tools" in template and False)
+                           template_tools=False)
     think = _think_pairs(tokenizer, fmt) if fmt.think else ()
     return ModelOutput(format=_with_think(fmt, think), think=think)
 

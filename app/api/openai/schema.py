@@ -142,6 +142,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[ToolIn] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What reaches the chat template: the client's kwargs, and the reasoning effort."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize"} & set(kwargs)
+        if reserved:
+            raise InvalidRequest(f"chat_template_kwargs: {sorted(reserved)[0]!r} is set by the "
+                                 "gateway", param="chat_template_kwargs")
+        return kwargs
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
