@@ -16,6 +16,7 @@ from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.engine import Engine, GenerationStream
+from app.errors import ClientDisconnected
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
@@ -72,7 +73,9 @@ async def until_disconnected(request: Request, work: Awaitable[T],
         await on_disconnect()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise asyncio.CancelledError("client disconnected")
+        # Not CancelledError: that surfaced as a 500 with an "Exception in ASGI application"
+        # traceback. The error handler's answer goes nowhere, and the log says 499.
+        raise ClientDisconnected("the client disconnected before the answer was ready")
     finally:
         watcher.cancel()
 

@@ -33,7 +33,7 @@ from app.api.openai.responses_schema import (
     parse_request,
     turn_starts,
 )
-from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
+from app.api.sse import DONE, sse_data
 from app.core.types import (
     ChatMessage,
     Failed,
@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter()
 
 TRUNCATED_HEADER = "x-mlxgw-truncated-messages"
+DROPPED_TOOLS_HEADER = "x-mlxgw-dropped-tools"
 
 
 def _owner(request: Request) -> str:
@@ -133,6 +134,7 @@ async def create_response(request: Request) -> Response:
             sampling=_sampling(req),
             tools=req.tool_specs(),
             tool_choice=req.tool_choice_internal() if req.tools else None,
+            template_kwargs=req.template_kwargs(),
         )
 
     stream, dropped = await _submit_fitting(request, req, context, build)
@@ -142,6 +144,13 @@ async def create_response(request: Request) -> Response:
         # Not an OpenAI key: the spec has no place to say what "auto" truncation removed.
         extra["truncation_details"] = {"dropped_messages": dropped}
         headers[TRUNCATED_HEADER] = str(dropped)
+    if req.dropped_tools:
+        # Hosted tools (web_search, file_search, ...) run on OpenAI's side; this gateway has
+        # none, so they are left out of the prompt rather than refusing the whole turn.
+        headers[DROPPED_TOOLS_HEADER] = ",".join(req.dropped_tools)
+        extra["warnings"] = [f"tool type {name!r} is not available on this server and was "
+                             "left out" for name in req.dropped_tools]
+        log.info("responses_tools_dropped", tools=req.dropped_tools)
     renderer = ResponseRenderer(response_id=response_id, model=stream.model,
                                 echo=request_echo(req), extra=extra)
     turn = _Turn(store=_store(request), owner=owner, ttl=settings.responses.ttl, keep=req.store,
@@ -271,7 +280,7 @@ async def _sse(request: Request, stream: GenerationStream, renderer: ResponseRen
         try:
             async for batch in stream.batches(heartbeat):
                 if not batch:
-                    yield OPENAI_HEARTBEAT
+                    yield _frame(renderer.keepalive())
                     continue
                 events: list[dict[str, Any]] = []
                 for generated in _coalesce(batch):
