@@ -29,6 +29,7 @@ class HarmonyParser:
         self._kind = "content"  # of the current body: content | reasoning | call
         self._name = ""
         self._body_started = False
+        self._ws = ""
         self.calls = 0
         self.failed_calls = 0
         self._seen = {"content": False, "reasoning": False}
@@ -76,6 +77,7 @@ class HarmonyParser:
             self._kind = "content"
         self._header = None
         self._body_started = False
+        self._ws = ""
 
     def _read_body(self, out: list[OutputEvent], final: bool) -> None:
         found = [(i, m) for m in _ENDS if (i := self._buf.find(m)) >= 0]
@@ -99,19 +101,19 @@ class HarmonyParser:
         self._buf = self._buf[len(self._buf) - hold:]
 
     def _text(self, out: list[OutputEvent], text: str, *, closing: bool) -> None:
+        """A body's text less its leading and trailing whitespace (held until more follows)."""
         if not self._body_started:
             text = text.lstrip()
-            if not text:
-                return
+        core = text.rstrip()
+        if core:
             self._body_started = True
-        if closing:
-            text = text.rstrip()
-        if not text:
-            return
-        if self._kind == "reasoning":
-            out.append(ReasoningDelta(text))
+            piece = self._ws + core
+            out.append(ReasoningDelta(piece) if self._kind == "reasoning" else TextDelta(piece))
+            self._ws = text[len(core):]
         else:
-            out.append(TextDelta(text))
+            self._ws += text
+        if closing:
+            self._ws = ""
 
     def _call(self, out: list[OutputEvent], body: str) -> None:
         text = body.strip()
