@@ -92,8 +92,12 @@ def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
                 messages, tools=tools, add_generation_prompt=True, tokenize=False,
                 **request.template_kwargs,
             )
-        except TypeError as error:  # e.g. a kwarg that collides with the template's own
-            raise InvalidRequest(f"chat_template_kwargs: {error}",
+        except Exception as error:
+            if not request.template_kwargs:
+                raise
+            # The client's kwargs broke the template (a colliding name, a wrong type).
+            raise InvalidRequest(f"chat_template_kwargs: the chat template failed with them: "
+                                 f"{type(error).__name__}: {error}",
                                  param="chat_template_kwargs") from None
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
