@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -211,3 +212,22 @@ def test_chat_template_kwargs_that_collide_are_a_400(gateway: GatewayProcess) ->
         "chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "low",
         "parallel_tool_calls": True})
     assert fine.status_code == 200, fine.text
+
+
+def test_non_stream_client_disconnect_is_not_a_server_error(gateway: GatewayProcess) -> None:
+    marker = "disconnect-probe-7d1e"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.base_url + "/v1/chat/completions", timeout=httpx.Timeout(60, read=1),
+                   headers={"x-request-id": marker}, json={
+                       "model": DEMO_ID, "max_tokens": 400, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Write a long story."}]})
+    lines: list[str] = []
+    for _ in range(300):  # the access line is written once the generation is cancelled
+        lines = [line for line in gateway.logs().splitlines() if marker in line]
+        if any('"request"' in line or "event=request" in line for line in lines):
+            break
+        time.sleep(0.2)
+    access = [line for line in lines if '"request"' in line or "event=request" in line]
+    assert access, lines
+    assert "499" in access[-1] and "500" not in access[-1]
+    assert "Exception in ASGI application" not in gateway.logs()
