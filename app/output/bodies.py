@@ -69,8 +69,10 @@ def json_args(name: str, args: str) -> list[Call] | None:
     return [call] if call else None
 
 
-_QWEN_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
-_QWEN_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_QWEN_FUNCTION_OPEN = re.compile(r"<function=([^>\n]+)>")
+# A parameter opens at the start of the function body or of a line; written mid-line inside a
+# value it is just text.
+_QWEN_PARAM_OPEN = re.compile(r"(?:^|(?<=\n)|(?<=</parameter>))[ \t]*<parameter=([^>\n]+)>")
 
 
 def _strip_newline(value: str) -> str:
@@ -82,26 +84,53 @@ def _strip_newline(value: str) -> str:
 
 
 def qwen_xml(body: str, schemas: Schemas) -> list[Call] | None:
-    """Qwen3-Coder: `<function=NAME><parameter=K>\\nV\\n</parameter></function>`."""
-    functions = list(_QWEN_FUNCTION.finditer(body))
-    if not functions or _QWEN_FUNCTION.sub("", body).strip():
+    """Qwen3-Coder: `<function=NAME><parameter=K>\nV\n</parameter></function>`.
+
+    A value runs to the last `</parameter>` before the next parameter (so the closing tags may
+    appear inside it), and a missing `</parameter>` is tolerated.
+    """
+    text = body.strip()
+    opener = _QWEN_FUNCTION_OPEN.match(text)
+    end = text.rfind("</function>")
+    if opener is None or end < opener.end() or text[end + len("</function>"):].strip():
         return None
+    # Parallel calls in one block: split where one function closes and the next opens.
+    parts = re.split(r"</function>\s*(?=<function=)", text[:end])
     calls: list[Call] = []
-    for match in functions:
-        name = match.group(1).strip()
-        inner = match.group(2)
-        if _QWEN_PARAM.sub("", inner).strip():
-            return None
-        args = {m.group(1).strip(): text_value(_strip_newline(m.group(2)),
-                                               param_schema(schemas, name, m.group(1).strip()))
-                for m in _QWEN_PARAM.finditer(inner)}
-        call = make_call(name, args)
+    for part in parts:
+        call = _qwen_function(part, schemas)
         if call is None:
             return None
         calls.append(call)
     return calls
 
 
+def _qwen_function(text: str, schemas: Schemas) -> Call | None:
+    opener = _QWEN_FUNCTION_OPEN.match(text.strip())
+    if opener is None:
+        return None
+    name = opener.group(1).strip()
+    inner = text.strip()[opener.end():]
+    opens = list(_QWEN_PARAM_OPEN.finditer(inner))
+    if inner[:opens[0].start()].strip() if opens else inner.strip():
+        return None
+    args: dict[str, Any] = {}
+    for k, match in enumerate(opens):
+        stop = opens[k + 1].start() if k + 1 < len(opens) else len(inner)
+        raw = inner[match.end():stop].rstrip()
+        raw = raw.removesuffix("</parameter>")
+        key = match.group(1).strip()
+        args[key] = text_value(_strip_newline(raw), param_schema(schemas, name, key))
+    return make_call(name, args)
+
+
+def bare_qwen_function(body: str, schemas: Schemas) -> list[Call] | None:
+    """A Qwen3-Coder call written without its `<tool_call>` opener."""
+    return qwen_xml(f"<function={body}</function>", schemas)
+
+
+_GLM_OPEN_VALUE = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>((?:(?!</?arg_).)*)",
+                             re.DOTALL)
 _GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
@@ -113,7 +142,12 @@ def glm(body: str, schemas: Schemas) -> list[Call] | None:
     first = stripped.find("<arg_key>")
     name = (stripped if first < 0 else stripped[:first]).strip()
     rest = "" if first < 0 else stripped[first:]
-    if not name or "<" in name or "\n" in name or _GLM_PAIR.sub("", rest).strip():
+    leftover = _GLM_PAIR.sub("", rest).strip()
+    last = _GLM_OPEN_VALUE.fullmatch(leftover)
+    if last:  # the last value's </arg_value> is missing: the block's end closes it
+        rest = f"{rest.rstrip()}</arg_value>"
+        leftover = ""
+    if not name or "<" in name or "\n" in name or leftover:
         return None
     args = {}
     for pair in _GLM_PAIR.finditer(rest):

@@ -54,12 +54,21 @@ _HERMES = Block(TOOL_CALL_START, TOOL_CALL_END, bodies.json_calls, json_body=Tru
 FORMATS: dict[str, Format] = {
     "generic": Format("generic", (_HERMES,)),
     "hermes": Format("hermes", (_HERMES,)),
-    "qwen3_xml": Format("qwen3_xml", (Block("<tool_call>", "</tool_call>", bodies.qwen_xml,
-                                            opaque=(("<parameter=", "</parameter>"),)),)),
+    "qwen3_xml": Format(
+        "qwen3_xml",
+        (Block("<tool_call>", "</tool_call>", bodies.qwen_xml,
+               opaque=(("<parameter=", "</parameter>"),)),
+         # Qwen3-Coder sometimes drops the opener: a bare function is a call too, and its
+         # stray closer is no content.
+         Block("<function=", "</function>", bodies.bare_qwen_function,
+               opaque=(("<parameter=", "</parameter>"),))),
+        extra_markers=("</tool_call>",),
+    ),
     "glm": Format("glm", (Block("<tool_call>", "</tool_call>", bodies.glm,
                                 opaque=(("<arg_value>", "</arg_value>"),)),)),
     "kimi": Format(
-        "kimi", (Block("<|tool_call_begin|>", "<|tool_call_end|>", bodies.kimi),),
+        "kimi", (Block("<|tool_call_begin|>", "<|tool_call_end|>", bodies.kimi,
+                       json_body=True),),
         wrappers=("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"),
         think=(("<think>", "</think>"), ("◁think▷", "◁/think▷")),
     ),

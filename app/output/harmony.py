@@ -80,7 +80,12 @@ class HarmonyParser:
         self._ws = ""
 
     def _read_body(self, out: list[OutputEvent], final: bool) -> None:
-        found = [(i, m) for m in _ENDS if (i := self._buf.find(m)) >= 0]
+        if self._kind == "call":
+            # The arguments are JSON: a marker written inside one of its strings is text.
+            found = [(i, m) for m in _ENDS
+                     if (i := jsonscan.find_outside_strings(self._buf, m)) >= 0]
+        else:
+            found = [(i, m) for m in _ENDS if (i := self._buf.find(m)) >= 0]
         if self._kind == "call":
             if not found and not final:
                 return

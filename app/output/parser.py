@@ -215,8 +215,9 @@ class OutputParser:
             at = jsonscan.find_outside_regions(buf, block.end, block.opaque)
         else:
             at = buf.find(block.end)
-        if at < 0 and final and block.json_body:
-            at = buf.find(block.end)  # malformed JSON: fall back to the first end marker
+        if at < 0 and final and (block.json_body or block.opaque):
+            # Malformed (an unclosed string or value): fall back to the first end marker.
+            at = buf.find(block.end)
         if at < 0:
             return None
         return at, at + len(block.end)
@@ -238,7 +239,10 @@ class OutputParser:
             # Cut off (max_tokens): keep the calls that were written in full.
             body = block.complete_prefix(body)
             complete = True
-        calls = block.parse(body, self.schemas) if body.strip() else None
+        # A call whose end marker never came was cut off: it is no call, even if its body
+        # happens to read as one.
+        cut_off = not complete and block.end_mode == "marker"
+        calls = block.parse(body, self.schemas) if body.strip() and not cut_off else None
         if calls:
             for call in calls:
                 self._emit_call(out, call)
