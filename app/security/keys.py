@@ -115,6 +115,9 @@ class KeyStore:
         self._stamp: tuple[int, int, int] | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()
+        # When each key last authenticated a request, in memory only: a write per request
+        # would be costly and would race the CLI; a restart forgets it.
+        self._last_used: dict[str, float] = {}
         try:
             self._records, self._stamp = self._read()
         except ValueError as error:
@@ -195,7 +198,12 @@ class KeyStore:
         matches = hmac.compare_digest(presented.encode(), expected.encode())
         if record is None or not matches or record.revoked:
             return None
+        self._last_used[record.id] = time.time()
         return record
+
+    def last_used(self, key_id: str) -> float | None:
+        """Wall-clock time this key last authenticated a request since start, or None."""
+        return self._last_used.get(key_id)
 
     # --- writing (the CLI; also the first-key bootstrap) ---------------------------------
 
