@@ -79,6 +79,8 @@ class AuthMiddleware:
         elif is_open(scope.get("path", "")) or is_preflight(scope):
             state(scope)["principal"] = Principal.unauthenticated(ip)
         else:
+            # Who was refused, for the access log and the console's recent refusals.
+            state(scope)["principal"] = Principal.unauthenticated(ip)
             metrics.AUTH_FAILURES.inc()
             log.info("request refused: missing or invalid key", client_ip=ip,
                      path=scope.get("path"))

@@ -77,6 +77,10 @@ function renderSparkline(perMinute) {
   }
 }
 
+function off(n, unit) {
+  return n ? n + " " + unit : unit + " off";
+}
+
 function render(status) {
   if (!status) return;
   const loaded = status.models.filter((m) => m.loaded).length;
@@ -89,6 +93,9 @@ function render(status) {
   const mem = status.memory;
   const meter = document.getElementById("memory-meter");
   meter.max = mem.budget_bytes;
+  meter.low = 0.7 * mem.budget_bytes;  // <meter> thresholds are absolute values
+  meter.high = 0.9 * mem.budget_bytes;
+  meter.optimum = 0;
   meter.value = Math.min(mem.used_bytes, mem.budget_bytes);
   fill("memory", [
     ["Budget", gw.bytes(mem.budget_bytes)],
@@ -106,11 +113,10 @@ function render(status) {
 
   const lim = status.limits;
   const breaker = lim.breaker || {};
-  const off = (n) => (n ? String(n) : "off");
   fill("limits", [
-    ["Per key", off(lim.per_key_rpm) + " rpm, " + off(lim.per_key_tpm) + " tpm"],
-    ["Per IP (no key)", off(lim.per_ip_rpm) + " rpm"],
-    ["Global", off(lim.global_rpm) + " rpm"],
+    ["Per key", off(lim.per_key_rpm, "rpm") + ", " + off(lim.per_key_tpm, "tpm")],
+    ["Per IP (no key)", off(lim.per_ip_rpm, "rpm")],
+    ["Global", off(lim.global_rpm, "rpm")],
     ["Generating", lim.inflight + " of " + lim.max_inflight],
     ["Queued", lim.queued + " of " + lim.max_queue],
     ["Limits kept in", lim.backend + (lim.redis_up === false ? " (down: in-process fallback)" : "")],
@@ -138,8 +144,8 @@ function render(status) {
       gw.el("td", { text: k.name }), gw.el("td", { class: "mono", text: k.id }),
       gw.el("td", { text: k.admin ? "yes" : "no" }),
       gw.el("td", { text: k.models ? k.models.join(", ") : "all" }),
-      gw.el("td", { text: k.rpm === null ? "default" : off(k.rpm) }),
-      gw.el("td", { text: k.tpm === null ? "default" : off(k.tpm) }),
+      gw.el("td", { text: k.rpm === null ? "default" : off(k.rpm, "rpm") }),
+      gw.el("td", { text: k.tpm === null ? "default" : off(k.tpm, "tpm") }),
       gw.el("td", { text: gw.ago(k.last_used) }),
       gw.el("td", { text: k.revoked ? "revoked" : "active" })));
   }
