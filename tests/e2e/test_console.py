@@ -116,7 +116,8 @@ def _row_state(driver: Any) -> str | None:
 
 def _click(driver: Any, action: str) -> None:
     clicked = driver.execute_script(
-        "const b = document.querySelector(`tr[data-model='${arguments[0]}'] button.${arguments[1]}`);"
+        "const row = `tr[data-model='${arguments[0]}']`;"
+        "const b = document.querySelector(`${row} button.${arguments[1]}`);"
         "if (!b || b.disabled) return false; b.click(); return true;", DEMO_ID, action)
     assert clicked, f"no enabled {action} button"
 
@@ -182,7 +183,8 @@ def test_playground_streams_and_continues_the_conversation(console: Console) -> 
     with chromium() as driver:
         driver.get(console.server.base_url + "/console/chat")
         _enter_key(driver, console.tokens["user"])  # a model-scoped key is enough here
-        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'#model option[value="{DEMO_ID}"]'),
+        picker = f'#model option[value="{DEMO_ID}"]'
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, picker),
                  what="the model picker")
         driver.find_element(By.ID, "instructions").send_keys("Answer in one short sentence.")
         first = ask(driver, "What is the capital of France?", 1)
