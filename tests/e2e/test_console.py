@@ -202,3 +202,26 @@ def test_playground_streams_and_continues_the_conversation(console: Console) -> 
     stored = console.get(f"/v1/responses/{second_id}", "user").json()
     assert stored["previous_response_id"] == first_id
     assert stored["instructions"] == "Answer in one short sentence."
+
+
+def test_status_cli_prints_the_same_with_the_key_from_the_environment(console: Console) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.gateway_process import ROOT
+
+    def run(key: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "MLXGW_API_KEY"}
+        if key is not None:
+            env["MLXGW_API_KEY"] = key
+        return subprocess.run([sys.executable, "-m", "app.cli", "status", "--url",
+                               console.server.base_url], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    shown = run(console.tokens["admin"])
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.split()[:2] == [DEMO_ID, "loaded"] for line in shown.stdout.splitlines())
+    assert "widget" in shown.stdout and console.tokens["admin"] not in shown.stdout
+    refused = run(console.tokens["user"])
+    assert refused.returncode == 1 and "admin key" in refused.stderr
