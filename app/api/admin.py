@@ -95,6 +95,7 @@ def _keys(keys: KeyStore | None) -> list[dict[str, Any]]:
         "models": list(record.models) if record.models is not None else None,
         "rpm": record.rpm,
         "tpm": record.tpm,
+        "visitor_rpm": record.visitor_rpm,
         "created": record.created,
         "revoked": record.revoked,
         "last_used": keys.last_used(record.id),

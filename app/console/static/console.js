@@ -146,6 +146,7 @@ function render(status) {
       gw.el("td", { text: k.models ? k.models.join(", ") : "all" }),
       gw.el("td", { text: k.rpm === null ? "default" : off(k.rpm, "rpm") }),
       gw.el("td", { text: k.tpm === null ? "default" : off(k.tpm, "tpm") }),
+      gw.el("td", { text: k.visitor_rpm ? k.visitor_rpm + " rpm" : "–" }),
       gw.el("td", { text: gw.ago(k.last_used) }),
       gw.el("td", { text: k.revoked ? "revoked" : "active" })));
   }
