@@ -15,16 +15,18 @@ import pytest
 from tests.caddy_server import running_caddy
 from tests.e2e.browser import chromium, screenshot, wait_for
 from tests.e2e.conftest import DEMO_ID
-from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.gateway_process import ROOT, GatewayProcess
 from tests.e2e.test_security import keys_cli
+from tests.local_server import free_port, serving
 
 pytestmark = pytest.mark.e2e
 PAGES = ("/console", "/console/chat")
 
 
 class Console:
-    def __init__(self, server: GatewayProcess, tokens: dict[str, str]) -> None:
-        self.server, self.tokens = server, tokens
+    def __init__(self, server: GatewayProcess, tokens: dict[str, str], widget_port: int
+                 ) -> None:
+        self.server, self.tokens, self.widget_port = server, tokens, widget_port
 
     def get(self, path: str, who: str | None = None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
@@ -35,19 +37,21 @@ class Console:
 def console(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
             ) -> Iterator[Console]:
     workdir = tmp_path_factory.mktemp("console")
+    widget_port = free_port()  # where the example chat widget page is served from
     server = GatewayProcess(workdir, {
         "auth": {"enabled": True},
+        "server": {"cors_origins": [f"http://127.0.0.1:{widget_port}"]},
         "engine": {"default_max_tokens": 24},
         "models": [{"id": DEMO_ID, "path": str(demo_float32_dir)}],
     })
     config = server.config_path
     tokens = {
         "admin": keys_cli(config, "create", "--name", "ops", "--admin").splitlines()[-1],
-        "user": keys_cli(config, "create", "--name", "widget", "--models", DEMO_ID)
-        .splitlines()[-1],
+        "user": keys_cli(config, "create", "--name", "widget", "--models", DEMO_ID,
+                         "--rpm", "60", "--visitor-rpm", "30").splitlines()[-1],
     }
     server.start()
-    yield Console(server, tokens)
+    yield Console(server, tokens, widget_port)
     server.stop()
 
 
@@ -209,8 +213,6 @@ def test_status_cli_prints_the_same_with_the_key_from_the_environment(console: C
     import subprocess
     import sys
 
-    from tests.e2e.gateway_process import ROOT
-
     def run(key: str | None) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k != "MLXGW_API_KEY"}
         if key is not None:
@@ -225,3 +227,34 @@ def test_status_cli_prints_the_same_with_the_key_from_the_environment(console: C
     assert "widget" in shown.stdout and console.tokens["admin"] not in shown.stdout
     refused = run(console.tokens["user"])
     assert refused.returncode == 1 and "admin key" in refused.stderr
+
+
+def test_example_chat_widget_talks_across_origins_with_a_scoped_key(
+        console: Console, tmp_path: Path) -> None:
+    """deploy/examples/chat-widget.html as its README section says: served from another
+    origin allowed by cors_origins, with the model-scoped, per-visitor-limited key."""
+    from selenium.webdriver.common.by import By
+    from starlette.staticfiles import StaticFiles
+
+    examples = ROOT / "deploy" / "examples"
+    page = (examples / "chat-widget.html").read_text()
+    assert 'data-gateway="https://gateway.example.com"' in page
+    page = page.replace("https://gateway.example.com", console.server.base_url)
+    page = page.replace("mgw-REPLACE-WITH-THE-WIDGET-KEY", console.tokens["user"])
+    (tmp_path / "index.html").write_text(page)
+    for name in ("chat-widget.js", "chat-widget.css"):
+        (tmp_path / name).write_text((examples / name).read_text())
+
+    site = StaticFiles(directory=tmp_path, html=True)
+    with serving(site, port=console.widget_port) as port, chromium() as driver:
+        driver.get(f"http://127.0.0.1:{port}/")
+        box = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".mlxgw-widget input"),
+                       what="the widget")[0]
+        box.send_keys("What is the capital of France?")
+        driver.find_element(By.CSS_SELECTOR, ".mlxgw-widget button").click()
+        answer = wait_for(driver, lambda d: d.find_elements(
+            By.CSS_SELECTOR, ".mlxgw-widget li.assistant[data-done], .mlxgw-widget li.error"),
+            timeout=120, what="the answer")[0]
+        screenshot(driver, "chat-widget")
+        assert answer.get_attribute("class") == "assistant", answer.text
+        assert answer.text.strip() and answer.get_attribute("data-response-id")
