@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from app.activity import Activity
 from app.api import admin, health, metrics_route, models
+from app.api.anthropic import messages
 from app.api.errors import install_error_handlers
 from app.api.openai import chat, completions, responses
 from app.console import routes as console
@@ -65,7 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.activity = activity
     app.state.started_monotonic = time.monotonic()
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics_route, responses, admin, console):
+    for module in (health, models, chat, completions, metrics_route, responses, messages,
+                   admin, console):
         app.include_router(module.router)
 
     # add_middleware wraps: the last added runs first. Outermost first, requests pass:

@@ -26,7 +26,7 @@ from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/console"})
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/console"})
 # The console's pages and scripts hold no secret; their data needs the admin key.
 OPEN_PREFIXES = ("/console/",)
 # One message for missing, malformed, unknown and revoked keys: say nothing about which.
