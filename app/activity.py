@@ -75,8 +75,13 @@ class Activity:
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
         recent = [b for b in self._seconds if b[0] > now - 60]
-        per_minute = [{"minute": start, "requests": n, "refused": r}
-                      for start, n, r in self._minutes if start > now - 3600]
+        # The last hour, one entry per minute, oldest first, quiet minutes as zeros.
+        seen = {start: (n, r) for start, n, r in self._minutes}
+        current = int(now // 60) * 60
+        per_minute = []
+        for start in range(current - 59 * 60, current + 1, 60):
+            n, r = seen.get(start, (0, 0))
+            per_minute.append({"minute": start, "requests": n, "refused": r})
         return {
             "requests_last_minute": sum(b[1] for b in recent),
             "refused_last_minute": sum(b[2] for b in recent),
