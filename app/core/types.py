@@ -59,7 +59,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
-    tool_choice: str | None = None
+    tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
     # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
     # is how the Responses/chat `reasoning.effort` reaches templates that read it.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +100,7 @@ class Usage:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # which stop string ended it, when one did
 
 
 @dataclass(frozen=True)

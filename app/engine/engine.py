@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from app.core.types import (
     ToolCall,
     ToolCallDelta,
 )
-from app.engine.prompt import Prompt, render
+from app.engine.prompt import Prompt, prompt_tokens, render
 from app.engine.residency.pool import LoadedModel, ModelPool
 from app.engine.sampling import make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
@@ -93,6 +94,10 @@ class GenerationStream:
         self._slot_started = slot_started
         self._parser = parser
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt)
+
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
         self._inbox.put_nowait(self._parse(events) if self._parser is not None else events)
@@ -108,7 +113,7 @@ class GenerationStream:
             elif isinstance(event, Finish):
                 out += parser.finish()
                 if parser.calls and event.reason == "stop":
-                    event = Finish("tool_calls", event.usage)
+                    event = dataclasses.replace(event, reason="tool_calls")
                 out.append(event)
             else:
                 out.append(event)
@@ -241,6 +246,16 @@ class Engine:
         """Make `name` resident without generating (warm-up, admin load)."""
         return await self.pool.load(name)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's exact length with the model's own template (loads the model)."""
+        loaded = await self.pool.acquire(request.model)
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, prompt_tokens, loaded.tokenizer, request)
+        finally:
+            self.pool.release(loaded)
+        return len(tokens)
+
     async def submit(self, request: GenerationRequest) -> GenerationStream:
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if self.breaker is not None:
@@ -290,6 +305,7 @@ class Engine:
                 f"This model's maximum context length is {context} tokens, but the prompt has "
                 f"{prompt_len} tokens. Shorten the prompt or the conversation.",
                 param="messages" if request.messages is not None else "prompt",
+                prompt_tokens=prompt_len, maximum=context,
             )
         if request.max_tokens is None:
             return min(room, self.settings.default_max_tokens)

@@ -49,7 +49,10 @@ def _arguments(text: str) -> Any:
 
 def _with_tools_prompt(messages: list[ChatMessage],
                        request: GenerationRequest) -> list[ChatMessage]:
-    prompt = render_tools_prompt(request.tools, required=request.tool_choice == "required")
+    choice = request.tool_choice
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    prompt = render_tools_prompt(request.tools, required=choice == "required" or bool(named),
+                                 name=named if isinstance(named, str) else None)
     history = history_for_generic(messages)
     if history and history[0].role in ("system", "developer"):
         first = history[0]

@@ -28,7 +28,8 @@ def _signature(tool: ToolSpec) -> dict[str, Any]:
     return spec
 
 
-def render_tools_prompt(tools: list[ToolSpec], *, required: bool = False) -> str:
+def render_tools_prompt(tools: list[ToolSpec], *, required: bool = False,
+                        name: str | None = None) -> str:
     """The system-prompt text that offers `tools` to a model without a tool template."""
     lines = [
         "You can call these tools (JSON Schema of each tool's arguments):",
@@ -42,7 +43,9 @@ def render_tools_prompt(tools: list[ToolSpec], *, required: bool = False) -> str
         "A tool's result comes back in the next message, inside "
         f"{TOOL_RESPONSE_START}...{TOOL_RESPONSE_END}.",
     ]
-    if required:
+    if name:
+        lines.append(f"You must call the tool {name} now.")
+    elif required:
         lines.append("You must call a tool now.")
     else:
         lines.append("If no tool is needed, answer normally.")
