@@ -550,3 +550,45 @@ def test_hosted_tools_are_dropped_and_namespaces_flattened() -> None:
     assert [t.name for t in req.tool_specs()] == ["shell", "read_page"]
     assert req.dropped_tools == ["web_search", "file_search"]
     assert req.template_kwargs() == {"reasoning_effort": "low"}
+
+
+async def _queued_frames(outcome: Any) -> list[str]:
+    """`_sse_queued` with a slot that comes after three quiet heartbeats (or is refused)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.api.openai.responses import _sse_queued, _Turn
+
+    async def later() -> Any:
+        await asyncio.sleep(0.35)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome, 0
+
+    request: Any = SimpleNamespace(state=SimpleNamespace(log_fields={}))
+    store = _MemoryStore()
+
+    def turn_for(dropped: int) -> _Turn:
+        return _Turn(store=store, owner="k", ttl=60, keep=False,  # type: ignore[arg-type]
+                     input_items=[], context=[])
+
+    chunks = [chunk.decode() async for chunk in _sse_queued(
+        request, asyncio.ensure_future(later()), _renderer(), turn_for, 0.1)]
+    return [line.removeprefix("event: ") for chunk in chunks for line in chunk.splitlines()
+            if line.startswith("event: ")]
+
+
+async def test_a_queued_stream_answers_at_once_and_keeps_the_client_waiting() -> None:
+    stream = _FakeStream([TextDelta("Paris"), Finish("stop", Usage(3, 1))])
+    names = await _queued_frames(stream)
+    first_output = names.index("response.output_item.added")
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[2:first_output].count("response.in_progress") >= 1  # while it waited
+    assert names[-1] == "response.completed" and stream.closed
+
+
+async def test_a_queued_stream_that_is_refused_later_fails_in_band() -> None:
+    from app.errors import Overloaded
+
+    names = await _queued_frames(Overloaded("queue full", retry_after=1))
+    assert names[0] == "response.created" and names[-1] == "response.failed"
