@@ -191,7 +191,10 @@ def test_codex_request_shape_streams_to_completion(gateway: GatewayProcess) -> N
         lines = [line for line in response.iter_lines() if line]
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     names = [event["type"] for event in events]
-    assert names[0] == "response.created" and names[-1] == "response.completed"
+    # No max_output_tokens and no temperature, as Codex sends it: the fixture's 32-token
+    # default may cut the sampled answer (incomplete, reason max_output_tokens).
+    assert names[0] == "response.created"
+    assert names[-1] in ("response.completed", "response.incomplete")
     assert all(not line.startswith(":") for line in lines), "keep-alives are events here"
     done = events[-1]["response"]
     assert done["id"].startswith("resp_")
