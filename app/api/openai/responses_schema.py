@@ -128,7 +128,10 @@ class ResponsesRequest(_Wire):
         for tool in data["tools"]:
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind == "namespace" and isinstance(tool, dict):
-                tools += [t for t in tool.get("tools") or tool.get("functions") or []
+                members = tool.get("tools") or tool.get("functions") or []
+                if not isinstance(members, list):
+                    raise ValueError("a namespace tool's `tools` must be a list of functions")
+                tools += [t for t in members
                           if not isinstance(t, dict) or t.get("type", "function") == "function"]
             elif kind in (None, "function") or not isinstance(kind, str):
                 tools.append(tool)
