@@ -22,10 +22,12 @@ log = structlog.get_logger(__name__)
 class DrainingServer(uvicorn.Server):
     def __init__(self, app: FastAPI, *, host: str, port: int, grace: float) -> None:
         # uvicorn's own deadline comes after ours, so streams end with our error event
-        # rather than a cut connection.
+        # rather than a cut connection. proxy_headers off: uvicorn would otherwise rewrite the
+        # client address from X-Forwarded-For (trusting 127.0.0.1) before our code runs, and
+        # `[server] trusted_proxies` would be ignored. The auth middleware decides it alone.
         super().__init__(uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=int(grace) + 5,
+            timeout_graceful_shutdown=int(grace) + 5, proxy_headers=False,
         ))
         self.engine: Engine = app.state.engine
         self.grace = grace

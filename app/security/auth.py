@@ -19,15 +19,19 @@ def require_admin(principal: Principal | None) -> None:
         raise PermissionDenied("This operation needs an admin key.")
 
 
+def may_use(principal: Principal | None, model_id: str, *aliases: str) -> bool:
+    """Whether the key's model scope covers this model (under its id or any alias)."""
+    if principal is None:
+        return False
+    if principal.models is None:
+        return True
+    return model_id in principal.models or any(alias in principal.models for alias in aliases)
+
+
 def authorize_model(principal: Principal | None, model_id: str, *aliases: str) -> None:
     """403 unless the key may use this model (under its id or any alias)."""
-    if principal is None:
+    if not may_use(principal, model_id, *aliases):
         raise PermissionDenied(f"This key may not use model '{model_id}'.", param="model")
-    if principal.models is None:
-        return
-    if model_id in principal.models or any(alias in principal.models for alias in aliases):
-        return
-    raise PermissionDenied(f"This key may not use model '{model_id}'.", param="model")
 
 
 def ensure_first_key(settings: Settings) -> str | None:

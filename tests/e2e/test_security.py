@@ -119,6 +119,21 @@ def test_model_scopes(secured: Secured) -> None:
         assert reply.choices[0].finish_reason == "length"
 
 
+def test_model_list_follows_the_key_scope(secured: Secured) -> None:
+    """A scoped key neither lists nor looks up models outside its scope (issue 13, item 15)."""
+    def ids(who: str) -> list[str]:
+        return sorted(m.id for m in secured.client(who).models.list())
+
+    assert ids("user") == [DEMO_ID]
+    assert ids("other") == ["smollm2-other"]  # scoped by its alias
+    assert ids("admin") == sorted([DEMO_ID, "smollm2-other"])
+    hidden = secured.get("/v1/models/smollm2-other", secured.tokens["user"])
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert "smollm2-other" not in hidden.json()["error"]["message"].split("Available:")[1]
+    assert secured.get(f"/v1/models/{DEMO_ID}", secured.tokens["user"]).status_code == 200
+    assert secured.get("/v1/models/other", secured.tokens["other"]).status_code == 200
+
+
 def test_admin_only_metrics(secured: Secured) -> None:
     assert secured.get("/metrics").status_code == 401
     denied = secured.get("/metrics", secured.tokens["user"])

@@ -273,14 +273,16 @@ async def test_per_key_limits_and_overrides(limiter: Limiter, tmp_path: Path) ->
 
 async def test_spoofed_forwarded_for_from_untrusted_peer(limiter: Limiter,
                                                          tmp_path: Path) -> None:
-    settings = Settings(config_dir=tmp_path, auth={"enabled": False}, limits={"per_ip_rpm": 2})
+    # Auth off serves loopback clients only, so the visitors here are other loopback addresses.
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False}, limits={"per_ip_rpm": 2},
+                        server={"trusted_proxies": ["127.0.0.1"]})
     app = limited_app(limiter, settings)
-    async with http_client(app, peer="203.0.113.9") as http:
-        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"10.9.9.{i}"}))
+    async with http_client(app, peer="127.0.0.9") as http:  # not a trusted proxy
+        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"127.9.9.{i}"}))
                  .status_code for i in range(4)]
     assert codes == [200, 200, 429, 429]  # all counted against the real peer
     async with http_client(app, peer="127.0.0.1") as http:  # trusted proxy (Caddy)
-        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"10.8.8.{i}"}))
+        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"127.8.8.{i}"}))
                  .status_code for i in range(4)]
     assert codes == [200] * 4  # four different clients behind the proxy
 
@@ -296,7 +298,7 @@ async def test_global_limit_shared_by_two_gateways(redis_server: RedisServer, cl
     try:
         codes = []
         for i in range(5):
-            async with http_client(apps[i % 2], peer=f"198.51.100.{i}") as http:
+            async with http_client(apps[i % 2], peer=f"127.0.2.{i}") as http:
                 codes.append((await http.get("/v1/models")).status_code)
         assert codes == [200, 200, 200, 429, 429]
     finally:
@@ -387,7 +389,8 @@ def _start_gateway(redis_url: str, tmp_path: Path) -> tuple[Any, str]:
            "MLXGW_CONFIG_DIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "tests.unit.test_limits:gateway_factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+         "--no-proxy-headers"],
         env=env, cwd=Path(__file__).resolve().parents[2])
     url = f"http://127.0.0.1:{port}"
     deadline = _time.monotonic() + 30
