@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import structlog
 
+import os
+from pathlib import Path
+from typing import TextIO
+
 from app.errors import PermissionDenied
 from app.security.keys import KeyStore
 from app.security.principal import Principal
@@ -42,9 +46,30 @@ def ensure_first_key(settings: Settings) -> str | None:
     if store.records():  # revoked keys count: revoking everything must not mint a new key
         return None
     record, token = store.create("admin (created on first start)", admin=True)
-    log.warning("created the first admin key; it is printed once on the terminal",
-                key_id=record.id, keys_file=str(store.path))
+    log.warning("created the first admin key", key_id=record.id, keys_file=str(store.path))
     return token
+
+
+FIRST_KEY_FILE = "first-admin-key.txt"
+
+
+def announce_first_key(token: str, keys_file: Path, out: TextIO) -> Path | None:
+    """Show the first admin key once: on a terminal, printed; otherwise (launchd, systemd,
+    a pipe: stdout is the service log) written to a 0600 file next to the keys file, and only
+    that file's path is logged. Returns the file written, if any."""
+    if out.isatty():
+        print("Created the first admin key. It is shown only this once; keep it safe:\n"
+              f"{token}", file=out, flush=True)
+        return None
+    path = keys_file.parent / FIRST_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a fresh file, so O_EXCL below creates it 0600
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    log.warning("the first admin key was written to a file readable only by you; read it, "
+                "keep the key safe and delete the file", path=str(path))
+    return path
 
 
 def check_bind_safety(settings: Settings, keys: KeyStore | None) -> None:

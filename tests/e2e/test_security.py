@@ -241,16 +241,20 @@ def test_refuses_public_bind_without_keys(tmp_path: Path, demo_model_dir: Path) 
     assert no_keys.returncode == 2 and "no usable API keys" in no_keys.stderr
 
 
-def test_first_start_prints_one_admin_key(tmp_path: Path, demo_model_dir: Path) -> None:
+def test_first_start_writes_the_admin_key_to_a_file_not_the_log(
+        tmp_path: Path, demo_model_dir: Path) -> None:
+    """stdout is a file here, as under launchd/systemd: the key goes to a 0600 file and the
+    log names only that file (issue 13, item 9)."""
     server = GatewayProcess(tmp_path, {"auth": {"enabled": True},
                                        "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]})
     server.start(wait_ready=False)
     try:
+        key_file = tmp_path / "config" / "first-admin-key.txt"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        token = key_file.read_text().strip()
         output = server.logs()
-        printed = [line for line in output.splitlines() if line.startswith("mgw-")]
-        assert len(printed) == 1
-        token = printed[0]
-        assert output.count(token.split("-", 2)[2]) == 1  # printed once, never logged
+        assert token.split("-", 2)[2] not in output  # never in the service log
+        assert str(key_file) in output
         models = httpx.get(server.base_url + "/v1/models",
                            headers={"Authorization": f"Bearer {token}"})
         assert models.status_code == 200

@@ -3,6 +3,7 @@ preflight, Host/query tricks, per-model scopes, admin routes, startup safety, re
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,29 @@ def test_first_key_created_once_and_only_with_auth(settings: Settings) -> None:
     off = Settings(config_dir=settings.config_dir / "other", auth={"enabled": False})
     assert ensure_first_key(off) is None
     assert not off.keys_file.exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_first_key_is_printed_only_to_a_terminal(settings: Settings) -> None:
+    from app.security.auth import FIRST_KEY_FILE, announce_first_key
+
+    terminal = _Terminal()
+    assert announce_first_key("mgw-aaaa-secret1", settings.keys_file, terminal) is None
+    assert "mgw-aaaa-secret1" in terminal.getvalue()
+    assert not (settings.keys_file.parent / FIRST_KEY_FILE).exists()
+
+    service_log = io.StringIO()  # launchd/systemd: stdout is the service log
+    with capture_logs() as logs:
+        written = announce_first_key("mgw-bbbb-secret2", settings.keys_file, service_log)
+    assert written == settings.keys_file.parent / FIRST_KEY_FILE
+    assert written.read_text() == "mgw-bbbb-secret2\n"
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert service_log.getvalue() == ""
+    assert "secret2" not in repr(logs) and str(written) in repr(logs)
 
 
 def test_bind_safety(settings: Settings, tmp_path: Path) -> None:
