@@ -5,11 +5,11 @@ The middleware that establishes the caller is app/http/auth.py.
 
 from __future__ import annotations
 
-import structlog
-
 import os
 from pathlib import Path
 from typing import TextIO
+
+import structlog
 
 from app.errors import PermissionDenied
 from app.security.keys import KeyStore

@@ -22,6 +22,7 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
+from app.api.errors import NESTED_TOO_DEEPLY
 from app.api.openai.responses_render import ResponseRenderer, page_items, request_echo
 from app.api.openai.responses_schema import (
     ResponsesRequest,
@@ -102,6 +103,8 @@ async def create_response(request: Request) -> Response:
         body = await request.json()
     except ValueError:
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:  # json.loads gives up on very deep nesting this way
+        raise InvalidRequest(NESTED_TOO_DEEPLY) from None
     req = parse_request(body)
     settings = request.app.state.settings
     owner = _owner(request)
