@@ -175,6 +175,10 @@ class ResponsesSettings(_Section):
     store: Literal["sqlite", "redis"] = Field("sqlite", description="Where stored responses live.")
     path: Path | None = Field(None, description="SQLite file. Default: <state_dir>/responses.db.")
     ttl: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept.")
+    timeout: float = Field(
+        2.0, gt=0, le=60, description="With store = 'redis': seconds a read or write waits "
+        "for Redis before the request gets a 503."
+    )
 
 
 class LogSettings(_Section):

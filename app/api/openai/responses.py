@@ -118,10 +118,11 @@ async def create_response(request: Request) -> Response:
     if not model:
         raise InvalidRequest("`model` is required", param="model")
 
+    # Counted before normalizing: the cap is there to bound that work.
+    if isinstance(req.input, list) and len(req.input) > settings.server.max_messages:
+        raise InvalidRequest(f"at most {settings.server.max_messages} input items per request "
+                             f"(got {len(req.input)})", param="input")
     items = normalize_input(req.input, _resolver(previous))
-    if len(items) > settings.server.max_messages:
-        raise InvalidRequest(f"at most {settings.server.max_messages} input items per request",
-                             param="input")
     context = [message_from_json(m) for m in previous.context] if previous else []
     new_messages = items_to_messages(items, known_calls(context))
     response_id = new_id("resp_")
