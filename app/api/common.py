@@ -35,7 +35,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     request.state.log_fields = {"model": generation.model}
     spec = request.app.state.registry.resolve(generation.model)
     authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
-    stream = await engine_of(request).submit(generation)
+    limits = getattr(request.state, "limits", None)
+    # A token budget reserves prompt + max_tokens once the prompt's length is known.
+    stream = await engine_of(request).submit(
+        generation, admit=limits.reserve if limits is not None else None)
     request.state.log_fields["model"] = stream.model
     return stream
 
@@ -52,7 +55,7 @@ async def record_finish(request: Request, stream: GenerationStream, finish: Fini
     metrics.PROMPT_TOKENS.labels(stream.model).inc(finish.usage.prompt_tokens)
     metrics.COMPLETION_TOKENS.labels(stream.model).inc(finish.usage.completion_tokens)
     limits = getattr(request.state, "limits", None)
-    if limits is not None:  # tokens-per-minute limits learn the cost only now
+    if limits is not None:  # settle the reservation: refund what was not used
         await limits.charge_tokens(finish.usage.total_tokens)
 
 

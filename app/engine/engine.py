@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -159,7 +159,10 @@ class Engine:
         """Make `name` resident without generating (warm-up, admin load)."""
         return await self.pool.load(name)
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    async def submit(self, request: GenerationRequest, *,
+                     admit: Callable[[int], Awaitable[None]] | None = None) -> GenerationStream:
+        """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
+        generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if self.breaker is not None:
             self.breaker.allow()
@@ -175,18 +178,22 @@ class Engine:
             self._release(None, slot_started, None)
             raise
         try:
-            return await self._start(request, loaded, slot_started)
+            return await self._start(request, loaded, slot_started, admit)
         except BaseException:
             self._release(loaded, slot_started, None)
             raise
 
     async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     slot_started: float | None) -> GenerationStream:
+                     slot_started: float | None,
+                     admit: Callable[[int], Awaitable[None]] | None = None
+                     ) -> GenerationStream:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             self._tokenize, prompt_tokens, loaded.tokenizer, request
         )
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        if admit is not None:
+            await admit(len(tokens) + max_tokens)
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,

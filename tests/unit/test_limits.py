@@ -79,6 +79,26 @@ async def test_request_arithmetic(limiter: Limiter, clock: FakeClock) -> None:
     assert (other.allowed, other.remaining) == (True, 2)
 
 
+async def test_reservations_settle_in_place(limiter: Limiter, clock: FakeClock) -> None:
+    """Reserve prompt + max_tokens, settle to the real use: the refund frees room at once and
+    the settled cost ages out with the reservation's timestamp (issue 13, item 12)."""
+    held = await limiter.acquire("r", 100, cost=80)
+    assert (held.allowed, held.remaining) == (True, 20) and held.entry
+    refused = await limiter.acquire("r", 100, cost=30)  # 80 held: 30 does not fit
+    assert not refused.allowed and refused.entry is None
+    clock.advance(10)
+    entry = await limiter.adjust("r", held.entry, 25)  # used only 25
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 75
+    fits = await limiter.acquire("r", 100, cost=70)
+    assert (fits.allowed, fits.remaining) == (True, 5)
+    # The settled 25 ages out at t=60 (the reservation's time), not at t=70.
+    clock.advance(50)
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 30
+    await limiter.adjust("r", entry, 0)  # aged out already: nothing changes
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 30
+    assert (await limiter.acquire("r", 100, cost=5, mode="peek")).entry is None
+
+
 async def test_token_costs(limiter: Limiter, clock: FakeClock) -> None:
     first = await limiter.acquire("t", 100, cost=70, mode="charge")
     assert (first.allowed, first.remaining) == (True, 30)
@@ -306,6 +326,27 @@ async def test_global_limit_shared_by_two_gateways(redis_server: RedisServer, cl
             await lim.aclose()
 
 
+async def test_fallback_settles_each_reservation_where_it_was_made(
+        redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = FallbackLimiter(RedisLimiter.from_url(redis_server.url, clock, timeout=5),
+                              InProcessLimiter(clock), timeout=5, probe_interval=3600)
+    try:
+        await limiter.primary.client.flushdb()
+        in_redis = await limiter.acquire("f", 100, cost=90)
+        assert limiter.redis_up and in_redis.entry
+        await limiter.adjust("f", in_redis.entry, 10)
+        assert (await limiter.acquire("f", 100, mode="peek")).remaining == 90
+        redis_server.stop()
+        local = await limiter.acquire("g", 100, cost=90)  # Redis down: in-process entry
+        assert not limiter.redis_up and local.entry and local.entry.startswith("local:")
+        await limiter.adjust("g", local.entry, 10)
+        assert limiter.local.acquire_now("g", 100, mode="peek").remaining == 90
+        await limiter.adjust("f", in_redis.entry, 0)  # unreachable: kept, never an error
+    finally:
+        redis_server.start()
+        await limiter.aclose()
+
+
 async def test_hung_redis_times_out_into_the_fallback(clock: FakeClock) -> None:
     """A Redis that accepts connections but never answers (a wedged server, a black-holed
     network) must cost a bounded timeout, then fall back, not hang the request."""
@@ -358,6 +399,50 @@ async def test_limit_headers_on_streaming_responses(tmp_path: Path, clock: FakeC
         assert _headers(first, "requests") == ("5", "4", "60s")
         second = await http.post("/v1/chat/completions")
         assert _headers(second, "tokens") == ("20", "8", "60s")  # first stream's 12 charged
+
+
+async def test_tokens_are_reserved_at_admission_and_refunded_at_the_end(
+        limiter: Limiter, clock: FakeClock, tmp_path: Path) -> None:
+    """The old check admitted at cost 1 and charged afterwards: one token left was enough to
+    start any number of long generations."""
+    from app.errors import RateLimited
+    from app.http.limits import RequestLimits
+
+    async def generate(request: Request) -> JSONResponse:
+        limits: RequestLimits = request.state.limits
+        body = await request.json()
+        try:
+            await limits.reserve(body["prompt"] + body["max_tokens"])  # what the engine does
+        except RateLimited as error:
+            return JSONResponse(error.body("openai"), status_code=429,
+                                headers=error.response_headers())
+        if body.get("finish", True):
+            await limits.charge_tokens(body["prompt"] + body["used"])
+        return JSONResponse({"reserved": limits.reserved})
+
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False},
+                        limits={"per_ip_rpm": 0, "per_key_tpm": 100})
+    inner = Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"])])
+    app = AuthMiddleware(RateLimitMiddleware(inner, limiter=limiter, settings=settings),
+                         keys=None, settings=settings)
+    async with http_client(app) as http:
+        async def post(**body: Any) -> httpx.Response:
+            return await http.post("/v1/chat/completions", json=body)
+
+        whole = await post(prompt=10, max_tokens=200, used=0)
+        assert whole.status_code == 429 and "more than the whole budget" in \
+            whole.json()["error"]["message"]
+        # A running generation holds its reservation: a second one that would not fit waits.
+        running = await post(prompt=10, max_tokens=60, used=0, finish=False)
+        assert running.status_code == 200
+        second = await post(prompt=10, max_tokens=40, used=0)
+        assert second.status_code == 429 and second.headers["retry-after"] == "60"
+        assert "30 are left" in second.json()["error"]["message"]
+        # One that ends early gives back what it did not use.
+        short = await post(prompt=10, max_tokens=20, used=2)
+        assert short.status_code == 200
+        after = await post(prompt=1, max_tokens=1, used=0, finish=False)
+        assert after.headers["x-ratelimit-remaining-tokens"] == "18"  # 100 - 70 - 12
 
 
 # --- two real gateway processes on one Redis ---------------------------------------------------
