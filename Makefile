@@ -14,7 +14,11 @@ PRELOAD  := $(if $(and $(filter Linux,$(UNAME)),$(wildcard $(OPENBLAS))),LD_PREL
 APT_PACKAGES := redis-server caddy libopenblas0-pthread
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo-model run test test-unit lint bench clean
+# The coding agents the end-to-end tests drive, at the versions their wire captures came from
+# (shared/docs/CONTRACT.md). npm packages that carry each client's own binary.
+CLIENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33
+
+.PHONY: install system-deps demo-model clients run test test-unit lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,13 +46,19 @@ else ifeq ($(UNAME),Darwin)
 	@command -v caddy >/dev/null || brew install caddy
 endif
 
+clients: .tools/.installed
+
+.tools/.installed: Makefile
+	@command -v npm >/dev/null || { echo "npm not found: the client tests will be skipped"; exit 0; }; \
+	npm install --silent --no-audit --no-fund --prefix .tools $(CLIENTS) && touch $@
+
 demo-model: install
 	$(BIN)/mlx-gateway models demo
 
 run: install demo-model
 	$(PRELOAD) $(BIN)/mlx-gateway serve $(ARGS)
 
-test: install system-deps demo-model
+test: install system-deps demo-model clients
 	$(PRELOAD) $(BIN)/python -m pytest -q $(ARGS)
 
 test-unit: install
@@ -64,4 +74,4 @@ bench: install demo-model
 	  --rounds 3 $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

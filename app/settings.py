@@ -57,6 +57,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_MODEL_TARGET = "@default"
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind. Keep loopback behind Caddy.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
@@ -204,6 +207,15 @@ class MetricsSettings(_Section):
     require_admin: bool = Field(True, description="With auth on, /metrics needs an admin key.")
 
 
+class AnthropicSettings(_Section):
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"claude-*": DEFAULT_MODEL_TARGET},
+        description="On /v1/messages: model-name patterns (fnmatch, first match wins) -> a model "
+        f"id or alias; {DEFAULT_MODEL_TARGET!r} = the default model. Lets an unchanged Claude "
+        "Code ask for claude-* ids.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
 
@@ -222,6 +234,7 @@ class Settings(BaseSettings):
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
         description="Converted models (the demo model among them).",

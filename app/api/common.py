@@ -16,6 +16,7 @@ from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.engine import Engine, GenerationStream
+from app.errors import InvalidRequest
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
@@ -23,6 +24,13 @@ T = TypeVar("T")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
+
+
+def check_message_count(request: Request, count: int, param: str) -> None:
+    """`[server] max_messages` for every protocol, checked before any per-message work."""
+    limit: int = request.app.state.settings.server.max_messages
+    if count > limit:
+        raise InvalidRequest(f"{param}: at most {limit} per request (got {count})", param=param)
 
 
 def engine_of(request: Request) -> Engine:

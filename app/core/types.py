@@ -59,7 +59,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
-    tool_choice: str | None = None
+    tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class Usage:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # which stop string ended it, when one did
 
 
 @dataclass(frozen=True)

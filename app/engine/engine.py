@@ -52,6 +52,10 @@ class GenerationStream:
         self._finished = False
         self._slot_started = slot_started
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt)
+
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
         self._inbox.put_nowait(events)
@@ -159,6 +163,16 @@ class Engine:
         """Make `name` resident without generating (warm-up, admin load)."""
         return await self.pool.load(name)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's exact length with the model's own template (loads the model)."""
+        loaded = await self.pool.acquire(request.model)
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, prompt_tokens, loaded.tokenizer, request)
+        finally:
+            self.pool.release(loaded)
+        return len(tokens)
+
     async def submit(self, request: GenerationRequest, *,
                      admit: Callable[[int], Awaitable[None]] | None = None) -> GenerationStream:
         """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
@@ -215,6 +229,7 @@ class Engine:
                 f"This model's maximum context length is {context} tokens, but the prompt has "
                 f"{prompt_len} tokens. Shorten the prompt or the conversation.",
                 param="messages" if request.messages is not None else "prompt",
+                prompt_tokens=prompt_len, maximum=context,
             )
         if request.max_tokens is None:
             return min(room, self.settings.default_max_tokens)

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app.api import health, metrics_route, models
+from app.api.anthropic import messages
 from app.api.errors import install_error_handlers
 from app.api.openai import chat, completions, responses
 from app.engine.engine import Engine
@@ -59,7 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.keys = keys
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics_route, responses):
+    for module in (health, models, chat, completions, metrics_route, responses, messages):
         app.include_router(module.router)
 
     # add_middleware wraps: the last added runs first. Outermost first, requests pass:

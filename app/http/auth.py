@@ -26,7 +26,7 @@ from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/", "/health", "/ready"})
 # One message for missing, malformed, unknown and revoked keys: say nothing about which.
 AUTH_MESSAGE = "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key'."
 LOOPBACK_ONLY_MESSAGE = (

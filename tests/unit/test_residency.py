@@ -42,7 +42,8 @@ def test_lru_evicts_least_recently_used_first_and_only_as_many_as_needed() -> No
     load(p, "a", 4 * GB, now=1)
     load(p, "b", 3 * GB, now=2)
     load(p, "c", 3 * GB, now=3)
-    p.touch("a", now=4)  # a is now the most recently used; b is the oldest
+    p.acquire("a", now=4)  # a is now the most recently used; b is the oldest
+    p.release("a", now=4)
     decision = p.decide_load("d", 3 * GB, now=5)
     assert decision.kind == "load"
     assert decision.evict == ("b",)
@@ -163,7 +164,7 @@ def test_eviction_frees_the_budget_and_forget_undoes_a_failed_load() -> None:
     assert p.used_bytes == 0
     p.mark_loaded("b", 6 * GB, now=1)  # reservation at load start
     p.forget("b")  # the load failed
-    assert not p.is_resident("b")
+    assert p.get("b") is None
     assert p.decide_load("c", 10 * GB, now=2) == LoadDecision("load", "c")
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
@@ -18,17 +19,13 @@ from app.api.common import (
 from app.api.openai.schema import ChatCompletionRequest
 from app.api.openai.stream import openai_chunks, usage_body
 from app.core.types import GenerationRequest
-from app.errors import InvalidRequest
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    limit = request.app.state.settings.server.max_messages
-    if len(body.messages) > limit:  # before any per-message work or templating
-        raise InvalidRequest(f"messages: at most {limit} messages per request "
-                             f"(got {len(body.messages)})", param="messages")
+    check_message_count(request, len(body.messages), "messages")
     generation = GenerationRequest(
         model=body.model,
         request_id=request.state.request_id,

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
@@ -119,9 +120,8 @@ async def create_response(request: Request) -> Response:
         raise InvalidRequest("`model` is required", param="model")
 
     # Counted before normalizing: the cap is there to bound that work.
-    if isinstance(req.input, list) and len(req.input) > settings.server.max_messages:
-        raise InvalidRequest(f"at most {settings.server.max_messages} input items per request "
-                             f"(got {len(req.input)})", param="input")
+    if isinstance(req.input, list):
+        check_message_count(request, len(req.input), "input")
     items = normalize_input(req.input, _resolver(previous))
     context = [message_from_json(m) for m in previous.context] if previous else []
     new_messages = items_to_messages(items, known_calls(context))

@@ -100,9 +100,6 @@ class ResidencyPolicy:
     def used_bytes(self) -> int:
         return sum(r.size for r in self._residents.values())
 
-    def is_resident(self, model: str) -> bool:
-        return model in self._residents
-
     def get(self, model: str) -> Resident | None:
         resident = self._residents.get(model)
         return replace(resident) if resident else None
@@ -200,9 +197,6 @@ class ResidencyPolicy:
             raise ValueError(f"release of {model!r} without a matching acquire")
         resident.leases -= 1
         resident.last_used = now
-
-    def touch(self, model: str, now: float) -> None:
-        self._require(model).last_used = now
 
     # --- internals ---------------------------------------------------------------------------
 
