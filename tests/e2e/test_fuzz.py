@@ -38,6 +38,8 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
                              "messages": [{"role": "user", "content": "Hi"}]},
     "/v1/completions": {"model": DEMO_ID, "max_tokens": 1, "prompt": "Hi"},
     "/v1/responses": {"model": DEMO_ID, "max_output_tokens": 16, "input": "Hi", "store": False},
+    "/v1/messages": {"model": DEMO_ID, "max_tokens": 1,
+                     "messages": [{"role": "user", "content": "Hi"}]},
 }
 # Token limits the mutation may pick: invalid ones, and nothing that makes a long generation.
 LIMIT_VALUES = [-1, 0, 10**12, "ten", None, 1.5, [], {}]
@@ -148,6 +150,18 @@ def test_tool_call_histories(gateway: GatewayProcess, messages: list[dict[str, A
                   ["arguments"]} for m in messages for call in m.get("tool_calls", [])]
         check(http.post("/v1/responses", json={"model": DEMO_ID, "max_output_tokens": 16,
                                                "store": False, "input": [*items, "Hi"]}))
+        # The same history in Anthropic's blocks: tool_use `input` is any JSON there.
+        blocks = [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": call.get("id"), "name": call["function"]["name"],
+             "input": call["function"]["arguments"]} for call in m["tool_calls"]] or "ok"}
+            if m.get("tool_calls") else
+            {"role": "user", "content": [{"type": "tool_result",
+                                          "tool_use_id": m.get("tool_call_id"),
+                                          "content": m.get("content")}]}
+            if m["role"] == "tool" else {"role": "user", "content": m["content"]}
+            for m in messages]
+        check(http.post("/v1/messages", json={"model": DEMO_ID, "max_tokens": 1,
+                                              "messages": blocks}))
 
 
 def nest(depth: int, kind: str, leaf: Any) -> str:

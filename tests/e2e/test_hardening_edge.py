@@ -118,16 +118,17 @@ def test_chunked_bodies_over_the_limit_are_413(gateway: GatewayProcess) -> None:
             yield b"a" * 1_000_000
         yield b'"}'
 
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"):
         response = httpx.post(gateway.base_url + path, content=chunks(), timeout=120,
                               headers={"content-type": "application/json"})
         assert response.status_code == 413, (path, response.text[:200])
-        assert response.json()["error"]["code"] == "request_too_large"
+        error = response.json()["error"]
+        assert error.get("code", error.get("type")) in ("request_too_large",)
 
 
 def test_message_count_is_capped_on_every_protocol(gateway: GatewayProcess) -> None:
     """Item 11: only /v1/responses had max_messages (2048 by default), and only after
-    normalizing every item."""
+    normalizing every item; chat and Anthropic messages had no cap."""
     many = [{"role": "user", "content": "a"}] * 2049
     with httpx.Client(base_url=gateway.base_url, timeout=120) as http:
         chat = http.post("/v1/chat/completions",
@@ -137,3 +138,9 @@ def test_message_count_is_capped_on_every_protocol(gateway: GatewayProcess) -> N
         responses = http.post("/v1/responses",
                               json={"model": DEMO_ID, "input": many, "store": False})
         assert responses.status_code == 400 and responses.json()["error"]["param"] == "input"
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            anthropic = http.post(path, json={"model": DEMO_ID, "messages": many,
+                                              "max_tokens": 1})
+            assert anthropic.status_code == 400, anthropic.text
+            assert anthropic.json()["error"]["type"] == "invalid_request_error"
+            assert "at most 2048" in anthropic.json()["error"]["message"]
