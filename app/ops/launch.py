@@ -36,6 +36,7 @@ class LaunchPlan:
     env: dict[str, str]  # added to (or, with an empty value, removed from) the environment
     files: dict[Path, str] = field(default_factory=dict)
     secret: str | None = None  # the key, for masking in --print output
+    defaults: dict[str, str] = field(default_factory=dict)  # set unless the user set them
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,13 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
             "ANTHROPIC_AUTH_TOKEN": target.key,
             "ANTHROPIC_API_KEY": "",  # a real Anthropic key would take precedence
             **dict.fromkeys(model_vars, target.model),
-            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(target.max_output),
-            "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
-            "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(target.context),
             # No telemetry, error reports, update checks: only the gateway is spoken to.
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         }
-        return LaunchPlan([executable, *args], env, secret=target.key)
+        sizes = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(target.max_output),
+                 "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
+                 "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(target.context)}
+        return LaunchPlan([executable, *args], env, secret=target.key, defaults=sizes)
     if client == "codex":
         codex_home = Path(os.environ.get("CODEX_HOME") or home / ".codex")
         profile = codex_home / f"{PROVIDER_ID}.config.toml"
@@ -148,7 +149,7 @@ def apply(plan: LaunchPlan) -> dict[str, str]:
     for path, content in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
-    env = dict(os.environ)
+    env = {**plan.defaults, **os.environ}
     for name, value in plan.env.items():
         if value:
             env[name] = value
@@ -168,6 +169,7 @@ def describe(plan: LaunchPlan) -> str:
 
     lines = [f"{name}={mask(value)}" if value else f"unset {name}"
              for name, value in plan.env.items()]
+    lines += [f"{name}={value} (unless set)" for name, value in plan.defaults.items()]
     for path, content in plan.files.items():
         lines += [f"--- {path}", mask(content).rstrip("\n")]
     lines.append("$ " + " ".join(plan.argv))

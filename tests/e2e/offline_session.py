@@ -44,7 +44,8 @@ def main(workdir: Path, model_dir: Path) -> dict[str, object]:
         reply = chat.chat.completions.create(model=model, temperature=0, max_tokens=16,
                                              messages=[{"role": "user", "content": "Hi"}])
         result["openai"] = reply.choices[0].message.content
-        env = {"PATH": client_path(), "HOME": str(workdir / "home")}
+        env = {"PATH": client_path(), "HOME": str(workdir / "home"),
+               "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "48"}
         launched = subprocess.run(
             [*cli, "launch", "claude", "--config", config, "--url", server.base_url, "--",
              "-p", "--bare", "--tools", ""],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.ops.launch import Target, client_key, describe, plan_for
+from app.ops.launch import Target, apply, client_key, describe, plan_for
 from app.security.keys import KeyStore
 from app.settings import load_settings
 
@@ -24,8 +24,20 @@ def test_claude_gets_environment_only(tmp_path: Path) -> None:
     assert plan.env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8000"
     assert plan.env["ANTHROPIC_AUTH_TOKEN"] == TOKEN and plan.env["ANTHROPIC_API_KEY"] == ""
     assert plan.env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "qwen3"
-    assert plan.env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768"
-    assert plan.env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
+    assert plan.defaults["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768"
+    assert plan.defaults["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
+
+
+def test_user_settings_win_over_size_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "100")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    env = apply(plan_for("claude", TARGET, args=[], home=Path("/nonexistent"),
+                         clients_dir=Path("/nonexistent")))
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "100"
+    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768"
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8000"  # where to go is not optional
+    assert "ANTHROPIC_API_KEY" not in env
 
 
 def test_codex_profile_file_names_the_variable_not_the_key(
