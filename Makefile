@@ -11,7 +11,7 @@ UNAME  := $(shell uname -s)
 # which `mlx-gateway serve` applies to itself; this is for the tests and the bench).
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PRELOAD  := $(if $(and $(filter Linux,$(UNAME)),$(wildcard $(OPENBLAS))),LD_PRELOAD=$(OPENBLAS) OPENBLAS_THREAD_TIMEOUT=16,)
-APT_PACKAGES := redis-server caddy libopenblas0-pthread
+APT_PACKAGES := redis-server caddy libopenblas0-pthread chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The coding agents the end-to-end tests drive, at the versions their wire captures came from
@@ -30,13 +30,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Real redis-server and caddy for the tests, OpenBLAS for speed. Installed only when missing.
+# Real redis-server and caddy for the tests, OpenBLAS for speed, headless Chromium and its
+# driver for the console's browser tests. Installed only when missing.
 system-deps:
 ifeq ($(UNAME),Linux)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v caddy >/dev/null || missing="$$missing caddy"; \
 	[ -e $(OPENBLAS) ] || missing="$$missing libopenblas0-pthread"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -1,4 +1,4 @@
-"""The `mlx-gateway` command: serve, models, keys, bench, doctor, service."""
+"""The `mlx-gateway` command: serve, models, keys, bench, doctor, service, status."""
 
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     from app.models import cli as models_cli
-    from app.ops import bench, doctor, launch, service_manager
+    from app.ops import bench, doctor, launch, service_manager, status
     from app.security import cli as keys_cli
 
-    for module in (models_cli, keys_cli, doctor, service_manager, launch):
+    for module in (models_cli, keys_cli, doctor, service_manager, launch, status):
         module.add_commands(commands, config)
     bench.add_commands(commands)  # talks to a URL; reads no config
     return parser

@@ -196,7 +196,9 @@ class ResponsesSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    format: Literal["json", "console"] = Field("json", description="JSON lines or human text.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="stdout as JSON lines or human text; auto: text on a terminal, "
+        "JSON otherwise (launchd, systemd, pipes). Files are always JSON.")
     file: Path | None = Field(None, description="Also write to this file, size-rotated.")
     max_bytes: int = Field(10_000_000, ge=1024, description="Rotate the file at this size.")
     backups: int = Field(5, ge=0, description="Rotated files kept.")

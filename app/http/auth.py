@@ -26,7 +26,9 @@ from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-OPEN_PATHS = frozenset({"/", "/health", "/ready"})
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/console"})
+# The console's pages and scripts hold no secret; their data needs the admin key.
+OPEN_PREFIXES = ("/console/",)
 # One message for missing, malformed, unknown and revoked keys: say nothing about which.
 AUTH_MESSAGE = "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key'."
 LOOPBACK_ONLY_MESSAGE = (
@@ -47,6 +49,10 @@ def presented_keys(scope: Scope) -> list[str]:
     if api_key and api_key.strip() and api_key.strip() not in found:
         found.append(api_key.strip())
     return found
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def is_preflight(scope: Scope) -> bool:
@@ -73,9 +79,11 @@ class AuthMiddleware:
         record = self._verify(scope)
         if record is not None:
             state(scope)["principal"] = Principal.from_key(record, ip)
-        elif scope.get("path") in OPEN_PATHS or is_preflight(scope):
+        elif is_open(scope.get("path", "")) or is_preflight(scope):
             state(scope)["principal"] = Principal.unauthenticated(ip)
         else:
+            # Who was refused, for the access log and the console's recent refusals.
+            state(scope)["principal"] = Principal.unauthenticated(ip)
             metrics.AUTH_FAILURES.inc()
             log.info("request refused: missing or invalid key", client_ip=ip,
                      path=scope.get("path"))
@@ -92,9 +100,10 @@ class AuthMiddleware:
         reverse proxy forwarding LAN or internet traffic must not make everyone an admin."""
         if is_loopback(ip):
             state(scope)["principal"] = Principal.anonymous(ip)
-        elif scope.get("path") in OPEN_PATHS:
+        elif is_open(scope.get("path", "")):
             state(scope)["principal"] = Principal.unauthenticated(ip)
         else:
+            state(scope)["principal"] = Principal.unauthenticated(ip)  # for the access log
             log.info("request refused: auth is off and the client is not local", client_ip=ip,
                      path=scope.get("path"))
             if scope["type"] == "websocket":

@@ -238,3 +238,19 @@ def test_from_settings_reads_the_residency_section() -> None:
     assert (p.budget_bytes, p.max_loaded, p.default_ttl) == (4 * GB, 2, 7.0)
     default = ResidencyPolicy.from_settings(ResidencySettings())
     assert default.budget_bytes == int(physical_memory_bytes() * 0.6)
+
+
+def test_ttl_left_for_the_console() -> None:
+    p = policy(ttl=100.0)
+    load(p, "idle", 1, now=0)
+    load(p, "pinned", 1, now=0, pinned=True)
+    load(p, "forever", 1, now=0, ttl=0.0)
+    assert p.ttl_left("idle", now=30) == 70.0
+    assert p.ttl_left("idle", now=500) == 0.0  # overdue, not negative
+    assert p.ttl_left("pinned", now=30) is None
+    assert p.ttl_left("forever", now=30) is None
+    assert p.ttl_left("absent", now=30) is None
+    p.acquire("idle", now=40)
+    assert p.ttl_left("idle", now=50) is None  # in use
+    p.release("idle", now=60)
+    assert p.ttl_left("idle", now=60) == 100.0

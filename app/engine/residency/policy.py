@@ -155,6 +155,13 @@ class ResidencyPolicy:
                 due.append(resident.id)
         return due
 
+    def ttl_left(self, model: str, now: float) -> float | None:
+        """Seconds until `model` would be evicted as idle; None when it cannot expire now
+        (pinned, in use, TTL 0, or not resident)."""
+        resident = self._residents.get(model)
+        expires_at = self._expires_at(resident) if resident else None
+        return None if expires_at is None else max(0.0, expires_at - now)
+
     def next_expiry(self, now: float) -> float | None:
         """Seconds until the next TTL eviction is due (0 if overdue); None when none can expire."""
         times = [t for r in self._residents.values() if (t := self._expires_at(r)) is not None]
