@@ -10,7 +10,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -256,7 +256,10 @@ class Engine:
             self.pool.release(loaded)
         return len(tokens)
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    async def submit(self, request: GenerationRequest, *,
+                     admit: Callable[[int], Awaitable[None]] | None = None) -> GenerationStream:
+        """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
+        generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if self.breaker is not None:
             self.breaker.allow()
@@ -272,17 +275,21 @@ class Engine:
             self._release(None, slot_started, None)
             raise
         try:
-            return await self._start(request, loaded, slot_started)
+            return await self._start(request, loaded, slot_started, admit)
         except BaseException:
             self._release(loaded, slot_started, None)
             raise
 
     async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     slot_started: float | None) -> GenerationStream:
+                     slot_started: float | None,
+                     admit: Callable[[int], Awaitable[None]] | None = None
+                     ) -> GenerationStream:
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
         tokens = prompt.ids
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        if admit is not None:
+            await admit(len(tokens) + max_tokens)
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,

@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.types import ChatMessage, GenerationRequest
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+from app.core.types import ChatMessage, GenerationRequest, ToolCall
 from app.errors import InvalidRequest
 from app.output.detect import ModelOutput, model_output
 from app.output.generic_tools import history_for_generic, render_tools_prompt
@@ -23,28 +25,36 @@ class Prompt:
     output: ModelOutput | None  # how this model writes calls and reasoning (chat only)
 
 
-def _template_message(message: ChatMessage) -> dict[str, Any]:
+def _arguments(call: ToolCall, where: str) -> dict[str, Any]:
+    """A tool call's arguments as the object chat templates expect; a client that sent
+    something else gets a 400 naming the field, not a 500 from inside the template."""
+    try:
+        value = json.loads(call.arguments or "{}")
+    except (ValueError, RecursionError):
+        raise InvalidRequest(f"{where}: must be a JSON object encoded as a string, "
+                             f"got {call.arguments[:80]!r}", param=where) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}: must encode a JSON object, not {type(value).__name__}",
+                             param=where)
+    return value
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
     # Most chat templates know no `developer` role; it means the same as `system` to them.
     role = "system" if message.role == "developer" else message.role
     out: dict[str, Any] = {"role": role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = [
             {"id": call.id, "type": "function",
-             "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
-            for call in message.tool_calls
+             "function": {"name": call.name, "arguments": _arguments(
+                 call, f"messages[{index}].tool_calls[{n}].function.arguments")}}
+            for n, call in enumerate(message.tool_calls)
         ]
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     if message.name:
         out["name"] = message.name
     return out
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text or "{}")
-    except ValueError:
-        return text  # a client's malformed history is its own; the template gets it as sent
 
 
 def _with_tools_prompt(messages: list[ChatMessage],
@@ -58,6 +68,32 @@ def _with_tools_prompt(messages: list[ChatMessage],
         first = history[0]
         return [ChatMessage(role="system", content=f"{first.content}\n\n{prompt}"), *history[1:]]
     return [ChatMessage(role="system", content=prompt), *history]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]],
+            tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]) -> str:
+    """The chat template's text. A template that refuses the conversation (`raise_exception`,
+    e.g. "roles must alternate") is the client's mistake: a 400 with the template's words.
+    A template that does not compile is the model's problem and stays a server error."""
+    try:
+        text: str = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False,
+            **template_kwargs)
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as error:
+        raise InvalidRequest(f"messages: the model's chat template refused them: {error}",
+                             param="messages") from None
+    except RecursionError:
+        raise InvalidRequest("messages: nested too deeply to render", param="messages") from None
+    except Exception as error:
+        if not template_kwargs:
+            raise
+        # The client's kwargs broke the template (a colliding name, a wrong type).
+        raise InvalidRequest(f"chat_template_kwargs: the chat template failed with them: "
+                             f"{type(error).__name__}: {error}",
+                             param="chat_template_kwargs") from None
+    return text
 
 
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
@@ -77,31 +113,21 @@ def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
             )
         output = model_output(tokenizer)
         chat = list(request.messages or [])
+        # The client's history is checked as sent, whichever way it is rendered.
+        messages = [_template_message(m, i) for i, m in enumerate(chat)]
         offer_tools = bool(request.tools) and request.tool_choice != "none"
         tools = None
-        if offer_tools and not output.template_tools:
-            chat = _with_tools_prompt(chat, request)
+        if not output.template_tools:
+            chat = (_with_tools_prompt(chat, request) if offer_tools
+                    else history_for_generic(chat))
+            messages = [_template_message(m, i) for i, m in enumerate(chat)]
         elif offer_tools:
             tools = [
                 {"type": "function", "function": {"name": t.name, "description": t.description,
                                                   "parameters": t.parameters}}
                 for t in request.tools
             ]
-        elif not output.template_tools:
-            chat = history_for_generic(chat)
-        messages = [_template_message(m) for m in chat]
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True, tokenize=False,
-                **request.template_kwargs,
-            )
-        except Exception as error:
-            if not request.template_kwargs:
-                raise
-            # The client's kwargs broke the template (a colliding name, a wrong type).
-            raise InvalidRequest(f"chat_template_kwargs: the chat template failed with them: "
-                                 f"{type(error).__name__}: {error}",
-                                 param="chat_template_kwargs") from None
+        text = _render(tokenizer, messages, tools, request.template_kwargs)
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
