@@ -3,8 +3,9 @@
 Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or the client
 IP without one (`ip:<addr>`, `per_ip_rpm`). Order: the visitor's own request budget, their
 token budget (refused once spent; tokens are charged after generation through
-`scope["state"]["limits"].charge_tokens(n)`), then the global budget and the breaker, so
-one visitor hammering away cannot use up everyone's global budget with refused requests.
+`scope["state"]["limits"].charge_tokens(n)`), then the global budget, so one visitor
+hammering away cannot use up everyone's global budget with refused requests. (The failure
+breaker is asked by the engine, not here.)
 Every response on a limited route carries the x-ratelimit-* headers, not only 429s.
 """
 
@@ -103,9 +104,9 @@ class RateLimitMiddleware:
                 headers |= limit_headers("tokens", tokens)
                 _raise_if_refused(tokens, "tokens")
             if self.breaker is not None:
+                # Only the global budget here: the failure breaker is asked once, by the
+                # engine, which also reports how the trial went (issue 13, item 1).
                 await self.breaker.hit_global()
-                if scope.get("method") == "POST":  # work for the engine
-                    self.breaker.allow()
         except GatewayError as error:
             await send_error(scope, send, error, headers)
             return
