@@ -165,7 +165,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._sweeper.cancel()
-        await self.pool.close()
+        if self._thread.dead is None:  # a dead thread unloads nothing; the process exits
+            await self.pool.close()
         await asyncio.to_thread(self._thread.stop)
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 

@@ -89,6 +89,8 @@ class SequenceFault:
 
 def reseed_global_prng() -> None:
     mx.random.seed(secrets.randbits(63))
+    # Evaluated now: a lazy key would belong to this thread's MLX stream.
+    mx.eval(mx.random.state)
 
 
 def make_sequence_sampler(params: SamplingParams) -> Sampler:

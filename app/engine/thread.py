@@ -25,6 +25,7 @@ import mlx.core as mx
 import structlog
 
 from app import metrics
+from app.engine.sampling import reseed_global_prng
 from app.engine.scheduler import FaultHook, ModelBatch, Sequence
 from app.errors import EngineFailure, GatewayError, Overloaded
 
@@ -156,6 +157,8 @@ class EngineThread:
 
     def _run(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
+        with mx.stream(self._stream):
+            reseed_global_prng()  # the global PRNG state may still be another thread's
         self._started.set()
         try:
             with mx.stream(self._stream):

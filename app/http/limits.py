@@ -4,8 +4,8 @@ Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or 
 IP without one (`ip:<addr>`, `per_ip_rpm`). Order: the visitor's own request budget, their
 token budget (refused once spent; tokens are charged after generation through
 `scope["state"]["limits"].charge_tokens(n)`), then the global budget, so one visitor
-hammering away cannot use up everyone's global budget with refused requests. (The failure
-breaker is asked by the engine, not here.)
+hammering away cannot use up everyone's global budget with refused requests, and an open
+failure breaker (only checked here: the engine takes the half-open trial).
 Every response on a limited route carries the x-ratelimit-* headers, not only 429s.
 """
 
@@ -104,9 +104,11 @@ class RateLimitMiddleware:
                 headers |= limit_headers("tokens", tokens)
                 _raise_if_refused(tokens, "tokens")
             if self.breaker is not None:
-                # Only the global budget here: the failure breaker is asked once, by the
-                # engine, which also reports how the trial went (issue 13, item 1).
                 await self.breaker.hit_global()
+                if scope.get("method") == "POST":  # work for the engine
+                    # Refuse early while open, but leave the half-open trial to the engine,
+                    # which asks once and reports how it went (issue 13, item 1).
+                    self.breaker.check()
         except GatewayError as error:
             await send_error(scope, send, error, headers)
             return

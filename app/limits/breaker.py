@@ -65,15 +65,20 @@ class CircuitBreaker:
         if state is not BreakerState.HALF_OPEN:
             self._trial_started = None
 
+    def check(self) -> None:
+        """Raise Overloaded while open; never takes the half-open trial (so it may be asked
+        early, by the limits middleware, as well as by `allow`)."""
+        if self.state is BreakerState.OPEN:
+            raise Overloaded("The model engine is failing; try again shortly.",
+                             retry_after=self._opened_at + self.cooldown - self.clock())
+
     def allow(self) -> None:
-        """Raise Overloaded (503 + Retry-After) unless work may go to the engine now."""
-        state = self.state
-        if state is BreakerState.CLOSED:
+        """Raise Overloaded (503 + Retry-After) unless work may go to the engine now. Ask
+        once per request: in half-open state this takes the one trial."""
+        self.check()
+        if self.state is BreakerState.CLOSED:
             return
         now = self.clock()
-        if state is BreakerState.OPEN:
-            raise Overloaded("The model engine is failing; try again shortly.",
-                             retry_after=self._opened_at + self.cooldown - now)
         if self._trial_started is None or now - self._trial_started >= self.cooldown:
             self._trial_started = now  # this request is the trial
             return
