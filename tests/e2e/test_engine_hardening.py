@@ -37,6 +37,16 @@ class Stack:
     app: FastAPI
     port: int
     keys: dict[str, str]
+    server: uvicorn.Server
+
+    def shrink_write_buffers(self) -> None:
+        """Make every open connection's send side small, so that a client that stops
+        reading blocks the server's writes after a few kilobytes (not megabytes)."""
+        for connection in list(self.server.server_state.connections):
+            transport: Any = getattr(connection, "transport", None)
+            loop: Any = getattr(connection, "loop", None)
+            if transport is not None and loop is not None:
+                loop.call_soon_threadsafe(transport.set_write_buffer_limits, 1024)
 
     @property
     def engine(self) -> Engine:
@@ -79,12 +89,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> I
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    # Small socket buffers, inherited by accepted connections, so that a client that stops
-    # reading blocks the server's writes after kilobytes rather than megabytes.
+    # Small kernel send buffers, inherited by accepted connections (see shrink_write_buffers).
     for listener in server.servers:
         for sock in listener.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    stack = Stack(app, port, keys)
+    stack = Stack(app, port, keys, server)
     with stack.client() as http:
         while http.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, "model not ready"
@@ -256,10 +265,11 @@ def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(stack: Stack) -> 
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", stack.port))
         reader.sendall(request.encode())
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 120
         while admission.inflight == 0:  # it started
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        stack.shrink_write_buffers()
         while admission.inflight:  # and, without a byte read, it ended
             assert time.monotonic() < deadline, "a stalled reader still holds its slot"
             time.sleep(0.1)
