@@ -191,8 +191,9 @@ def test_sampling_values_are_refused_at_the_door_and_hurt_no_one(stack: Stack) -
                     assert answer.status_code == 400, (route, fields, answer.text)
                     assert answer.json()["error"]["param"].split(".")[0] == param, answer.text
         nan = http.post("/v1/chat/completions", headers={"content-type": "application/json"},
-                        content='{"model": "%s", "repetition_penalty": NaN, "messages": '
-                                '[{"role": "user", "content": "Hi"}]}' % DEMO_ID)
+                        content=json.dumps({"model": DEMO_ID, "repetition_penalty": 1.0,
+                                            "messages": [{"role": "user", "content": "Hi"}]}
+                                           ).replace("1.0", "NaN"))
         assert nan.status_code == 400 and nan.json()["error"]["param"] == "repetition_penalty"
         hot = http.post("/v1/responses", json={"model": DEMO_ID, "input": "Hi",
                                                "temperature": 5, "store": False})

@@ -8,6 +8,7 @@ replaced by random JSON (which reaches the deeper validation a random document n
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -106,3 +107,87 @@ def test_valid_bodies_with_one_field_broken(gateway: GatewayProcess, route: str,
         check(response)
         if response.status_code == 200 and body.get("stream") is True:
             assert response.text.rstrip().endswith("data: [DONE]")
+
+
+# --- sampling fields, while someone else streams (issue 13, item 2) ---------------------------
+
+SAMPLING_FIELDS = ["top_k", "seed", "logit_bias", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "temperature", "top_p", "min_p", "stop"]
+# Near the edges that matter: the vocabulary (49152), int64/uint64, the [-2, 2] penalties.
+EDGES = [0, 1, -1, 2, -2, 49151, 49152, 49153, 100_000, 2**63 - 1, 2**63, 2**64 - 1, 2**64,
+         -(2**63), -(2**63) - 1, 0.5, 1e-9, 1e9, -1e9]
+TOKEN_IDS = ["0", "1", "-1", "49151", "49152", "99999999", "x", "1.5", " 7", ""]
+sampling_values = (
+    json_values
+    | st.sampled_from(EDGES)
+    | st.floats(min_value=-1e6, max_value=1e6)
+    | st.dictionaries(st.sampled_from(TOKEN_IDS),
+                      st.floats(-200, 200) | st.integers(-200, 200) | st.text(max_size=3),
+                      max_size=3)
+    | st.lists(st.text(max_size=8), max_size=6)
+)
+
+
+class Bystander:
+    """A well-formed sampled stream, over and over, on another thread: every one of them
+    must end with [DONE] and no error, whatever the fuzzer sends meanwhile."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.finished = 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def _run(self) -> None:
+        body = {"model": DEMO_ID, "max_tokens": 16, "temperature": 0.8, "stream": True,
+                "messages": [{"role": "user", "content": "Tell me about the sea."}]}
+        with httpx.Client(base_url=self.gateway.base_url, timeout=TIMEOUT) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.post("/v1/chat/completions", json=body)
+                    text = response.text
+                except httpx.HTTPError as error:
+                    self.problems.append(repr(error))
+                    continue
+                if response.status_code != 200 or '"error"' in text \
+                        or not text.rstrip().endswith("data: [DONE]"):
+                    self.problems.append(f"{response.status_code}: {text[-300:]}")
+                else:
+                    self.finished += 1
+
+
+def test_sampling_fields_fuzzed_while_a_stream_runs(gateway: GatewayProcess) -> None:
+    @FUZZ
+    @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+           fields=st.dictionaries(st.sampled_from(SAMPLING_FIELDS), sampling_values,
+                                  min_size=1, max_size=3),
+           stream=st.booleans())
+    def fuzz(route: str, fields: dict[str, Any], stream: bool) -> None:
+        body = {**VALID_BODIES[route], "max_tokens": 2, "temperature": 0.8, "stream": stream,
+                **fields}
+        with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+            response = http.post(route, json=body)
+        check(response)
+        if response.status_code == 200 and stream:
+            # Accepted values must work: an in-stream error means the door let one through.
+            assert '"error"' not in response.text, (fields, response.text[-300:])
+            assert response.text.rstrip().endswith("data: [DONE]")
+
+    with Bystander(gateway) as bystander:
+        fuzz()
+    assert bystander.problems == []
+    assert bystander.finished >= 1
+    # And nothing lasting: a sampled request still works after all of that.
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        after = http.post("/v1/chat/completions", json={
+            **VALID_BODIES["/v1/chat/completions"], "temperature": 0.9, "max_tokens": 4})
+    assert after.status_code == 200, after.text
