@@ -17,6 +17,7 @@ from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.engine import Engine, GenerationStream
+from app.errors import InvalidRequest
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
@@ -25,6 +26,13 @@ log = structlog.get_logger(__name__)
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
+
+
+def check_message_count(request: Request, count: int, param: str) -> None:
+    """`[server] max_messages` for every protocol, checked before any per-message work."""
+    limit: int = request.app.state.settings.server.max_messages
+    if count > limit:
+        raise InvalidRequest(f"{param}: at most {limit} per request (got {count})", param=param)
 
 
 def engine_of(request: Request) -> Engine:
@@ -40,7 +48,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     authorize_model(principal, spec.id, *spec.aliases)
     if principal is not None and principal.key_id is not None:
         generation.owner = principal.key_id  # the per-key in-flight cap counts by key
-    stream = await engine_of(request).submit(generation)
+    limits = getattr(request.state, "limits", None)
+    # A token budget reserves prompt + max_tokens once the prompt's length is known.
+    stream = await engine_of(request).submit(
+        generation, admit=limits.reserve if limits is not None else None)
     request.state.log_fields["model"] = stream.model
     return stream
 
@@ -57,7 +68,7 @@ async def record_finish(request: Request, stream: GenerationStream, finish: Fini
     metrics.PROMPT_TOKENS.labels(stream.model).inc(finish.usage.prompt_tokens)
     metrics.COMPLETION_TOKENS.labels(stream.model).inc(finish.usage.completion_tokens)
     limits = getattr(request.state, "limits", None)
-    if limits is not None:  # tokens-per-minute limits learn the cost only now
+    if limits is not None:  # settle the reservation: refund what was not used
         await limits.charge_tokens(finish.usage.total_tokens)
 
 

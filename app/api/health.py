@@ -18,6 +18,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "service": "mlx-gateway"})
 
 
+@router.api_route("/", methods=["GET", "HEAD"])
+async def root(request: Request) -> JSONResponse:
+    """Claude Code's connectivity probe (`HEAD /`) answers like /health, without a key."""
+    return await health(request)
+
+
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     default_id = request.app.state.registry.default_id

@@ -60,7 +60,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
-    tool_choice: str | None = None
+    tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
     owner: str | None = None  # the key it runs for: per-key in-flight cap (None: no key)
 
 
@@ -92,6 +92,7 @@ class Usage:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # which stop string ended it, when one did
 
 
 @dataclass(frozen=True)

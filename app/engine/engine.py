@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -69,6 +69,10 @@ class GenerationStream:
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt)
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
@@ -182,7 +186,20 @@ class Engine:
         """Make `name` resident without generating (warm-up, admin load)."""
         return await self.pool.load(name)
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's exact length with the model's own template (loads the model)."""
+        loaded = await self.pool.acquire(request.model)
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, prompt_tokens, loaded.tokenizer, request)
+        finally:
+            self.pool.release(loaded)
+        return len(tokens)
+
+    async def submit(self, request: GenerationRequest, *,
+                     admit: Callable[[int], Awaitable[None]] | None = None) -> GenerationStream:
+        """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
+        generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if self._thread.dead is not None:
             raise self._thread.dead_error()
@@ -197,19 +214,22 @@ class Engine:
             # A model that fails to load is that model's problem (ModelLoadFailed names it
             # and the cause), not the engine failing: it does not count toward the breaker.
             hold.loaded = await self.pool.acquire(request.model)
-            return await self._start(request, hold.loaded, hold)
+            return await self._start(request, hold.loaded, hold, admit)
         except BaseException:
             hold.release(None)
             raise
 
-    async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     hold: _Hold) -> GenerationStream:
+    async def _start(self, request: GenerationRequest, loaded: LoadedModel, hold: _Hold,
+                     admit: Callable[[int], Awaitable[None]] | None = None
+                     ) -> GenerationStream:
         check_sampling(request.sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             self._tokenize, prompt_tokens, loaded.tokenizer, request
         )
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        if admit is not None:
+            await admit(len(tokens) + max_tokens)
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,
@@ -231,6 +251,7 @@ class Engine:
                 f"This model's maximum context length is {context} tokens, but the prompt has "
                 f"{prompt_len} tokens. Shorten the prompt or the conversation.",
                 param="messages" if request.messages is not None else "prompt",
+                prompt_tokens=prompt_len, maximum=context,
             )
         if request.max_tokens is None:
             return min(room, self.settings.default_max_tokens)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 
 from app import metrics
 from app.errors import Overloaded, RateLimited
@@ -35,6 +34,7 @@ class Admission:
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._durations: deque[float] = deque(maxlen=_RECENT)
+        self._closed: tuple[str, float] | None = None  # (message, retry_after) once draining
 
     @property
     def queued(self) -> int:
@@ -47,14 +47,6 @@ class Admission:
         per_slot = sum(self._durations) / len(self._durations)
         rounds = (self.queued + self.max_inflight) // self.max_inflight  # ahead of us, +1
         return min(60.0, max(1.0, per_slot * rounds))
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        started = await self.acquire()
-        try:
-            yield
-        finally:
-            self.release(started)
 
     async def acquire(self, owner: str | None = None) -> float:
         """Take a slot, waiting in the queue if need be; pass the result (and the same
@@ -90,7 +82,20 @@ class Admission:
         if self.by_owner[owner] <= 0:
             del self.by_owner[owner]
 
+    def close(self, message: str, retry_after: float = 5.0) -> None:
+        """Stop admitting (the server is draining): queued requests and every later one get
+        Overloaded (503 + Retry-After) instead of starting a generation nobody will finish.
+        Slots already held run on and are released as usual."""
+        self._closed = (message, retry_after)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Overloaded(message, retry_after=retry_after))
+        self._publish()
+
     async def _acquire(self) -> None:
+        if self._closed is not None:
+            metrics.ADMISSION_REJECTED.inc()
+            raise Overloaded(self._closed[0], retry_after=self._closed[1])
         if self.inflight < self.max_inflight and not self.queued:
             self._take()
             return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,42 @@ class FakeClock:
         return self.now
 
 
+@contextlib.asynccontextmanager
+async def slot(admission: Admission) -> AsyncIterator[None]:
+    started = await admission.acquire()
+    try:
+        yield
+    finally:
+        admission.release(started)
+
+
 async def _hold(admission: Admission, entered: asyncio.Event, leave: asyncio.Event) -> str:
-    async with admission.slot():
+    async with slot(admission):
         entered.set()
         await leave.wait()
     return "done"
+
+
+async def test_closing_refuses_the_queued_and_the_new_but_lets_running_finish() -> None:
+    """SIGTERM drain: queued waiters used to start new generations after the running ones
+    were ended (issue 13, item 13)."""
+    admission = Admission(max_inflight=1, max_queue=4)
+    a_in, a_out, b_in, b_out = (asyncio.Event() for _ in range(4))
+    a = asyncio.create_task(_hold(admission, a_in, a_out))
+    await a_in.wait()
+    b = asyncio.create_task(_hold(admission, b_in, b_out))
+    await asyncio.sleep(0)
+    assert admission.queued == 1
+    admission.close("The server is shutting down; retry shortly.", retry_after=7)
+    with pytest.raises(Overloaded) as queued:
+        await b
+    assert queued.value.status == 503 and queued.value.response_headers()["Retry-After"] == "7"
+    with pytest.raises(Overloaded, match="shutting down"):
+        await admission.acquire()
+    a_out.set()
+    assert await a == "done"  # the running one finishes normally
+    assert (admission.inflight, admission.queued) == (0, 0)
+    assert not b_in.is_set()
 
 
 async def test_queue_then_503_with_retry_after() -> None:
@@ -48,7 +81,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     assert not b_in.is_set()
 
     with pytest.raises(Overloaded) as refused:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert refused.value.status == 503
     assert refused.value.response_headers()["Retry-After"] == "1"  # no history yet
@@ -65,7 +98,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     c = asyncio.create_task(_hold(admission, c_in, c_out))
     await asyncio.sleep(0)
     with pytest.raises(Overloaded) as estimated:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert estimated.value.response_headers()["Retry-After"] == "16"
     b_out.set()
@@ -99,11 +132,11 @@ async def test_cancelled_waiter_gives_its_place_back() -> None:
 
 async def test_zero_queue_refuses_at_once() -> None:
     admission = Admission(max_inflight=1, max_queue=0)
-    async with admission.slot():
+    async with slot(admission):
         with pytest.raises(Overloaded):
-            async with admission.slot():
+            async with slot(admission):
                 pass
-    async with admission.slot():
+    async with slot(admission):
         assert admission.inflight == 1
 
 
