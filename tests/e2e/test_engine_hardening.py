@@ -198,6 +198,12 @@ def test_sampling_values_are_refused_at_the_door_and_hurt_no_one(stack: Stack) -
         hot = http.post("/v1/responses", json={"model": DEMO_ID, "input": "Hi",
                                                "temperature": 5, "store": False})
         assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature"
+        claude = http.post("/v1/messages", json={
+            "model": DEMO_ID, "max_tokens": 2, "top_k": 100_000,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert claude.status_code == 400, claude.text
+        assert claude.json()["error"]["type"] == "invalid_request_error"
+        assert "top_k" in claude.json()["error"]["message"]
         # A negative seed (int64 senders) is honoured: the same as its 64-bit twin.
         twins = [chat(http, temperature=1.0, seed=seed, max_tokens=6).json()
                  for seed in (-1, 2**64 - 1)]
