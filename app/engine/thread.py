@@ -97,7 +97,7 @@ class EngineThread:
                 return
             try:
                 future.set_result(fn())
-            except BaseException as error:  # whatever it was: say so and fail every request
+            except BaseException as error:
                 future.set_exception(error)
 
         def abandon(error: Exception) -> None:
