@@ -29,6 +29,9 @@ INFLIGHT = Gauge("mlxgw_inflight_requests", "Generations running in the engine."
 CANCELLED = Counter(
     "mlxgw_sequences_cancelled_total", "Sequences stopped early because the client went away."
 )
+STALLED_STREAMS = Counter(
+    "mlxgw_streams_stalled_total", "Streams cut because the client stopped reading."
+)
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
 PREFIX_CACHE_HITS = Counter(
     "mlxgw_prefix_cache_hits_total", "Prompts that reused cached KV for a prefix."

@@ -82,6 +82,10 @@ class ServerSettings(_Section):
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="SSE keep-alive interval while a request waits or prefills."
     )
+    send_timeout: float = Field(
+        30.0, gt=0, description="Seconds one SSE write may wait for a client that stopped "
+        "reading before the stream is cut (and its generation cancelled)."
+    )
 
 
 class ModelEntry(_Section):
@@ -176,6 +180,9 @@ class LimitsSettings(_Section):
     global_rpm: int = Field(0, ge=0, description="Requests/minute for everyone; 0 = off.")
     max_inflight: int = Field(32, ge=1, description="Generations running at once.")
     max_queue: int = Field(64, ge=0, description="Generations waiting for a slot.")
+    per_key_inflight: int = Field(
+        16, ge=0, description="Generations one key may have running or queued; 0 = no cap."
+    )
     breaker_failures: int = Field(5, ge=1, description="Engine failures that open the breaker.")
     breaker_cooldown: float = Field(30.0, gt=0, description="Seconds before half-open.")
 

@@ -22,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class GenerationRequest:
     # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
     # is how the Responses/chat `reasoning.effort` reaches templates that read it.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None  # the key it runs for: per-key in-flight cap (None: no key)
 
 
 @dataclass(frozen=True)

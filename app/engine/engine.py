@@ -1,7 +1,11 @@
 """The engine as the asyncio side sees it: submit a GenerationRequest, iterate its events.
 
-Everything that can be refused (unknown model, prompt too long, failed load) is raised by
-`submit` before a byte is streamed, so the API can answer with a proper status code.
+Everything that can be refused (unknown model, prompt too long, failed load, a sampling
+value the model cannot take) is raised by `submit` before a byte is streamed, so the API can
+answer with a proper status code.
+
+A generation's admission slot and model lease are given back when the engine finishes it,
+not when the client has read the last event: a client that stops reading holds neither.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from app.core.types import (
 )
 from app.engine.prompt import Prompt, prompt_tokens, render
 from app.engine.residency.pool import LoadedModel, ModelPool
-from app.engine.sampling import make_sequence_processors, make_sequence_sampler
+from app.engine.sampling import check_sampling, make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
 from app.engine.thread import EngineThread
 from app.errors import (
@@ -75,23 +79,36 @@ def output_parser(request: GenerationRequest, prompt: Prompt,
     return OutputParser(output.format, schemas=schemas, parse_tools=parse_tools,
                         start_in_reasoning=starts_in_reasoning(prompt.text, think), model=model)
 
+class _Hold:
+    """What one generation holds while the engine works on it; given back once."""
+
+    def __init__(self, engine: Engine, owner: str | None) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.slot_started: float | None = None
+        self.loaded: LoadedModel | None = None
+        self.released = False
+
+    def release(self, outcome: Finish | Failed | None) -> None:
+        if not self.released:
+            self.released = True
+            self.engine._release(self, outcome)
+
 
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
-    def __init__(self, model: str, seq: Sequence, engine: Engine, loaded: LoadedModel,
-                 slot_started: float | None,
+    def __init__(self, model: str, seq: Sequence, engine: Engine, hold: _Hold,
                  parser: OutputParser | HarmonyParser | None = None) -> None:
         self.model = model
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self._seq = seq
         self._engine = engine
-        self._loaded = loaded
+        self._hold = hold
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
-        self._slot_started = slot_started
         self._parser = parser
 
     @property
@@ -100,7 +117,12 @@ class GenerationStream:
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
-        self._inbox.put_nowait(self._parse(events) if self._parser is not None else events)
+        if self._parser is not None:
+            events = self._parse(events)
+        self._inbox.put_nowait(events)
+        for event in events:
+            if isinstance(event, Finish | Failed):  # the engine is done with it
+                self._hold.release(event)
 
     def _parse(self, events: list[GenerationEvent]) -> list[GenerationEvent]:
         """Raw text -> content / reasoning / tool-call events, the one place this happens."""
@@ -198,14 +220,15 @@ class GenerationStream:
 
     async def aclose(self) -> None:
         if not self._finished:
-            self._seq.cancelled.set()
-            self._engine._thread.wake()
+            if not self._hold.released:
+                self._seq.cancelled.set()
+                self._engine._thread.wake()
             self._finish(None)
 
     def _finish(self, event: Finish | Failed | None) -> None:
         if not self._finished:
             self._finished = True
-            self._engine._release(self._loaded, self._slot_started, event)
+            self._hold.release(event)
 
 
 class Engine:
@@ -230,7 +253,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._sweeper.cancel()
-        await self.pool.close()
+        if self._thread.dead is None:  # a dead thread unloads nothing; the process exits
+            await self.pool.close()
         await asyncio.to_thread(self._thread.stop)
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
@@ -261,29 +285,28 @@ class Engine:
         """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
         generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
+        if self._thread.dead is not None:
+            raise self._thread.dead_error()
         if self.breaker is not None:
+            # The one place the failure breaker is asked (it may make this request the
+            # half-open trial); `_release` reports how it went.
             self.breaker.allow()
-        slot_started = await self.admission.acquire() if self.admission else None
+        hold = _Hold(self, request.owner)
         try:
-            loaded = await self.pool.acquire(request.model)
-        except ModelLoadFailed:
-            self._release(None, slot_started, None)
-            if self.breaker is not None:
-                self.breaker.record_failure()
-            raise
+            if self.admission is not None:
+                hold.slot_started = await self.admission.acquire(request.owner)
+            # A model that fails to load is that model's problem (ModelLoadFailed names it
+            # and the cause), not the engine failing: it does not count toward the breaker.
+            hold.loaded = await self.pool.acquire(request.model)
+            return await self._start(request, hold.loaded, hold, admit)
         except BaseException:
-            self._release(None, slot_started, None)
-            raise
-        try:
-            return await self._start(request, loaded, slot_started, admit)
-        except BaseException:
-            self._release(loaded, slot_started, None)
+            hold.release(None)
             raise
 
-    async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     slot_started: float | None,
+    async def _start(self, request: GenerationRequest, loaded: LoadedModel, hold: _Hold,
                      admit: Callable[[int], Awaitable[None]] | None = None
                      ) -> GenerationStream:
+        check_sampling(request.sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
         tokens = prompt.ids
@@ -300,7 +323,7 @@ class Engine:
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, seq, self, loaded, slot_started,
+        stream = GenerationStream(loaded.id, seq, self, hold,
                                   output_parser(request, prompt, loaded.id))
         self._thread.add_sequence(loaded.id, seq)
         return stream
@@ -330,17 +353,32 @@ class Engine:
             )
         return request.max_tokens
 
-    def _release(self, loaded: LoadedModel | None, slot_started: float | None,
-                 outcome: Finish | Failed | None) -> None:
-        if loaded is not None:
-            self.pool.release(loaded)
-        if slot_started is not None and self.admission is not None:
-            self.admission.release(slot_started)
-        if self.breaker is not None and outcome is not None:
-            if isinstance(outcome, Failed):
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
+    @property
+    def dead(self) -> str | None:
+        """Why the engine thread stopped serving (None while it serves)."""
+        return self._thread.dead
+
+    def _release(self, hold: _Hold, outcome: Finish | Failed | None) -> None:
+        if hold.loaded is not None:
+            self.pool.release(hold.loaded)
+        if hold.slot_started is not None and self.admission is not None:
+            self.admission.release(hold.slot_started, hold.owner)
+        if self.breaker is None:
+            return
+        if isinstance(outcome, Finish):
+            self.breaker.record_success()
+        elif isinstance(outcome, Failed) and counts_against_engine(outcome.error):
+            self.breaker.record_failure()
+        else:  # refused, cancelled, or the client's own fault: says nothing about the engine
+            self.breaker.abandon()
+
+
+def counts_against_engine(error: BaseException) -> bool:
+    """Whether a failed generation means the engine is failing (what the breaker counts).
+    A client's bad values (4xx) and a shutdown's goodbye do not."""
+    if isinstance(error, Overloaded | ModelLoadFailed):
+        return False
+    return not (isinstance(error, GatewayError) and error.status < 500)
 
 
 def gateway_error(error: BaseException) -> GatewayError:
