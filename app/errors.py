@@ -62,6 +62,21 @@ class InvalidRequest(GatewayError):
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
+    def __init__(self, message: str, *, prompt_tokens: int | None = None,
+                 maximum: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.prompt_tokens = prompt_tokens
+        self.maximum = maximum
+
+    def anthropic_body(self) -> dict[str, Any]:
+        if self.prompt_tokens is None or self.maximum is None:
+            return super().anthropic_body()
+        # The exact wording Claude Code looks for before it compacts its history.
+        return {"type": "error", "error": {
+            "type": self.anthropic_type,
+            "message": f"prompt is too long: {self.prompt_tokens} tokens > {self.maximum} maximum",
+        }}
+
 
 class AuthenticationFailed(GatewayError):
     status = 401
@@ -134,6 +149,15 @@ class Overloaded(GatewayError):
     default_code = "overloaded"
 
 
+class StoreUnavailable(GatewayError):
+    """The response store (Redis) did not answer in time or failed."""
+
+    status = 503
+    openai_type = "server_error"
+    anthropic_type = "api_error"
+    default_code = "store_unavailable"
+
+
 class InsufficientMemory(GatewayError):
     status = 507
     openai_type = "server_error"
@@ -144,3 +168,12 @@ class InsufficientMemory(GatewayError):
 def protocol_for_path(path: str) -> Protocol:
     """Which wire protocol an error on this path must be rendered in."""
     return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before a non-stream answer was ready. Not a server error: the
+    access log shows 499 (nginx's "client closed request"), and nothing reaches the client."""
+
+    status = 499
+    openai_type = "client_disconnected"
+    anthropic_type = "api_error"

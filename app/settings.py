@@ -57,23 +57,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_MODEL_TARGET = "@default"
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind. Keep loopback behind Caddy.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     max_body_bytes: int = Field(10_000_000, ge=1024, description="Largest request body (413).")
-    max_messages: int = Field(2048, ge=1, description="Most messages/input items per request.")
+    max_messages: int = Field(
+        2048, ge=1, description="Most messages (chat) or input items (responses) per request; "
+        "more is a 400."
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty turns CORS off."
     )
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"],
-        description="Peers whose X-Forwarded-For is believed (IPs or CIDRs).",
+        description="Peers whose X-Forwarded-For is believed (IPs or CIDRs); the only "
+        "source of the client address (per-IP limits, auth off's loopback check). [] = none.",
     )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight streams may finish after SIGTERM."
     )
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="SSE keep-alive interval while a request waits or prefills."
+    )
+    send_timeout: float = Field(
+        30.0, gt=0, description="Seconds one SSE write may wait for a client that stopped "
+        "reading before the stream is cut (and its generation cancelled)."
     )
 
 
@@ -133,6 +144,10 @@ class EngineSettings(_Section):
     default_max_tokens: int = Field(
         4096, ge=1, description="Completion cap when a request names none."
     )
+    strict_max_tokens: bool = Field(
+        False, description="Refuse (400) a max_tokens larger than the context leaves room for; "
+        "by default it is capped to the room left and the answer ends with finish_reason length."
+    )
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
         "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "
@@ -146,7 +161,10 @@ class EngineSettings(_Section):
 
 
 class AuthSettings(_Section):
-    enabled: bool = Field(True, description="Require a key on every route but health checks.")
+    enabled: bool = Field(
+        True, description="Require a key on every route but health checks. Off, only "
+        "loopback clients (by the resolved address) are served; others get 403."
+    )
     keys_file: Path | None = Field(
         None, description="Hashed keys (0600). Default: <config_dir>/keys.json."
     )
@@ -154,11 +172,17 @@ class AuthSettings(_Section):
 
 class LimitsSettings(_Section):
     per_key_rpm: int = Field(600, ge=0, description="Requests/minute per key; 0 = unlimited.")
-    per_key_tpm: int = Field(0, ge=0, description="Tokens/minute per key; 0 = unlimited.")
+    per_key_tpm: int = Field(
+        0, ge=0, description="Tokens/minute per key; 0 = unlimited. prompt + max_tokens is "
+        "reserved at admission (429 if it does not fit), the unused part refunded at the end."
+    )
     per_ip_rpm: int = Field(120, ge=0, description="Requests/minute per IP without a key.")
     global_rpm: int = Field(0, ge=0, description="Requests/minute for everyone; 0 = off.")
     max_inflight: int = Field(32, ge=1, description="Generations running at once.")
     max_queue: int = Field(64, ge=0, description="Generations waiting for a slot.")
+    per_key_inflight: int = Field(
+        16, ge=0, description="Generations one key may have running or queued; 0 = no cap."
+    )
     breaker_failures: int = Field(5, ge=1, description="Engine failures that open the breaker.")
     breaker_cooldown: float = Field(30.0, gt=0, description="Seconds before half-open.")
 
@@ -175,11 +199,17 @@ class ResponsesSettings(_Section):
     store: Literal["sqlite", "redis"] = Field("sqlite", description="Where stored responses live.")
     path: Path | None = Field(None, description="SQLite file. Default: <state_dir>/responses.db.")
     ttl: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept.")
+    timeout: float = Field(
+        2.0, gt=0, le=60, description="With store = 'redis': seconds a read or write waits "
+        "for Redis before the request gets a 503."
+    )
 
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    format: Literal["json", "console"] = Field("json", description="JSON lines or human text.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="stdout as JSON lines or human text; auto: text on a terminal, "
+        "JSON otherwise (launchd, systemd, pipes). Files are always JSON.")
     file: Path | None = Field(None, description="Also write to this file, size-rotated.")
     max_bytes: int = Field(10_000_000, ge=1024, description="Rotate the file at this size.")
     backups: int = Field(5, ge=0, description="Rotated files kept.")
@@ -188,6 +218,15 @@ class LogSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = Field(True, description="Serve Prometheus text at /metrics.")
     require_admin: bool = Field(True, description="With auth on, /metrics needs an admin key.")
+
+
+class AnthropicSettings(_Section):
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"claude-*": DEFAULT_MODEL_TARGET},
+        description="On /v1/messages: model-name patterns (fnmatch, first match wins) -> a model "
+        f"id or alias; {DEFAULT_MODEL_TARGET!r} = the default model. Lets an unchanged Claude "
+        "Code ask for claude-* ids.",
+    )
 
 
 class Settings(BaseSettings):
@@ -208,6 +247,7 @@ class Settings(BaseSettings):
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
         description="Converted models (the demo model among them).",

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.activity import note_refusal
 from app.errors import (
     EngineFailure as InternalError,
 )
@@ -22,6 +23,7 @@ from app.errors import (
 )
 
 log = structlog.get_logger(__name__)
+NESTED_TOO_DEEPLY = "The request body is nested too deeply to process."
 
 
 def error_response(error: GatewayError, path: str) -> JSONResponse:
@@ -47,14 +49,19 @@ def _validation_error(error: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=field)
 
 
+def _refuse(request: Request, error: GatewayError) -> JSONResponse:
+    note_refusal(request.scope.setdefault("state", {}), error)
+    return error_response(error, request.url.path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, error: GatewayError) -> JSONResponse:
-        return error_response(error, request.url.path)
+        return _refuse(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(error), request.url.path)
+        return _refuse(request, _validation_error(error))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
@@ -66,9 +73,14 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             mapped = InvalidRequest(str(error.detail))
             mapped.status = error.status_code  # type: ignore[misc]
-        return error_response(mapped, request.url.path)
+        return _refuse(request, mapped)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, RecursionError):
+            # Only a client's deeply nested JSON recurses this far (parsing, validating or
+            # rendering it); the client's mistake, not ours.
+            log.info("request nested too deeply", path=request.url.path)
+            return error_response(InvalidRequest(NESTED_TOO_DEEPLY), request.url.path)
         log.exception("unhandled error", path=request.url.path, error=repr(error))
-        return error_response(InternalError("Internal server error."), request.url.path)
+        return _refuse(request, InternalError("Internal server error."))

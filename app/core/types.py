@@ -22,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,25 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
-    tool_choice: str | None = None
-    # Who asked (the API key id; "anonymous" for every keyless loopback client): prefix-cache
-    # reuse never crosses owners, since `cached_tokens` would reveal what another key sent.
-    owner: str = "anonymous"
+    tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
+    # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
+    # is how the Responses/chat `reasoning.effort` reaches templates that read it.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The key it runs for (None: no key): the per-key in-flight cap counts by it, and prefix-cache
+    # reuse never crosses owners (`cached_tokens` would reveal what another key sent); every
+    # keyless (loopback) client is one owner.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
 class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Text the model wrote inside its reasoning (think) block: never part of the content."""
+
     text: str
 
 
@@ -93,6 +105,7 @@ class Usage:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # which stop string ended it, when one did
 
 
 @dataclass(frozen=True)
@@ -102,4 +115,4 @@ class Failed:
     error: Exception
 
 
-GenerationEvent = TextDelta | ToolCallDelta | Finish | Failed
+GenerationEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Failed

@@ -3,6 +3,12 @@
 mlx-lm's BatchGenerator does the batched arithmetic (chunked prefill, one decode step for every
 running sequence); this module owns the scheduling around it: which sequences join, text-level
 stop strings, cancellation between steps, and turning tokens into GenerationEvents.
+
+Containment: one sequence's failure (its sampler, its detokenizer) fails that sequence alone;
+a failed generator step fails the batch's sequences and starts a fresh generator, so the next
+request does not inherit a half-updated one. Anything else raised from `step` is the engine
+thread's to handle (`EngineThread`). `fault` is a test hook: called with the name of each
+point where a fault can be injected ("add", "step", "advance", "cache_insert", "forget").
 """
 
 from __future__ import annotations
@@ -12,22 +18,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
 from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
 from app.engine.decode import use_logits_decode
 from app.engine.prefix_cache import PrefixCache
+from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.stops import StopStringMatcher
-from app.errors import EngineFailure
+from app.errors import EngineFailure, InvalidRequest
 
 log = structlog.get_logger(__name__)
 
 EventSink = Callable[[list[GenerationEvent]], None]
+FaultHook = Callable[[str], None]
 
 # A prompt with at least this many new tokens is put in the prefix cache as soon as its prefill
 # completes (a second request with the same long prefix needn't wait for the first to finish);
@@ -53,6 +63,7 @@ class Sequence:
     generated: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
+    fault: SequenceFault = field(default_factory=SequenceFault)
     _pending: list[GenerationEvent] = field(default_factory=list)
     _detokenizer: Any = None
     _stops: StopStringMatcher | None = None
@@ -66,7 +77,8 @@ class Sequence:
     def finish(self, reason: FinishReason) -> None:
         usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated,
                       cached_tokens=self.cached_tokens)
-        self._pending.append(Finish(reason=reason, usage=usage))
+        matched = self._stops.matched if self._stops is not None else None
+        self._pending.append(Finish(reason=reason, usage=usage, stop_sequence=matched))
 
     def take_events(self) -> list[GenerationEvent]:
         events, self._pending = self._pending, []
@@ -75,6 +87,11 @@ class Sequence:
     def flush_events(self) -> None:
         if self._pending:
             self.loop.call_soon_threadsafe(self.deliver, self.take_events())
+
+    def fail(self, error: Exception) -> None:
+        """End this sequence with an error event (sent at once)."""
+        self._pending.append(Failed(error))
+        self.flush_events()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -99,23 +116,37 @@ class ModelBatch:
         # same owner that starts the same way prefills only what is new.
         self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id)
         self._eos = set(tokenizer.eos_token_ids)
-        self._generator = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in sorted(self._eos)],
+        self._model = model
+        self._generator_options: dict[str, Any] = dict(
             completion_batch_size=max_batch_size,
             prefill_batch_size=max_batch_size,  # a burst of arrivals prefills together
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
-        use_logits_decode(self._generator)
+        self._generator = self._new_generator()
+        self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
         self._prefilling: set[int] = set()  # uids prefilling >= EARLY_INSERT_MIN_TOKENS
         self._parked: list[tuple[Sequence, int]] = []  # (sequence, the uid it waits for)
+        self.fault: FaultHook | None = None
+
+    def _new_generator(self) -> BatchGenerator:
+        generator = BatchGenerator(
+            self._model, stop_tokens=[[t] for t in sorted(self._eos)], **self._generator_options
+        )
+        use_logits_decode(generator)
+        return generator
+
+    def _inject(self, point: str) -> None:
+        if self.fault is not None:
+            self.fault(point)
 
     def __len__(self) -> int:
         return len(self._by_uid) + len(self._parked)
 
     def add(self, seq: Sequence) -> None:
+        """Start `seq`; an exception leaves the batch as it was (the caller fails `seq`)."""
+        self._inject("add")
         seq._detokenizer = self.tokenizer.detokenizer
         seq._stops = StopStringMatcher(seq.stop)
         self._drop_cancelled()  # a turn the client just stopped: its KV goes in before lookup
@@ -154,8 +185,8 @@ class ModelBatch:
             caches=[found.cache] if found.cache is not None else None,
             all_tokens=[seq.prompt[: seq.cached_tokens]],
             max_tokens=[seq.max_tokens],
-            samplers=[seq.sampler],
-            logits_processors=[seq.processors],
+            samplers=[_guarded_sampler(seq)],
+            logits_processors=[[seq.fault.guard_processor(p) for p in seq.processors]],
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
@@ -180,9 +211,19 @@ class ModelBatch:
             if seq is None or stage == 0 or (decode_only and stage == 1):
                 continue  # stage 0: not started, its cache came from the prefix cache
             batch = generator._generation_batch if stage == 2 else generator._prompt_batch
-            tokens = list(batch.tokens[idx])
-            if len(tokens) > seq.cached_tokens:  # something new was computed
-                self._prefix.insert(seq.owner, tokens, batch.extract_cache(idx), reason)
+            self._keep(seq, list(batch.tokens[idx]), partial(batch.extract_cache, idx), reason)
+
+    def _keep(self, seq: Sequence, tokens: list[int], layers: Callable[[], list[Any]],
+              reason: str) -> None:
+        """Insert `seq`'s KV for `tokens`. The cache only saves work later: a failure here is
+        logged and costs that entry, never the sequence or the batch."""
+        if not self._prefix.enabled or len(tokens) <= seq.cached_tokens:
+            return  # nothing was computed beyond what came from the cache
+        try:
+            self._inject("cache_insert")
+            self._prefix.insert(seq.owner, tokens, layers(), reason)
+        except Exception:
+            log.exception("prefix cache insert failed", request_id=seq.request_id)
 
     def step(self) -> None:
         """Drop cancelled sequences, then advance every other one by a prefill chunk or a token."""
@@ -192,6 +233,7 @@ class ModelBatch:
             return
         started = time.perf_counter()
         try:
+            self._inject("step")
             prompt_responses, responses = self._generator.next()
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
@@ -202,16 +244,26 @@ class ModelBatch:
         now = time.monotonic()
         for response in responses:
             seq = self._by_uid.get(response.uid)
-            if seq is None:
+            if seq is None or seq.fault.error is not None:
                 continue
-            if self._advance(seq, response.token, response.finish_reason, now):
+            try:
+                self._inject("advance")
+                finished = self._advance(seq, response.token, response.finish_reason, now)
+            except Exception as error:  # this sequence's text broke: fail it alone
+                log.exception("sequence failed", request_id=seq.request_id)
+                metrics.ENGINE_FAILURES.inc()
+                seq.fail(EngineFailure(f"generation failed in the engine: {error!r}"))
                 done.append(seq.uid)
-                if response.prompt_cache is not None and response.finish_reason is not None:
-                    self._prefix.insert(seq.owner, list(response.all_tokens),
-                                        response.prompt_cache, "finished")
-                elif response.finish_reason is None:  # a stop string ended it mid-batch
+                continue
+            if finished:
+                done.append(seq.uid)
+                if response.finish_reason is not None and response.prompt_cache is not None:
+                    self._keep(seq, list(response.all_tokens or []),
+                               partial(list, response.prompt_cache), "finished")
+                else:  # a stop string ended it while mlx-lm still runs it
                     self._save([seq.uid], "finished")
         self._save_prefilled(prompt_responses)
+        done.extend(self._fail_faulted())
         # One hop to the event loop per step for every sequence: each hop wakes the loop,
         # and the loop shares the GIL with this thread.
         ready = [(seq.deliver, seq.take_events()) for seq in self._by_uid.values()
@@ -269,17 +321,52 @@ class ModelBatch:
             self._save(gone, "cancelled")
             self._forget(gone)
 
+    def _fail_faulted(self) -> list[int]:
+        """Fail the sequences whose own sampling or text broke this step; their uids."""
+        faulted = [seq for seq in self._by_uid.values() if seq.fault.error is not None]
+        for seq in faulted:
+            log.warning("sequence failed", request_id=seq.request_id,
+                        error=repr(seq.fault.error))
+            seq.fail(InvalidRequest(
+                f"generation failed for this request's parameters: {seq.fault.error}"))
+        return [seq.uid for seq in faulted]
+
     def _forget(self, uids: list[int]) -> None:
-        self._generator.remove(uids)
         for uid in uids:
             self._by_uid.pop(uid, None)
             self._prefilling.discard(uid)
+        self._inject("forget")
+        self._generator.remove(uids)
 
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
         metrics.ENGINE_FAILURES.inc(len(self._by_uid))
         self._save(list(self._by_uid), "failed", decode_only=True)
-        self.cancel_all(EngineFailure(f"generation failed in the engine: {error}"), save=False)
+        self.reset(EngineFailure(f"generation failed in the engine: {error}"))
+
+    def reset(self, failure: Exception) -> None:
+        """Fail every sequence and start over with a fresh generator: after a failure its
+        state (half-split prompt batches, caches advanced for a step that never finished)
+        cannot be trusted by the next request. Parked sequences were not part of it: they
+        start on the fresh generator at the next step."""
+        for seq in self._by_uid.values():
+            seq.fail(failure)
+        self._by_uid.clear()
+        self._prefilling.clear()
+        old, self._generator = self._generator, self._new_generator()
+        try:
+            old.close()
+        except Exception:
+            log.exception("closing the failed generator")
+        reseed_global_prng()
+
+    def abandon(self, failure: Exception) -> None:
+        """Fail every sequence without touching the generator (the engine is dead)."""
+        parked, self._parked = [seq for seq, _ in self._parked], []
+        for seq in [*self._by_uid.values(), *parked]:
+            seq.fail(failure)
+        self._by_uid.clear()
+        self._prefilling.clear()
 
     def cancel_all(self, failure: Exception, *, save: bool = True) -> None:
         """End every sequence with `failure`: the model is unloaded or the server stops.
@@ -288,11 +375,27 @@ class ModelBatch:
             self._save(list(self._by_uid), "failed")
         parked, self._parked = [seq for seq, _ in self._parked], []
         for seq in [*self._by_uid.values(), *parked]:
-            seq._pending.append(Failed(failure))
-            seq.flush_events()
+            seq.fail(failure)
         self._forget(list(self._by_uid))
 
     def close(self) -> None:
         self._prefix.clear()
         self._generator.close()
         mx.clear_cache()
+
+
+def _guarded_sampler(seq: Sequence) -> Any:
+    # Greedy sequences keep the one shared sampler (one batched call for all of them); it
+    # has no parameters that could fail.
+    if seq.sampler is greedy_sampler:
+        return seq.sampler
+    return seq.fault.guard_sampler(seq.sampler)
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """Rows of the model's logits: what top_k and logit_bias token ids are checked against."""
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return len(tokenizer._tokenizer) if hasattr(tokenizer, "_tokenizer") else 0

@@ -8,7 +8,7 @@ name a registry id or alias: its string is looked up in a dict and never reaches
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -128,29 +128,26 @@ class ModelRegistry:
     def get(self, name: str) -> ModelSpec | None:
         return self._names.get(name)
 
-    def resolve(self, name: str) -> ModelSpec:
-        """The model a request names, by exact id or alias; ModelNotFound otherwise."""
+    def resolve(self, name: str, visible: Callable[[ModelSpec], bool] | None = None
+                ) -> ModelSpec:
+        """The model a request names, by exact id or alias; ModelNotFound otherwise.
+
+        `visible` narrows what the caller may know exists (a key's model scope): a model
+        outside it is not found, and the error lists only visible ones.
+        """
         spec = self._names.get(name) if isinstance(name, str) else None
+        if spec is not None and visible is not None and not visible(spec):
+            spec = None
         if spec is None:
-            shown = ", ".join(self.ids[:_SHOWN_IDS]) or "none"
-            hidden = len(self.specs) - _SHOWN_IDS
+            ids = [s.id for s in self.specs if visible is None or visible(s)]
+            shown = ", ".join(ids[:_SHOWN_IDS]) or "none"
+            hidden = len(ids) - _SHOWN_IDS
             more = f" and {hidden} more" if hidden > 0 else ""
             named = name[:100] + "..." if isinstance(name, str) and len(name) > 100 else name
             raise ModelNotFound(
                 f"The model {named!r} does not exist on this server. Available: {shown}{more}.",
                 param="model")
         return spec
-
-    def refresh(self, model_id: str, path: Path | None = None) -> ModelSpec:
-        """Re-measure a model's files, e.g. once its GGUF was converted into an MLX folder at
-        `path` or the demo folder was created after start. Id, aliases and config are kept."""
-        old = self.resolve(model_id)
-        new = _make_spec(old.id, path or old.path, old.source, aliases=old.aliases,
-                         pinned=old.pinned, ttl=old.ttl, max_context=old.max_context)
-        self.specs[self.specs.index(old)] = new
-        for name in (new.id, *new.aliases):
-            self._names[name] = new
-        return new
 
 
 # --- building specs ------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,42 @@ class FakeClock:
         return self.now
 
 
+@contextlib.asynccontextmanager
+async def slot(admission: Admission) -> AsyncIterator[None]:
+    started = await admission.acquire()
+    try:
+        yield
+    finally:
+        admission.release(started)
+
+
 async def _hold(admission: Admission, entered: asyncio.Event, leave: asyncio.Event) -> str:
-    async with admission.slot():
+    async with slot(admission):
         entered.set()
         await leave.wait()
     return "done"
+
+
+async def test_closing_refuses_the_queued_and_the_new_but_lets_running_finish() -> None:
+    """SIGTERM drain: queued waiters used to start new generations after the running ones
+    were ended (issue 13, item 13)."""
+    admission = Admission(max_inflight=1, max_queue=4)
+    a_in, a_out, b_in, b_out = (asyncio.Event() for _ in range(4))
+    a = asyncio.create_task(_hold(admission, a_in, a_out))
+    await a_in.wait()
+    b = asyncio.create_task(_hold(admission, b_in, b_out))
+    await asyncio.sleep(0)
+    assert admission.queued == 1
+    admission.close("The server is shutting down; retry shortly.", retry_after=7)
+    with pytest.raises(Overloaded) as queued:
+        await b
+    assert queued.value.status == 503 and queued.value.response_headers()["Retry-After"] == "7"
+    with pytest.raises(Overloaded, match="shutting down"):
+        await admission.acquire()
+    a_out.set()
+    assert await a == "done"  # the running one finishes normally
+    assert (admission.inflight, admission.queued) == (0, 0)
+    assert not b_in.is_set()
 
 
 async def test_queue_then_503_with_retry_after() -> None:
@@ -48,7 +81,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     assert not b_in.is_set()
 
     with pytest.raises(Overloaded) as refused:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert refused.value.status == 503
     assert refused.value.response_headers()["Retry-After"] == "1"  # no history yet
@@ -65,7 +98,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     c = asyncio.create_task(_hold(admission, c_in, c_out))
     await asyncio.sleep(0)
     with pytest.raises(Overloaded) as estimated:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert estimated.value.response_headers()["Retry-After"] == "16"
     b_out.set()
@@ -99,11 +132,11 @@ async def test_cancelled_waiter_gives_its_place_back() -> None:
 
 async def test_zero_queue_refuses_at_once() -> None:
     admission = Admission(max_inflight=1, max_queue=0)
-    async with admission.slot():
+    async with slot(admission):
         with pytest.raises(Overloaded):
-            async with admission.slot():
+            async with slot(admission):
                 pass
-    async with admission.slot():
+    async with slot(admission):
         assert admission.inflight == 1
 
 
@@ -193,3 +226,68 @@ async def test_open_breaker_answers_503_in_the_callers_protocol(tmp_path: Path) 
         assert refused.headers["retry-after"] == "10"
         assert refused.headers["x-ratelimit-limit-requests"] == "120"  # per_ip_rpm default
         assert (await http.get("/v1/models")).status_code == 200  # no engine work
+
+
+async def test_breaker_asked_by_middleware_and_engine_still_closes() -> None:
+    """The middleware may check the breaker, the engine takes the trial: one request must
+    both pass and close it (issue 13, item 1: two `allow()`s refused the trial forever)."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    with pytest.raises(Overloaded):
+        breaker.check()  # open: refused early
+    clock.now += 10
+    breaker.check()  # half-open: the middleware lets it through without taking the trial
+    breaker.allow()  # the engine takes it
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    for _ in range(3):
+        breaker.check()
+        breaker.allow()
+
+
+async def test_abandoned_trial_lets_the_next_request_be_the_trial() -> None:
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    clock.now += 10
+    breaker.allow()  # trial taken, then the request is refused for its own reasons
+    breaker.abandon()
+    breaker.allow()  # no cooldown to wait out
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_per_owner_cap_is_a_429_for_that_owner_only() -> None:
+    admission = Admission(max_inflight=8, max_queue=8, per_owner=2)
+    held = [await admission.acquire("a"), await admission.acquire("a")]
+    with pytest.raises(RateLimited) as refused:
+        await admission.acquire("a")
+    assert refused.value.status == 429 and refused.value.code == "too_many_concurrent_requests"
+    other = await admission.acquire("b")  # other keys are not affected
+    anonymous = await admission.acquire()  # nor requests without a key
+    admission.release(held.pop(), "a")
+    held.append(await admission.acquire("a"))  # a slot of its own came back
+    for started in held:
+        admission.release(started, "a")
+    admission.release(other, "b")
+    admission.release(anonymous)
+    assert admission.inflight == 0 and admission.by_owner == {}
+
+
+async def test_per_owner_count_is_given_back_when_refused_or_cancelled_in_the_queue() -> None:
+    admission = Admission(max_inflight=1, max_queue=1, per_owner=2)
+    first = await admission.acquire("a")
+    waiting = asyncio.ensure_future(admission.acquire("a"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):  # the queue is full: refused, and not counted
+        await admission.acquire("b")
+    assert admission.by_owner == {"a": 2}
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert admission.by_owner == {"a": 1}
+    admission.release(first, "a")
+    assert admission.by_owner == {} and admission.inflight == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import time
@@ -112,7 +113,7 @@ async def test_sqlite_purge_deletes_expired_rows(tmp_path: Path) -> None:
         old.expires_at = time.time() - 5
         await store.put(old)
         await store.put(_item("resp_new"))
-        assert await store.purge() == 1
+        assert await asyncio.to_thread(store._purge_now) == 1
         assert await store.get("resp_new", "key1") is not None
     finally:
         await store.close()
@@ -141,3 +142,32 @@ async def test_open_store_picks_the_backend(tmp_path: Path, redis_url: str) -> N
 
     with pytest.raises(ConfigError, match=r"redis\.url"):
         open_store(Settings(responses={"store": "redis"}))
+
+
+async def test_a_paused_redis_is_a_503_within_the_timeout_then_recovers() -> None:
+    """No timeouts and no error mapping meant a hung Redis stalled /v1/responses and its
+    errors were 500s (issue 13, item 13)."""
+    from app.errors import StoreUnavailable
+    from tests.redis_server import RedisServer
+
+    with RedisServer() as server:
+        store = RedisStore(server.url, timeout=0.3)
+        try:
+            await store.put(_item())
+            paused = server.pause(3)  # longer than the timeout: an answer means we waited
+            for call in (store.get("resp_1", "key1"), store.put(_item("resp_2")),
+                         store.delete("resp_1", "key1")):
+                with pytest.raises(StoreUnavailable) as caught:
+                    await call
+                assert caught.value.status == 503 and caught.value.retry_after
+                assert "not answering" in caught.value.message
+            paused.join()
+            back = await store.get("resp_1", "key1")  # the client reconnects by itself
+            assert back is not None and back.id == "resp_1"
+        finally:
+            await store.close()
+        server.stop()
+        gone = RedisStore(server.url, timeout=0.3)
+        with pytest.raises(StoreUnavailable):  # nothing listening: also a 503
+            await gone.get("resp_1", "key1")
+        await gone.close()

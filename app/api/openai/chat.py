@@ -10,13 +10,14 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
     until_disconnected,
 )
 from app.api.openai.schema import ChatCompletionRequest
-from app.api.openai.stream import openai_chunks, usage_body
+from app.api.openai.stream import chat_deltas, openai_chunks, usage_body
 from app.core.types import GenerationRequest
 
 router = APIRouter()
@@ -24,6 +25,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    check_message_count(request, len(body.messages), "messages")
     generation = GenerationRequest(
         model=body.model,
         request_id=request.state.request_id,
@@ -33,6 +35,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stop=body.stop_list(),
         tools=body.tool_specs(),
         tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else None,
+        template_kwargs=body.template_kwargs(),
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
@@ -46,9 +49,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
-                          prelude=[first], heartbeat=heartbeat))
-    text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
+                          prelude=[first], heartbeat=heartbeat, render=chat_deltas))
+    output = await until_disconnected(request, stream.collect_output(), stream.aclose)
+    finish = output.finish
     await record_finish(request, stream, finish)
+    message: dict[str, Any] = {"role": "assistant", "content": output.text or None,
+                               "refusal": None}
+    if not output.calls:
+        message["content"] = output.text
+    if output.reasoning:
+        message["reasoning_content"] = output.reasoning
+    if output.calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in output.calls
+        ]
     return JSONResponse({
         "id": completion_id,
         "object": "chat.completion",
@@ -57,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish.reason,
         }],

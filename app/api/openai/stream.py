@@ -12,11 +12,49 @@ from fastapi import Request
 
 from app.api.common import record_finish
 from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
-from app.core.types import Failed, Finish, TextDelta, Usage
+from app.core.types import (
+    Failed,
+    Finish,
+    GenerationEvent,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from app.engine.engine import GenerationStream, gateway_error
 
 # (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
 ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
+# the events of one wake-up (no Finish / Failed) -> the "choices" entries to send, one a chunk
+EventRenderer = Callable[[list[GenerationEvent]], list[dict[str, Any]]]
+
+
+def chat_deltas(events: list[GenerationEvent]) -> list[dict[str, Any]]:
+    """Chat chunk deltas in event order: content, `reasoning_content` and tool-call deltas
+    (index, id, type and name in the first delta of a call; argument fragments after)."""
+    deltas: list[dict[str, Any]] = []
+    for event in events:
+        last = deltas[-1] if deltas else None
+        if isinstance(event, TextDelta):
+            if last is not None and set(last) == {"content"}:
+                last["content"] += event.text
+            else:
+                deltas.append({"content": event.text})
+        elif isinstance(event, ReasoningDelta):
+            if last is not None and set(last) == {"reasoning_content"}:
+                last["reasoning_content"] += event.text
+            else:
+                deltas.append({"reasoning_content": event.text})
+        elif isinstance(event, ToolCallDelta):
+            entry: dict[str, Any] = {"index": event.index}
+            if event.name is not None:
+                entry.update(id=event.id, type="function",
+                             function={"name": event.name, "arguments": event.arguments})
+            else:
+                entry["function"] = {"arguments": event.arguments}
+            deltas.append({"tool_calls": [entry]})
+    return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            for delta in deltas]
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -30,8 +68,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
                         choice: ChoiceFactory, *, include_usage: bool,
-                        prelude: list[dict[str, Any]], heartbeat: float
-                        ) -> AsyncIterator[bytes]:
+                        prelude: list[dict[str, Any]], heartbeat: float,
+                        render: EventRenderer | None = None) -> AsyncIterator[bytes]:
     """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
     finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
     as an OpenAI error payload, which the SDKs raise."""
@@ -49,9 +87,13 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
             if not events:
                 yield OPENAI_HEARTBEAT
                 continue
-            text = "".join(e.text for e in events if isinstance(e, TextDelta))
-            if text:
-                yield chunk([choice(text, None)])
+            if render is not None:
+                for entry in render([e for e in events if not isinstance(e, Finish | Failed)]):
+                    yield chunk([entry])
+            else:
+                text = "".join(e.text for e in events if isinstance(e, TextDelta))
+                if text:
+                    yield chunk([choice(text, None)])
             for event in events:
                 if isinstance(event, Finish):
                     await record_finish(request, stream, event)
