@@ -41,7 +41,10 @@ GREEDY = SamplingParams(temperature=0.0)
 @pytest.fixture(scope="module")
 async def engine(demo_float32_dir: Path) -> AsyncIterator[Engine]:
     settings = Settings(models=[{"id": DEMO_ID, "path": demo_float32_dir}],  # type: ignore[list-item]
-                        engine={"prompt_cache_bytes": "256MB"})  # type: ignore[arg-type]
+                        # cpu_tuning's side stream belongs to the first MLX thread of a process;
+                        # other in-process engines (test_engine_faults) run without it too.
+                        engine={"prompt_cache_bytes": "256MB",  # type: ignore[arg-type]
+                                "cpu_tuning": False})
     engine = Engine(settings, ModelRegistry.build(settings, demo_path=None))
     await engine.start()
     await engine.ensure_loaded(DEMO_ID)
