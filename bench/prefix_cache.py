@@ -254,13 +254,20 @@ def _row(name: str, target: str, limit: float | None, r: PrefixResult) -> str:
 async def _scenarios(base_url: str, model: str, count: TokenCounter,
                      args: argparse.Namespace) -> list[str]:
     rows = []
-    done = await first_vs_second_turn(base_url, model=model, count=count,
-                                      history_tokens=args.history_tokens, repeats=args.repeats)
-    rows.append(_row("turn 2 after a finished turn 1", "<= 0.5", 0.5, done))
-    stopped = await stopped_then_continued(base_url, model=model, count=count,
-                                           history_tokens=args.history_tokens,
-                                           repeats=args.repeats)
-    rows.append(_row("turn 2 after turn 1 stopped at its first token", "<= 0.2", 0.2, stopped))
+    only = set(args.only or ["turn", "stopped", "apart"])
+    if "turn" in only:
+        done = await first_vs_second_turn(base_url, model=model, count=count,
+                                          history_tokens=args.history_tokens,
+                                          repeats=args.repeats)
+        rows.append(_row("turn 2 after a finished turn 1", "<= 0.5", 0.5, done))
+    if "stopped" in only:
+        stopped = await stopped_then_continued(base_url, model=model, count=count,
+                                               history_tokens=args.history_tokens,
+                                               repeats=args.repeats)
+        rows.append(_row("turn 2 after turn 1 stopped at its first token", "<= 0.2", 0.2,
+                         stopped))
+    if "apart" not in only:
+        return rows
     apart = await shared_prefix_apart(base_url, model=model, count=count,
                                       prefix_tokens=args.prefix_tokens, gap=args.gap,
                                       repeats=args.repeats)
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-tokens", type=int, default=4000)
     parser.add_argument("--gap", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=["turn", "stopped", "apart"],
+                        help="Run only these scenarios (repeatable).")
     args = parser.parse_args(argv)
     if args.model_dir is None:
         from app.models.demo import demo_model_dir
