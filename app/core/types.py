@@ -45,6 +45,33 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False  # arguments constrained to `parameters` even when the call is free
+
+
+@dataclass(frozen=True)
+class JsonConstraint:
+    """The whole answer is one JSON document: any object (`schema` None) or one matching it."""
+
+    schema: dict[str, Any] | None
+    param: str  # the request field an error names ("response_format", "text.format")
+
+
+@dataclass(frozen=True)
+class ToolCallConstraint:
+    """Calls in the generic `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` format.
+
+    `forced` (tool_choice required or a named function): the answer is only calls, each naming
+    one of `tools` with arguments matching its `parameters`. Otherwise the text is free and
+    only a call the model starts is constrained (the arguments of `strict` tools).
+    """
+
+    tools: tuple[ToolSpec, ...]
+    forced: bool
+    parallel: bool = True
+    param: str = "tools"
+
+
+Constraint = JsonConstraint | ToolCallConstraint
 
 
 @dataclass
@@ -60,11 +87,28 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: str | None = None
+    constraint: Constraint | None = None  # enforced by a grammar while decoding
+    logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()  # (token, logprob, bytes)
+
+
+@dataclass(frozen=True)
+class LogprobsDelta:
+    """Log-probabilities of generated tokens, for requests that ask; text comes separately."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -99,4 +143,4 @@ class Failed:
     error: Exception
 
 
-GenerationEvent = TextDelta | ToolCallDelta | Finish | Failed
+GenerationEvent = TextDelta | ToolCallDelta | LogprobsDelta | Finish | Failed

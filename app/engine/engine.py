@@ -14,7 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from app.core.types import Failed, Finish, GenerationEvent, GenerationRequest, TextDelta
+from app.core.types import (
+    Failed,
+    Finish,
+    GenerationEvent,
+    GenerationRequest,
+    LogprobsDelta,
+    TextDelta,
+    TokenLogprob,
+)
 from app.engine.prompt import prompt_tokens
 from app.engine.residency.pool import LoadedModel, ModelPool
 from app.engine.sampling import make_sequence_processors, make_sequence_sampler
@@ -31,6 +39,7 @@ from app.errors import (
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.models.registry import ModelRegistry
+from app.output import grammar
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,6 +60,7 @@ class GenerationStream:
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
         self._slot_started = slot_started
+        self.logprobs: list[TokenLogprob] = []  # every token's, for requests that asked
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
@@ -94,6 +104,8 @@ class GenerationStream:
     def _observe(self, event: GenerationEvent) -> None:
         if isinstance(event, TextDelta) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if isinstance(event, LogprobsDelta):
+            self.logprobs.extend(event.tokens)
         if isinstance(event, Finish | Failed):
             self._finish(event)
 
@@ -161,6 +173,9 @@ class Engine:
 
     async def submit(self, request: GenerationRequest) -> GenerationStream:
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
+        if request.constraint is not None:  # a schema we can't enforce is a 400, not a slot
+            await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, grammar.check, request.constraint)
         if self.breaker is not None:
             self.breaker.allow()
         slot_started = await self.admission.acquire() if self.admission else None
@@ -187,12 +202,23 @@ class Engine:
             self._tokenize, prompt_tokens, loaded.tokenizer, request
         )
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        processors = make_sequence_processors(request.sampling)
+        if request.constraint is not None or request.logprobs is not None:
+            # Compiling a grammar (or llguidance's view of the vocabulary, once per model)
+            # takes milliseconds to a second: on the tokenizer thread, never the MLX one.
+            compiler = await loop.run_in_executor(
+                self._tokenize, grammar.compiler_for, loaded.tokenizer)
+        if request.constraint is not None:
+            processors.append(await loop.run_in_executor(
+                self._tokenize, compiler.processor, request.constraint))
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,
             max_tokens=max_tokens,
             sampler=make_sequence_sampler(request.sampling),
-            processors=make_sequence_processors(request.sampling),
+            processors=processors,
+            logprobs=request.logprobs,
+            token_bytes=compiler.token_bytes if request.logprobs is not None else None,
             stop=list(request.stop),
             deliver=lambda events: stream.deliver(events),
             loop=loop,

@@ -20,7 +20,16 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from app import metrics
-from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
+from app.core.types import (
+    Failed,
+    Finish,
+    FinishReason,
+    GenerationEvent,
+    LogprobsDelta,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from app.engine.decode import use_logits_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure
@@ -42,6 +51,8 @@ class Sequence:
     stop: list[str]
     deliver: EventSink  # runs on `loop`: hands events to the request's stream
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
+    token_bytes: Callable[[int], bytes] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -62,6 +73,25 @@ class Sequence:
                       cached_tokens=self.cached_tokens)
         self._pending.append(Finish(reason=reason, usage=usage))
 
+    def logprob(self, token: int, logprobs: Any) -> None:
+        """The chosen token's log-probability (and the top N) from its row's log-softmax."""
+        assert self.token_bytes is not None and self.logprobs is not None
+        if logprobs is None or logprobs.size == 0:
+            return
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        chosen = logprobs[token]
+        if self.logprobs > 0:
+            n = min(self.logprobs, logprobs.shape[-1])
+            ids = mx.argpartition(-logprobs, kth=n - 1)[:n]
+            values = logprobs[ids]
+            mx.eval(chosen, ids, values)
+            pairs: list[tuple[int, float]] = sorted(
+                zip(ids.tolist(), values.tolist(), strict=True),  # type: ignore[arg-type]
+                key=lambda pair: -pair[1])
+            top = tuple(_entry(self.token_bytes(t), v) for t, v in pairs)
+        text, value, raw = _entry(self.token_bytes(token), float(chosen.item()))
+        self._pending.append(LogprobsDelta((TokenLogprob(text, value, raw, top),)))
+
     def take_events(self) -> list[GenerationEvent]:
         events, self._pending = self._pending, []
         return events
@@ -69,6 +99,11 @@ class Sequence:
     def flush_events(self) -> None:
         if self._pending:
             self.loop.call_soon_threadsafe(self.deliver, self.take_events())
+
+
+def _entry(raw: bytes, value: float) -> tuple[str, float, tuple[int, ...]]:
+    # A token that ends inside a UTF-8 character has no text of its own; `bytes` has it all.
+    return raw.decode("utf-8", errors="replace"), value, tuple(raw)
 
 
 def _deliver_all(batches: list[tuple[EventSink, list[GenerationEvent]]]) -> None:
@@ -97,7 +132,8 @@ class ModelBatch:
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
-        use_logits_decode(self._generator)
+        self._logprob_uids: set[int] = set()
+        use_logits_decode(self._generator, self._logprob_uids)
         self._by_uid: dict[int, Sequence] = {}
 
     def __len__(self) -> int:
@@ -121,6 +157,8 @@ class ModelBatch:
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
+        if seq.logprobs is not None:
+            self._logprob_uids.add(seq.uid)
 
     def _reusable_cache(self, prompt: list[int]) -> tuple[Any, list[int]]:
         """The longest cached KV this prompt starts with, and the tokens still to prefill."""
@@ -158,6 +196,8 @@ class ModelBatch:
             seq = self._by_uid.get(response.uid)
             if seq is None:
                 continue
+            if seq.logprobs is not None and response.token not in self._eos:
+                seq.logprob(response.token, response.logprobs)
             if self._advance(seq, response.token, response.finish_reason, now):
                 done.append(seq.uid)
                 if response.prompt_cache is not None and self._cache_enabled:
@@ -211,6 +251,7 @@ class ModelBatch:
         self._generator.remove(uids)
         for uid in uids:
             self._by_uid.pop(uid, None)
+            self._logprob_uids.discard(uid)
 
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))

@@ -15,6 +15,7 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
+from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.schema import ChatCompletionRequest
 from app.api.openai.stream import openai_chunks, usage_body
 from app.core.types import GenerationRequest
@@ -32,7 +33,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         sampling=body.sampling(),
         stop=body.stop_list(),
         tools=body.tool_specs(),
-        tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else None,
+        tool_choice=body.tool_choice_internal(),
+        constraint=body.constraint(),
+        logprobs=body.logprobs_count(),
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
@@ -46,7 +49,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
-                          prelude=[first], heartbeat=heartbeat))
+                          prelude=[first], heartbeat=heartbeat,
+                          logprobs=chat_logprobs if body.logprobs else None))
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
     await record_finish(request, stream, finish)
     return JSONResponse({
@@ -58,7 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
+            "logprobs": chat_logprobs(stream.logprobs) if body.logprobs else None,
             "finish_reason": finish.reason,
         }],
         "usage": usage_body(finish.usage),

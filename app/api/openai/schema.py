@@ -9,9 +9,17 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.core.types import ChatMessage, SamplingParams, ToolCall, ToolSpec
+from app.core.types import (
+    ChatMessage,
+    Constraint,
+    JsonConstraint,
+    SamplingParams,
+    ToolCall,
+    ToolCallConstraint,
+    ToolSpec,
+)
 from app.errors import InvalidRequest
 
 
@@ -78,11 +86,50 @@ class FunctionSpecIn(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=dict)
+    strict: bool | None = None
 
 
 class ToolIn(_Lenient):
     type: Literal["function"]
     function: FunctionSpecIn
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Lenient):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs `json_schema` with `name` and `schema`")
+        return self
+
+    def constraint(self) -> JsonConstraint | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return JsonConstraint(schema=None, param="response_format")
+        assert self.json_schema is not None
+        # Not strict still means JSON of that shape: enforcing it is the better answer.
+        return JsonConstraint(schema=self.json_schema.schema_ or {},
+                              param="response_format.json_schema.schema")
 
 
 class StreamOptions(_Lenient):
@@ -141,7 +188,25 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[MessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[ToolIn] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        choice = self.tool_choice
+        if (choice == "required" or isinstance(choice, NamedToolChoice)) and not self.tools:
+            raise ValueError("tool_choice forces a call but `tools` is empty")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is "
+                             "not in `tools`")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -150,16 +215,58 @@ class ChatCompletionRequest(SamplingFields):
         return [m.to_internal(i) for i, m in enumerate(self.messages)]
 
     def tool_specs(self) -> list[ToolSpec]:
+        """The tools the model is shown: none for tool_choice "none", only the named one for a
+        named choice."""
+        tools = self.tools or []
+        if self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == self.tool_choice.function.name]
         return [
-            ToolSpec(t.function.name, t.function.description, t.function.parameters)
-            for t in self.tools or []
+            ToolSpec(t.function.name, t.function.description, t.function.parameters,
+                     strict=bool(t.function.strict))
+            for t in tools
         ]
+
+    def tool_choice_internal(self) -> str | None:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "required"  # with only that tool offered
+        return self.tool_choice
+
+    def constraint(self) -> Constraint | None:
+        """What decoding must obey: a forced call, then a response_format, then strict tools."""
+        tools = tuple(self.tool_specs())
+        if tools and self.tool_choice_internal() == "required":
+            return ToolCallConstraint(tools=tools, forced=True,
+                                      parallel=self.parallel_tool_calls, param="tool_choice")
+        if self.response_format is not None:
+            json_constraint = self.response_format.constraint()
+            if json_constraint is not None:
+                return json_constraint
+        if any(t.strict for t in tools):
+            return ToolCallConstraint(tools=tools, forced=False,
+                                      parallel=self.parallel_tool_calls, param="tools")
+        return None
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="A string (a one-element list is accepted too).")
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=1, description="Only one candidate is generated.")
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs of an echoed prompt are not supported; drop echo or "
+                             "logprobs")
+        return self
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):

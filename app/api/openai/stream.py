@@ -12,11 +12,13 @@ from fastapi import Request
 
 from app.api.common import record_finish
 from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
-from app.core.types import Failed, Finish, TextDelta, Usage
+from app.core.types import Failed, Finish, LogprobsDelta, TextDelta, TokenLogprob, Usage
 from app.engine.engine import GenerationStream, gateway_error
 
 # (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
 ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
+# this chunk's tokens -> the choice's "logprobs" value
+LogprobsRender = Callable[[list[TokenLogprob]], Any]
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -30,8 +32,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
                         choice: ChoiceFactory, *, include_usage: bool,
-                        prelude: list[dict[str, Any]], heartbeat: float
-                        ) -> AsyncIterator[bytes]:
+                        prelude: list[dict[str, Any]], heartbeat: float,
+                        logprobs: LogprobsRender | None = None) -> AsyncIterator[bytes]:
     """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
     finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
     as an OpenAI error payload, which the SDKs raise."""
@@ -50,8 +52,12 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
                 yield OPENAI_HEARTBEAT
                 continue
             text = "".join(e.text for e in events if isinstance(e, TextDelta))
-            if text:
-                yield chunk([choice(text, None)])
+            tokens = [t for e in events if isinstance(e, LogprobsDelta) for t in e.tokens]
+            if text or (tokens and logprobs is not None):
+                entry = choice(text, None)
+                if tokens and logprobs is not None:
+                    entry["logprobs"] = logprobs(tokens)
+                yield chunk([entry])
             for event in events:
                 if isinstance(event, Finish):
                     await record_finish(request, stream, event)
