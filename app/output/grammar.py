@@ -42,8 +42,30 @@ _CACHE_SIZE = 64
 
 # --- constraint -> grammar text --------------------------------------------------------------
 
+# An integer without bounds is capped to what a JSON parser keeps exactly (2^53 - 1): without a
+# cap a small model at temperature 0 writes digits until max_tokens ("population": 1111...).
+SAFE_INTEGER = 2**53 - 1
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _bounded(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_bounded(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    # Values under these keys are data, not schemas.
+    out = {key: value if key in _DATA_KEYS else _bounded(value) for key, value in node.items()}
+    kinds = out.get("type")
+    if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+    return out
+
+
 def _json_lark(schema: dict[str, Any]) -> str:
-    return "%json " + json.dumps({"x-guidance": _JSON_STYLE, **schema})
+    return "%json " + json.dumps({"x-guidance": _JSON_STYLE, **_bounded(schema)})
 
 
 def _call_schema(tools: tuple[ToolSpec, ...], *, all_strict: bool) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    LogprobsDelta,
     SamplingParams,
     TextDelta,
 )
@@ -133,6 +134,8 @@ async def create_response(request: Request) -> Response:
             sampling=_sampling(req),
             tools=req.tool_specs(),
             tool_choice=req.tool_choice_internal() if req.tools else None,
+            constraint=req.constraint(),
+            logprobs=req.logprobs_count(),
         )
 
     stream, dropped = await _submit_fitting(request, req, context, build)
@@ -252,9 +255,15 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 
 def _coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
-    """Adjacent text deltas of one wake-up as one delta: one SSE event instead of several."""
-    out: list[GenerationEvent] = []
+    """Adjacent text deltas of one wake-up as one delta: one SSE event instead of several.
+
+    The wake-up's log-probabilities go first, as one event: the renderer holds them for the
+    text that follows (each token's entry comes just before its text)."""
+    tokens = tuple(t for e in events if isinstance(e, LogprobsDelta) for t in e.tokens)
+    out: list[GenerationEvent] = [LogprobsDelta(tokens)] if tokens else []
     for event in events:
+        if isinstance(event, LogprobsDelta):
+            continue
         if isinstance(event, TextDelta) and out and isinstance(out[-1], TextDelta):
             out[-1] = TextDelta(out[-1].text + event.text)
         else:
