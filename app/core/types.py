@@ -22,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ToolCallConstraint:
     forced: bool
     parallel: bool = True
     param: str = "tools"
+    max_calls: int | None = None  # Responses' max_tool_calls
+
+    @property
+    def call_limit(self) -> int | None:
+        return 1 if not self.parallel else self.max_calls
 
 
 Constraint = JsonConstraint | ToolCallConstraint

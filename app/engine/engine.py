@@ -202,6 +202,11 @@ class Engine:
             self._tokenize, prompt_tokens, loaded.tokenizer, request
         )
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        bias = request.sampling.logit_bias
+        vocabulary = len(loaded.tokenizer.vocab) if bias else 0
+        if any(not 0 <= token < vocabulary for token, _ in bias):
+            raise InvalidRequest(f"logit_bias: token ids must be below {vocabulary} for this "
+                                 "model", param="logit_bias")
         processors = make_sequence_processors(request.sampling)
         if request.constraint is not None or request.logprobs is not None:
             # Compiling a grammar (or llguidance's view of the vocabulary, once per model)

@@ -54,6 +54,7 @@ def make_sequence_sampler(params: SamplingParams) -> Sampler:
 def make_sequence_processors(params: SamplingParams) -> list[Any]:
     return list(
         make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repetition_penalty,
             presence_penalty=params.presence_penalty or None,
             frequency_penalty=params.frequency_penalty or None,

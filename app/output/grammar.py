@@ -92,7 +92,8 @@ def grammar_text(constraint: Constraint) -> str:
     # Calls follow each other directly: after `</tool_call>` the model chooses between another
     # call and the end (a newline there would be a third, likelier, choice that leads small
     # models into repeating the call until max_tokens).
-    count = f"{{1,{MAX_PARALLEL_CALLS}}}" if constraint.parallel else ""
+    limit = min(constraint.call_limit or MAX_PARALLEL_CALLS, MAX_PARALLEL_CALLS)
+    count = f"{{1,{limit}}}" if limit > 1 else ""
     return f"start: call{count}\n{call}"
 
 
@@ -156,7 +157,7 @@ class GrammarCompiler:
     def processor(self, constraint: Constraint) -> GrammarProcessor:
         matcher = self.matcher(grammar_text(constraint), constraint.param)
         if isinstance(constraint, ToolCallConstraint) and not constraint.forced:
-            return TriggeredProcessor(matcher, self, parallel=constraint.parallel)
+            return TriggeredProcessor(matcher, self, limit=constraint.call_limit)
         return GrammarProcessor(matcher, self)
 
     def token_bytes(self, token: int) -> bytes:
@@ -225,14 +226,14 @@ class GrammarProcessor:
 
 class TriggeredProcessor(GrammarProcessor):
     """A lazy grammar for tool_choice "auto": free text until the model writes `<tool_call>`,
-    then the call is constrained until `</tool_call>`; after it, more free text (or, without
-    parallel calls, only the end)."""
+    then the call is constrained until `</tool_call>`; after it, more free text, or only the
+    end once `limit` calls were written (1 without parallel calls)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, *,
-                 parallel: bool) -> None:
+                 limit: int | None) -> None:
         super().__init__(matcher, compiler)
         self._template = matcher
-        self._parallel = parallel
+        self._left = limit
         self._armed = False
         self._done = False
         self._recent = b""
@@ -245,7 +246,9 @@ class TriggeredProcessor(GrammarProcessor):
                 self.feed(token)
                 if self._matcher.is_accepting() or self._failed:
                     self._armed, self._recent = False, b""
-                    self._done = not self._parallel
+                    if self._left is not None:
+                        self._left -= 1
+                        self._done = self._left <= 0
             else:
                 self._watch(self._compiler.token_bytes(token))
         self._started = True

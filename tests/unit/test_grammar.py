@@ -182,3 +182,24 @@ def test_compiled_grammars_are_cached(tokenizer: Any) -> None:
         "z": {"type": "string", "maxLength": random.randint(1, 10**6)}}}, "p"))
     compiler.matcher(text, "p")
     assert text in compiler._compiled
+
+
+def test_auto_mode_ends_the_answer_after_the_last_allowed_call(tokenizer: Any) -> None:
+    processor = grammar.compiler_for(tokenizer).processor(
+        ToolCallConstraint(TOOLS, forced=False, parallel=True, max_calls=1))
+    eos = set(tokenizer.eos_token_ids)
+    logits = mx.random.normal((1, 49152))
+    context = [1]
+    text = 'Ok <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        context.append(token)
+        masked = processor(mx.array(context), logits)
+    allowed = {i for i, v in enumerate(masked[0].tolist()) if v != float("-inf")}
+    assert allowed == eos
+
+
+def test_forced_grammar_caps_the_number_of_calls() -> None:
+    one = ToolCallConstraint(TOOLS, forced=True, parallel=False)
+    three = ToolCallConstraint(TOOLS, forced=True, parallel=True, max_calls=3)
+    assert "call{" not in grammar.grammar_text(one).splitlines()[0]
+    assert grammar.grammar_text(three).splitlines()[0] == "start: call{1,3}"

@@ -46,7 +46,7 @@ def request_echo(req: ResponsesRequest) -> dict[str, Any]:
     return {
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
-        "max_tool_calls": None,
+        "max_tool_calls": req.max_tool_calls,
         "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": None, "summary": None},

@@ -128,6 +128,8 @@ class ResponsesRequest(_Wire):
     reasoning: dict[str, Any] | None = None  # accepted, ignored: no reasoning mode here
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tool_calls: int | None = Field(None, ge=1)
+    prompt: Any = None  # a stored prompt template: refused, there are none here
     truncation: Literal["disabled", "auto"] = "disabled"
     user: str | None = None
     background: bool = False
@@ -148,6 +150,9 @@ class ResponsesRequest(_Wire):
     def _consistent(self) -> ResponsesRequest:
         if self.background:
             raise ValueError("background responses are not supported; omit `background`")
+        if self.prompt is not None:
+            raise ValueError("`prompt` (stored prompt templates) is not supported; send "
+                             "`instructions` and `input`")
         if self.conversation is not None:
             raise ValueError("`conversation` is not supported; chain turns with "
                              "previous_response_id")
@@ -187,14 +192,21 @@ class ResponsesRequest(_Wire):
         tools = tuple(self.tool_specs())
         if tools and self.tool_choice_internal() == "required":
             return ToolCallConstraint(tools=tools, forced=True,
-                                      parallel=self.parallel_tool_calls, param="tool_choice")
+                                      parallel=self.parallel_tool_calls, param="tool_choice",
+                                      max_calls=self._max_calls())
         json_constraint = self.text.format.constraint()
         if json_constraint is not None:
             return json_constraint
-        if any(t.strict for t in tools):
+        if any(t.strict for t in tools) or (tools and not self.parallel_tool_calls) or (
+                tools and self._max_calls() is not None):
+            # Armed only when the model starts a call: strict arguments, and the call count.
             return ToolCallConstraint(tools=tools, forced=False,
-                                      parallel=self.parallel_tool_calls, param="tools")
+                                      parallel=self.parallel_tool_calls, param="tools",
+                                      max_calls=self._max_calls())
         return None
+
+    def _max_calls(self) -> int | None:
+        return self.max_tool_calls
 
     def logprobs_count(self) -> int | None:
         """Log-probabilities are asked for through `include`; top_logprobs says how many."""

@@ -151,9 +151,20 @@ class SamplingFields(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100, got {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -177,6 +188,7 @@ class SamplingFields(_Lenient):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
         )
 
     @property
@@ -193,9 +205,22 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Known OpenAI fields this server can't honour: refused by name rather than dropped.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
+        for field, hint in (("functions", "send `tools`"), ("function_call", "send `tool_choice`"),
+                            ("audio", "this server generates text only"),
+                            ("web_search_options", "this server cannot search the web")):
+            if getattr(self, field) is not None:
+                raise ValueError(f"`{field}` is not supported: {hint}")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            raise ValueError("`modalities`: this server generates text only")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         choice = self.tool_choice
@@ -238,15 +263,22 @@ class ChatCompletionRequest(SamplingFields):
         tools = tuple(self.tool_specs())
         if tools and self.tool_choice_internal() == "required":
             return ToolCallConstraint(tools=tools, forced=True,
-                                      parallel=self.parallel_tool_calls, param="tool_choice")
+                                      parallel=self.parallel_tool_calls, param="tool_choice",
+                                      max_calls=self._max_calls())
         if self.response_format is not None:
             json_constraint = self.response_format.constraint()
             if json_constraint is not None:
                 return json_constraint
-        if any(t.strict for t in tools):
+        if any(t.strict for t in tools) or (tools and not self.parallel_tool_calls) or (
+                tools and self._max_calls() is not None):
+            # Armed only when the model starts a call: strict arguments, and the call count.
             return ToolCallConstraint(tools=tools, forced=False,
-                                      parallel=self.parallel_tool_calls, param="tools")
+                                      parallel=self.parallel_tool_calls, param="tools",
+                                      max_calls=self._max_calls())
         return None
+
+    def _max_calls(self) -> int | None:
+        return None  # chat has no max_tool_calls
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
