@@ -11,10 +11,14 @@ UNAME  := $(shell uname -s)
 # which `mlx-gateway serve` applies to itself; this is for the tests and the bench).
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PRELOAD  := $(if $(and $(filter Linux,$(UNAME)),$(wildcard $(OPENBLAS))),LD_PRELOAD=$(OPENBLAS) OPENBLAS_THREAD_TIMEOUT=16,)
-APT_PACKAGES := redis-server caddy libopenblas0-pthread
+APT_PACKAGES := redis-server caddy libopenblas0-pthread chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo-model run test test-unit lint bench clean
+# The coding agents the end-to-end tests drive, at the versions their wire captures came from
+# (shared/docs/CONTRACT.md). npm packages that carry each client's own binary.
+CLIENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33
+
+.PHONY: install system-deps demo-model clients run test test-unit lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +30,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Real redis-server and caddy for the tests, OpenBLAS for speed. Installed only when missing.
+# Real redis-server and caddy for the tests, OpenBLAS for speed, headless Chromium and its
+# driver for the console's browser tests. Installed only when missing.
 system-deps:
 ifeq ($(UNAME),Linux)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v caddy >/dev/null || missing="$$missing caddy"; \
 	[ -e $(OPENBLAS) ] || missing="$$missing libopenblas0-pthread"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -42,13 +49,19 @@ else ifeq ($(UNAME),Darwin)
 	@command -v caddy >/dev/null || brew install caddy
 endif
 
+clients: .tools/.installed
+
+.tools/.installed: Makefile
+	@command -v npm >/dev/null || { echo "npm not found: the client tests will be skipped"; exit 0; }; \
+	npm install --silent --no-audit --no-fund --prefix .tools $(CLIENTS) && touch $@
+
 demo-model: install
 	$(BIN)/mlx-gateway models demo
 
 run: install demo-model
 	$(PRELOAD) $(BIN)/mlx-gateway serve $(ARGS)
 
-test: install system-deps demo-model
+test: install system-deps demo-model clients
 	$(PRELOAD) $(BIN)/python -m pytest -q $(ARGS)
 
 test-unit: install
@@ -64,4 +77,4 @@ bench: install demo-model
 	  --rounds 3 $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

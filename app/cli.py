@@ -1,4 +1,4 @@
-"""The `mlx-gateway` command: serve, models, keys, bench, doctor, service."""
+"""The `mlx-gateway` command: serve, models, keys, bench, doctor, service, status."""
 
 from __future__ import annotations
 
@@ -62,17 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     from app.models import cli as models_cli
-    from app.ops import bench, doctor, service_manager
+    from app.ops import bench, doctor, launch, service_manager, status
     from app.security import cli as keys_cli
 
-    for module in (models_cli, keys_cli, doctor, service_manager):
+    for module in (models_cli, keys_cli, doctor, service_manager, launch, status):
         module.add_commands(commands, config)
     bench.add_commands(commands)  # talks to a URL; reads no config
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "passthrough", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.passthrough = extra[1:] if extra[0] == "--" else extra
     if argv is None and args.handler is _serve:
         # Before MLX loads: on Linux the system OpenBLAS is preloaded into a fresh process.
         from app.ops.system_blas import reexec_with_system_blas

@@ -62,6 +62,21 @@ class InvalidRequest(GatewayError):
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
+    def __init__(self, message: str, *, prompt_tokens: int | None = None,
+                 maximum: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.prompt_tokens = prompt_tokens
+        self.maximum = maximum
+
+    def anthropic_body(self) -> dict[str, Any]:
+        if self.prompt_tokens is None or self.maximum is None:
+            return super().anthropic_body()
+        # The exact wording Claude Code looks for before it compacts its history.
+        return {"type": "error", "error": {
+            "type": self.anthropic_type,
+            "message": f"prompt is too long: {self.prompt_tokens} tokens > {self.maximum} maximum",
+        }}
+
 
 class AuthenticationFailed(GatewayError):
     status = 401

@@ -1,4 +1,5 @@
-"""structlog setup: JSON lines to stdout, an optional size-rotated file, secrets masked.
+"""structlog setup: JSON lines (or text on a terminal) to stdout, an optional size-rotated
+JSON file, secrets masked.
 
 structlog is routed through stdlib `logging`, so uvicorn's own loggers (which we re-parent to
 the root logger) come out in the same format and pass the same redaction. Call
@@ -151,6 +152,22 @@ def _formatter(renderer: Processor) -> structlog.stdlib.ProcessorFormatter:
     )
 
 
+def _is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def _stdout_renderer(fmt: str, json_renderer: Processor) -> Processor:
+    """A person at a terminal reads text (coloured, keys aligned); launchd, systemd, pipes
+    and files get JSON lines for machines. An explicit `[log] format` wins."""
+    terminal = _is_terminal()
+    if fmt == "console" or (fmt == "auto" and terminal):
+        return structlog.dev.ConsoleRenderer(colors=terminal)
+    return json_renderer
+
+
 def configure_logging(log: LogSettings) -> None:
     """Install the handlers and structlog configuration described by `[log]`."""
     level = getattr(logging, log.level.upper())
@@ -161,9 +178,7 @@ def configure_logging(log: LogSettings) -> None:
             handler.close()
 
     json_renderer: Processor = structlog.processors.JSONRenderer()
-    stdout_renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=False) if log.format == "console" else json_renderer
-    )
+    stdout_renderer = _stdout_renderer(log.format, json_renderer)
     handlers: list[logging.Handler] = [_StdoutHandler()]
     handlers[0].setFormatter(_formatter(stdout_renderer))
     if log.file is not None:

@@ -57,6 +57,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_MODEL_TARGET = "@default"
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind. Keep loopback behind Caddy.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
@@ -179,7 +182,9 @@ class ResponsesSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    format: Literal["json", "console"] = Field("json", description="JSON lines or human text.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="stdout as JSON lines or human text; auto: text on a terminal, "
+        "JSON otherwise (launchd, systemd, pipes). Files are always JSON.")
     file: Path | None = Field(None, description="Also write to this file, size-rotated.")
     max_bytes: int = Field(10_000_000, ge=1024, description="Rotate the file at this size.")
     backups: int = Field(5, ge=0, description="Rotated files kept.")
@@ -188,6 +193,15 @@ class LogSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = Field(True, description="Serve Prometheus text at /metrics.")
     require_admin: bool = Field(True, description="With auth on, /metrics needs an admin key.")
+
+
+class AnthropicSettings(_Section):
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"claude-*": DEFAULT_MODEL_TARGET},
+        description="On /v1/messages: model-name patterns (fnmatch, first match wins) -> a model "
+        f"id or alias; {DEFAULT_MODEL_TARGET!r} = the default model. Lets an unchanged Claude "
+        "Code ask for claude-* ids.",
+    )
 
 
 class Settings(BaseSettings):
@@ -208,6 +222,7 @@ class Settings(BaseSettings):
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
         description="Converted models (the demo model among them).",

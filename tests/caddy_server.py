@@ -23,25 +23,39 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-def caddyfile_for_test(upstream_port: int, http_port: int, https_port: int) -> str:
+def under_prefix(text: str, prefix: str) -> str:
+    """The Caddyfile with its reverse_proxy block inside `handle_path <prefix>/*`, as the
+    comment in deploy/Caddyfile describes for serving the gateway under a path."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("\treverse_proxy "))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "\t}")
+    block = ["\t" + line for line in lines[start:end + 1]]
+    return "\n".join([*lines[:start], f"\thandle_path {prefix}/* {{", *block, "\t}",
+                      *lines[end + 1:]])
+
+
+def caddyfile_for_test(upstream_port: int, http_port: int, https_port: int,
+                       prefix: str | None = None) -> str:
     text = (REPO / "deploy" / "Caddyfile").read_text()
     assert "reverse_proxy 127.0.0.1:8000 {" in text
     text = text.replace("reverse_proxy 127.0.0.1:8000", f"reverse_proxy 127.0.0.1:{upstream_port}")
+    if prefix is not None:
+        text = under_prefix(text, prefix)
     globals_ = (f"{{\n\tadmin off\n\tskip_install_trust\n\thttp_port {http_port}\n"
                 f"\thttps_port {https_port}\n")
     return text.replace("\n{\n", "\n" + globals_, 1)
 
 
 @contextmanager
-def running_caddy(workdir: Path, upstream_port: int, probe_path: str = "/health"
-                  ) -> Iterator[str]:
+def running_caddy(workdir: Path, upstream_port: int, probe_path: str = "/health",
+                  prefix: str | None = None) -> Iterator[str]:
     """Yield Caddy's https base URL once it answers; stop it afterwards."""
     binary = shutil.which("caddy")
     if binary is None:
         pytest.skip("caddy not installed (make test installs it)")
     https_port = free_port()
     config = workdir / "Caddyfile"
-    config.write_text(caddyfile_for_test(upstream_port, free_port(), https_port))
+    config.write_text(caddyfile_for_test(upstream_port, free_port(), https_port, prefix))
     env = {**os.environ, "HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
            "XDG_CONFIG_HOME": str(workdir / "config"),
            "MLXGW_SITE": f"https://127.0.0.1:{https_port}"}
@@ -53,7 +67,8 @@ def running_caddy(workdir: Path, upstream_port: int, probe_path: str = "/health"
         while True:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "died"
             try:
-                httpx.request("POST" if probe_path == "/echo" else "GET", base + probe_path,
+                httpx.request("POST" if probe_path == "/echo" else "GET",
+                              base + (prefix or "") + probe_path,
                               verify=False, timeout=2)
                 break
             except httpx.HTTPError:

@@ -19,9 +19,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app: ASGIApp, *, timeout: float = 20) -> Iterator[int]:
-    """Run `app` under uvicorn on a free loopback port; yield the port; stop it after."""
-    port = free_port()
+def serving(app: ASGIApp, *, timeout: float = 20, port: int | None = None) -> Iterator[int]:
+    """Run `app` under uvicorn on `port` (a free loopback one by default); yield the port;
+    stop it after."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.activity import note_refusal
 from app.errors import (
     EngineFailure as InternalError,
 )
@@ -47,14 +48,19 @@ def _validation_error(error: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=field)
 
 
+def _refuse(request: Request, error: GatewayError) -> JSONResponse:
+    note_refusal(request.scope.setdefault("state", {}), error)
+    return error_response(error, request.url.path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, error: GatewayError) -> JSONResponse:
-        return error_response(error, request.url.path)
+        return _refuse(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(error), request.url.path)
+        return _refuse(request, _validation_error(error))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
@@ -66,9 +72,9 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             mapped = InvalidRequest(str(error.detail))
             mapped.status = error.status_code  # type: ignore[misc]
-        return error_response(mapped, request.url.path)
+        return _refuse(request, mapped)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error", path=request.url.path, error=repr(error))
-        return error_response(InternalError("Internal server error."), request.url.path)
+        return _refuse(request, InternalError("Internal server error."))

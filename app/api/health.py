@@ -14,6 +14,12 @@ async def health() -> dict[str, str]:
     return {"status": "ok", "service": "mlx-gateway"}
 
 
+@router.api_route("/", methods=["GET", "HEAD"])
+async def root() -> dict[str, str]:
+    """Claude Code's connectivity probe (`HEAD /`) answers like /health, without a key."""
+    return await health()
+
+
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     default_id = request.app.state.registry.default_id

@@ -92,7 +92,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
-    tool_choice: str | None = None
+    tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
     constraint: Constraint | None = None  # enforced by a grammar while decoding
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
 
@@ -140,6 +140,7 @@ class Usage:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # which stop string ended it, when one did
 
 
 @dataclass(frozen=True)

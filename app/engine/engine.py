@@ -62,6 +62,10 @@ class GenerationStream:
         self._slot_started = slot_started
         self.logprobs: list[TokenLogprob] = []  # every token's, for requests that asked
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt)
+
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
         self._inbox.put_nowait(events)
@@ -171,6 +175,16 @@ class Engine:
         """Make `name` resident without generating (warm-up, admin load)."""
         return await self.pool.load(name)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's exact length with the model's own template (loads the model)."""
+        loaded = await self.pool.acquire(request.model)
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, prompt_tokens, loaded.tokenizer, request)
+        finally:
+            self.pool.release(loaded)
+        return len(tokens)
+
     async def submit(self, request: GenerationRequest) -> GenerationStream:
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if request.constraint is not None:  # a schema we can't enforce is a 400, not a slot
@@ -239,6 +253,7 @@ class Engine:
                 f"This model's maximum context length is {context} tokens, but the prompt has "
                 f"{prompt_len} tokens. Shorten the prompt or the conversation.",
                 param="messages" if request.messages is not None else "prompt",
+                prompt_tokens=prompt_len, maximum=context,
             )
         if request.max_tokens is None:
             return min(room, self.settings.default_max_tokens)

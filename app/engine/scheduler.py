@@ -71,7 +71,8 @@ class Sequence:
     def finish(self, reason: FinishReason) -> None:
         usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated,
                       cached_tokens=self.cached_tokens)
-        self._pending.append(Finish(reason=reason, usage=usage))
+        matched = self._stops.matched if self._stops is not None else None
+        self._pending.append(Finish(reason=reason, usage=usage, stop_sequence=matched))
 
     def logprob(self, token: int, logprobs: Any) -> None:
         """The chosen token's log-probability (and the top N) from its row's log-softmax."""

@@ -12,6 +12,7 @@ class StopStringMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Add decoded text; return what is safe to emit now. Sets `stopped` on a match."""
@@ -24,7 +25,8 @@ class StopStringMatcher:
         found = [i for i, _ in hits if i >= 0]
         if found:
             self.stopped = True
-            out, self._held = self._held[: min(found)], ""
+            at, self.matched = min((i, s) for i, s in hits if i >= 0)
+            out, self._held = self._held[:at], ""
             return out
         keep = self._longest_partial_suffix()
         cut = len(self._held) - keep

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import structlog
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from app.api import health, metrics_route, models
+from app.activity import Activity
+from app.api import admin, health, metrics_route, models
+from app.api.anthropic import messages
 from app.api.errors import install_error_handlers
 from app.api.openai import chat, completions, responses
+from app.console import routes as console
 from app.engine.engine import Engine
 from app.http.auth import AuthMiddleware
 from app.http.edge import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -37,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
     engine = Engine(settings, registry, breaker=breaker,
                     admission=Admission(limits.max_inflight, limits.max_queue))
     keys = KeyStore(settings.keys_file) if settings.auth.enabled else None
+    activity = Activity()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,8 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.registry = registry
     app.state.engine = engine
     app.state.keys = keys
+    app.state.activity = activity
+    app.state.started_monotonic = time.monotonic()
     install_error_handlers(app)
-    for module in (health, models, chat, completions, metrics_route, responses):
+    for module in (health, models, chat, completions, metrics_route, responses, messages,
+                   admin, console):
         app.include_router(module.router)
 
     # add_middleware wraps: the last added runs first. Outermost first, requests pass:
@@ -77,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, activity=activity)
     return app
 
 

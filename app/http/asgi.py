@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from app.activity import note_refusal
 from app.errors import GatewayError, protocol_for_path
 
 Scope = MutableMapping[str, Any]
@@ -33,6 +34,7 @@ def state(scope: Scope) -> dict[str, Any]:
 async def send_error(
     scope: Scope, send: Send, error: GatewayError, extra_headers: dict[str, str] | None = None
 ) -> None:
+    note_refusal(state(scope), error)
     body = json.dumps(error.body(protocol_for_path(scope.get("path", "")))).encode()
     headers = {**(extra_headers or {}), **error.response_headers()}
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

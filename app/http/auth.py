@@ -26,7 +26,9 @@ from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/console"})
+# The console's pages and scripts hold no secret; their data needs the admin key.
+OPEN_PREFIXES = ("/console/",)
 # One message for missing, malformed, unknown and revoked keys: say nothing about which.
 AUTH_MESSAGE = "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key'."
 
@@ -43,6 +45,10 @@ def presented_keys(scope: Scope) -> list[str]:
     if api_key and api_key.strip() and api_key.strip() not in found:
         found.append(api_key.strip())
     return found
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def is_preflight(scope: Scope) -> bool:
@@ -70,9 +76,11 @@ class AuthMiddleware:
         record = self._verify(scope)
         if record is not None:
             state(scope)["principal"] = Principal.from_key(record, ip)
-        elif scope.get("path") in OPEN_PATHS or is_preflight(scope):
+        elif is_open(scope.get("path", "")) or is_preflight(scope):
             state(scope)["principal"] = Principal.unauthenticated(ip)
         else:
+            # Who was refused, for the access log and the console's recent refusals.
+            state(scope)["principal"] = Principal.unauthenticated(ip)
             metrics.AUTH_FAILURES.inc()
             log.info("request refused: missing or invalid key", client_ip=ip,
                      path=scope.get("path"))

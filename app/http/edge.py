@@ -11,6 +11,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
+from app.activity import Activity, note_refusal
 from app.api.errors import error_response
 from app.errors import PayloadTooLarge
 from app.http.asgi import header
@@ -22,8 +23,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class RequestContextMiddleware:
     """Request id (from or echoed as X-Request-ID), one access log line, request metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, activity: Activity | None = None) -> None:
         self.app = app
+        self.activity = activity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,6 +56,12 @@ class RequestContextMiddleware:
             metrics.REQUEST_DURATION.labels(route).observe(duration)
             fields: dict[str, Any] = state.get("log_fields", {})
             principal = state.get("principal")
+            if self.activity is not None:
+                reason, message = state.get("refusal") or (None, "")
+                self.activity.record(
+                    scope["path"], status[0], reason=reason, message=message,
+                    key_name=principal.name if getattr(principal, "key_id", None) else None,
+                    client_ip=getattr(principal, "client_ip", None))
             log.info(
                 "request", method=scope["method"], path=scope["path"], status=status[0],
                 duration_ms=round(duration * 1000, 1),
@@ -79,6 +87,7 @@ class BodySizeLimitMiddleware:
         )
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            note_refusal(scope.setdefault("state", {}), too_large)
             await error_response(too_large, scope["path"])(scope, receive, send)
             return
         seen = 0

@@ -1,10 +1,12 @@
 """Per-visitor and global limits on /v1/* as a pure ASGI middleware (after auth).
 
 Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or the client
-IP without one (`ip:<addr>`, `per_ip_rpm`). Order: the visitor's own request budget, their
-token budget (refused once spent; tokens are charged after generation through
-`scope["state"]["limits"].charge_tokens(n)`), then the global budget and the breaker, so
-one visitor hammering away cannot use up everyone's global budget with refused requests.
+IP without one (`ip:<addr>`, `per_ip_rpm`). A key with `visitor_rpm` (one a public page
+embeds) also limits each client address using it (`key:<id>:ip:<addr>`), checked first.
+Order: the visitor's own request budget, their token budget (refused once spent; tokens are
+charged after generation through `scope["state"]["limits"].charge_tokens(n)`), then the
+global budget and the breaker, so one visitor hammering away cannot use up everyone's
+global budget with refused requests.
 Every response on a limited route carries the x-ratelimit-* headers, not only 429s.
 """
 
@@ -75,29 +77,43 @@ class RateLimitMiddleware:
         # Only for use without AuthMiddleware in front, which otherwise decides the address.
         self.trusted = parse_networks(settings.server.trusted_proxies)
 
-    def _visitor(self, scope: Scope) -> tuple[str, int, int]:
+    def _visitor(self, scope: Scope) -> tuple[str, int, int, tuple[str, int] | None]:
+        """(bucket, rpm, tpm, per-address bucket and rpm of a key embedded in a public page)."""
         principal = state(scope).get("principal")
         if not isinstance(principal, Principal):
             principal = Principal.anonymous(client_ip(scope, self.trusted))
         tpm = principal.tpm if principal.tpm is not None else self.limits.per_key_tpm
         if principal.key_id is not None:
             rpm = principal.rpm if principal.rpm is not None else self.limits.per_key_rpm
-            return f"key:{principal.key_id}", rpm, tpm
-        return f"ip:{ip_bucket(principal.client_ip)}", self.limits.per_ip_rpm, tpm
+            bucket = f"key:{principal.key_id}"
+            per_address = (f"{bucket}:ip:{ip_bucket(principal.client_ip)}",
+                           principal.visitor_rpm) if principal.visitor_rpm else None
+            return bucket, rpm, tpm, per_address
+        return f"ip:{ip_bucket(principal.client_ip)}", self.limits.per_ip_rpm, tpm, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith(LIMITED_PREFIX) or is_preflight(scope):
             await self.app(scope, receive, send)
             return
-        bucket, rpm, tpm = self._visitor(scope)
+        bucket, rpm, tpm, per_address = self._visitor(scope)
         headers: dict[str, str] = {}
         requests = tokens = None
         try:
-            if rpm > 0:
-                requests = await self.limiter.acquire(f"{bucket}:requests", rpm)
+            if per_address is not None:
+                # First, so a visitor over their own limit spends none of the key's budget.
+                address_bucket, visitor_rpm = per_address
+                requests = await self.limiter.acquire(f"{address_bucket}:requests", visitor_rpm)
                 headers |= limit_headers("requests", requests)
-                _raise_if_refused(requests, "requests")
+                _raise_if_refused(requests, "requests", limit="visitor",
+                                  who=" from this address")
+            if rpm > 0:
+                shared = await self.limiter.acquire(f"{bucket}:requests", rpm)
+                # The headers show whichever budget runs out first.
+                if requests is None or shared.remaining < requests.remaining or not shared.allowed:
+                    requests = shared
+                    headers |= limit_headers("requests", shared)
+                _raise_if_refused(shared, "requests")
             if tpm > 0:
                 tokens = await self.limiter.acquire(f"{bucket}:tokens", tpm, mode="peek")
                 headers |= limit_headers("tokens", tokens)
@@ -134,13 +150,14 @@ def ip_bucket(address: str) -> str:
     return str(parsed)
 
 
-def _raise_if_refused(result: LimitResult, kind: str) -> None:
+def _raise_if_refused(result: LimitResult, kind: str, *, limit: str | None = None,
+                      who: str = "") -> None:
     if result.allowed:
         return
-    metrics.RATE_LIMITED.labels(limit=kind).inc()
+    metrics.RATE_LIMITED.labels(limit=limit or kind).inc()
     # Whole seconds, rounded up: retrying a fraction early would only earn another 429.
     raise RateLimited(
-        f"Rate limit reached for {kind} per minute ({result.limit}); "
+        f"Rate limit reached for {kind} per minute{who} ({result.limit}); "
         f"retry in {math.ceil(result.retry_after)}s.",
         retry_after=math.ceil(result.retry_after),
     )

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 
 from app import metrics
 from app.errors import Overloaded
@@ -41,14 +40,6 @@ class Admission:
         per_slot = sum(self._durations) / len(self._durations)
         rounds = (self.queued + self.max_inflight) // self.max_inflight  # ahead of us, +1
         return min(60.0, max(1.0, per_slot * rounds))
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        started = await self.acquire()
-        try:
-            yield
-        finally:
-            self.release(started)
 
     async def acquire(self) -> float:
         """Take a slot, waiting in the queue if need be; pass the result to `release`.

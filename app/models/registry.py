@@ -141,17 +141,6 @@ class ModelRegistry:
                 param="model")
         return spec
 
-    def refresh(self, model_id: str, path: Path | None = None) -> ModelSpec:
-        """Re-measure a model's files, e.g. once its GGUF was converted into an MLX folder at
-        `path` or the demo folder was created after start. Id, aliases and config are kept."""
-        old = self.resolve(model_id)
-        new = _make_spec(old.id, path or old.path, old.source, aliases=old.aliases,
-                         pinned=old.pinned, ttl=old.ttl, max_context=old.max_context)
-        self.specs[self.specs.index(old)] = new
-        for name in (new.id, *new.aliases):
-            self._names[name] = new
-        return new
-
 
 # --- building specs ------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ def create_key(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         record, token = store.create(args.name, admin=args.admin, models=args.models,
-                                     rpm=args.rpm, tpm=args.tpm)
+                                     rpm=args.rpm, tpm=args.tpm,
+                                     visitor_rpm=args.visitor_rpm)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -56,6 +57,7 @@ def _row(record: KeyRecord) -> list[str]:
         record.id, record.name, "yes" if record.admin else "no",
         ",".join(record.models) if record.models is not None else "*",
         _limit(record.rpm), _limit(record.tpm),
+        str(record.visitor_rpm) if record.visitor_rpm else "-",
         time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created)),
         "revoked" if record.revoked else "active",
     ]
@@ -66,7 +68,7 @@ def list_keys(args: argparse.Namespace) -> int:
     if not records:
         print("no keys (create one with: mlx-gateway keys create --name NAME)", file=sys.stderr)
         return 0
-    rows = [["ID", "NAME", "ADMIN", "MODELS", "RPM", "TPM", "CREATED", "STATUS"]]
+    rows = [["ID", "NAME", "ADMIN", "MODELS", "RPM", "TPM", "VISITOR RPM", "CREATED", "STATUS"]]
     rows += [_row(record) for record in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -100,6 +102,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="requests per minute (default: [limits] per_key_rpm; 0 = none)")
     create.add_argument("--tpm", type=_non_negative, default=None,
                         help="tokens per minute (default: [limits] per_key_tpm; 0 = none)")
+    create.add_argument("--visitor-rpm", type=_non_negative, default=None,
+                        help="requests per minute for each client address using this key, "
+                             "for a key a public page embeds (default: none)")
     create.set_defaults(handler=create_key)
 
     leaf("list", "list keys (never their secrets)").set_defaults(handler=list_keys)

@@ -63,10 +63,15 @@ class KeyRecord:
     tpm: int | None = None
     created: float = 0.0
     revoked: bool = False
+    # Requests/minute for each client address using this key: for a key that a public page
+    # embeds (anyone can read it), so one visitor cannot use up the key's whole `rpm`.
+    visitor_rpm: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["models"] = list(self.models) if self.models is not None else None
+        if self.visitor_rpm is None:
+            del data["visitor_rpm"]  # files without it read the same in older versions
         return data
 
     @classmethod
@@ -78,7 +83,7 @@ class KeyRecord:
             isinstance(models, list) and all(isinstance(m, str) for m in models)
         ):
             raise ValueError("models must be a list of strings or null")
-        for field in ("rpm", "tpm"):
+        for field in ("rpm", "tpm", "visitor_rpm"):
             value = data.get(field)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{field} must be a non-negative integer or null")
@@ -92,15 +97,17 @@ class KeyRecord:
             models=tuple(models) if models is not None else None,
             rpm=data.get("rpm"), tpm=data.get("tpm"),
             created=float(data.get("created", 0.0)), revoked=bool(data.get("revoked", False)),
+            visitor_rpm=data.get("visitor_rpm"),
         )
 
 
-def _validate_new(name: str, models: list[str] | None, rpm: int | None, tpm: int | None) -> None:
+def _validate_new(name: str, models: list[str] | None, rpm: int | None, tpm: int | None,
+                  visitor_rpm: int | None = None) -> None:
     if not name.strip() or len(name) > 100 or not name.isprintable():
         raise ValueError("name must be 1-100 printable characters")
     if models is not None and (not models or any(not m.strip() for m in models)):
         raise ValueError("models must list at least one non-empty model id")
-    for label, value in (("rpm", rpm), ("tpm", tpm)):
+    for label, value in (("rpm", rpm), ("tpm", tpm), ("visitor_rpm", visitor_rpm)):
         if value is not None and value < 0:
             raise ValueError(f"{label} must be >= 0 (0 = unlimited)")
 
@@ -115,6 +122,9 @@ class KeyStore:
         self._stamp: tuple[int, int, int] | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()
+        # When each key last authenticated a request, in memory only: a write per request
+        # would be costly and would race the CLI; a restart forgets it.
+        self._last_used: dict[str, float] = {}
         try:
             self._records, self._stamp = self._read()
         except ValueError as error:
@@ -195,7 +205,12 @@ class KeyStore:
         matches = hmac.compare_digest(presented.encode(), expected.encode())
         if record is None or not matches or record.revoked:
             return None
+        self._last_used[record.id] = time.time()
         return record
+
+    def last_used(self, key_id: str) -> float | None:
+        """Wall-clock time this key last authenticated a request since start, or None."""
+        return self._last_used.get(key_id)
 
     # --- writing (the CLI; also the first-key bootstrap) ---------------------------------
 
@@ -237,10 +252,10 @@ class KeyStore:
 
     def create(
         self, name: str, *, admin: bool = False, models: list[str] | None = None,
-        rpm: int | None = None, tpm: int | None = None,
+        rpm: int | None = None, tpm: int | None = None, visitor_rpm: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key; returns its record and the full token (shown once, never stored)."""
-        _validate_new(name, models, rpm, tpm)
+        _validate_new(name, models, rpm, tpm, visitor_rpm)
         secret = secrets.token_urlsafe(32)  # 256 bits
         with self._exclusive() as records:
             key_id = secrets.token_hex(8)
@@ -249,7 +264,7 @@ class KeyStore:
             record = KeyRecord(
                 id=key_id, name=name.strip(), hash=hash_secret(secret), admin=admin,
                 models=tuple(m.strip() for m in models) if models is not None else None,
-                rpm=rpm, tpm=tpm, created=time.time(),
+                rpm=rpm, tpm=tpm, created=time.time(), visitor_rpm=visitor_rpm,
             )
             records[key_id] = record
         log.info("key created", key_id=key_id, name=record.name, admin=admin)

@@ -16,6 +16,7 @@ class Principal:
     rpm: int | None  # None: the configured default
     tpm: int | None
     client_ip: str
+    visitor_rpm: int | None = None  # per client address, for keys embedded in public pages
 
     @property
     def owner(self) -> str:
@@ -27,7 +28,7 @@ class Principal:
         return cls(
             key_id=record.id, name=record.name, admin=record.admin,
             models=frozenset(record.models) if record.models is not None else None,
-            rpm=record.rpm, tpm=record.tpm, client_ip=client_ip,
+            rpm=record.rpm, tpm=record.tpm, client_ip=client_ip, visitor_rpm=record.visitor_rpm,
         )
 
     @classmethod

@@ -107,9 +107,5 @@ class SqliteStore:
     async def delete(self, response_id: str, owner: str) -> bool:
         return await asyncio.to_thread(self._delete, response_id, owner)
 
-    async def purge(self) -> int:
-        """Delete expired rows now; returns how many."""
-        return await asyncio.to_thread(self._purge_now)
-
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

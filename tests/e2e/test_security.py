@@ -269,3 +269,23 @@ def test_global_limit_is_shared_by_two_gateways(tmp_path: Path, demo_model_dir: 
         first.stop()
         second.stop()
         redis.stop()
+
+
+def test_anthropic_route_auth_in_anthropic_shape(secured: Secured) -> None:
+    url = secured.server.base_url + "/v1/messages?beta=true"
+    body = {"model": DEMO_ID, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(url, json=body, headers={"x-api-key": "mgw-nope-nope"}, timeout=60)
+    assert refused.status_code == 401
+    assert refused.json() == {"type": "error", "error": {
+        "type": "authentication_error", "message": refused.json()["error"]["message"]}}
+    scoped = httpx.post(url, json={**body, "model": "other"}, timeout=60,
+                        headers={"x-api-key": secured.tokens["user"]})
+    assert scoped.status_code == 403
+    assert scoped.json()["error"]["type"] == "permission_error"
+    for header in ({"x-api-key": secured.tokens["user"]},
+                   {"Authorization": f"Bearer {secured.tokens['user']}"}):
+        answered = httpx.post(url, json=body, headers=header, timeout=120)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["type"] == "message"
+    # Claude Code's first request, a connectivity probe, needs no key.
+    assert httpx.head(secured.server.base_url + "/", timeout=10).status_code == 200

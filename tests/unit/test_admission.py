@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,17 @@ class FakeClock:
         return self.now
 
 
+@contextlib.asynccontextmanager
+async def slot(admission: Admission) -> AsyncIterator[None]:
+    started = await admission.acquire()
+    try:
+        yield
+    finally:
+        admission.release(started)
+
+
 async def _hold(admission: Admission, entered: asyncio.Event, leave: asyncio.Event) -> str:
-    async with admission.slot():
+    async with slot(admission):
         entered.set()
         await leave.wait()
     return "done"
@@ -48,7 +59,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     assert not b_in.is_set()
 
     with pytest.raises(Overloaded) as refused:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert refused.value.status == 503
     assert refused.value.response_headers()["Retry-After"] == "1"  # no history yet
@@ -65,7 +76,7 @@ async def test_queue_then_503_with_retry_after() -> None:
     c = asyncio.create_task(_hold(admission, c_in, c_out))
     await asyncio.sleep(0)
     with pytest.raises(Overloaded) as estimated:
-        async with admission.slot():
+        async with slot(admission):
             pass
     assert estimated.value.response_headers()["Retry-After"] == "16"
     b_out.set()
@@ -99,11 +110,11 @@ async def test_cancelled_waiter_gives_its_place_back() -> None:
 
 async def test_zero_queue_refuses_at_once() -> None:
     admission = Admission(max_inflight=1, max_queue=0)
-    async with admission.slot():
+    async with slot(admission):
         with pytest.raises(Overloaded):
-            async with admission.slot():
+            async with slot(admission):
                 pass
-    async with admission.slot():
+    async with slot(admission):
         assert admission.inflight == 1
 
 

@@ -271,6 +271,32 @@ async def test_per_key_limits_and_overrides(limiter: Limiter, tmp_path: Path) ->
         assert (await http.get("/v1/models", headers={"x-api-key": "bad"})).status_code == 401
 
 
+async def test_a_public_key_limits_each_visitor_and_all_of_them(limiter: Limiter,
+                                                                tmp_path: Path) -> None:
+    settings = Settings(config_dir=tmp_path, limits={"per_ip_rpm": 100})
+    store = KeyStore(settings.keys_file)
+    widget = store.create("widget", rpm=5, visitor_rpm=2)[1]
+    app = limited_app(limiter, settings, store)
+
+    async def calls(peer: str, n: int) -> list[httpx.Response]:
+        async with http_client(app, peer=peer) as http:
+            return [await http.get("/v1/models", headers={"x-api-key": widget})
+                    for _ in range(n)]
+
+    first = await calls("198.51.100.1", 3)
+    assert [r.status_code for r in first] == [200, 200, 429]
+    assert "from this address (2)" in first[2].json()["error"]["message"]
+    # The visitor's budget is the tighter one, so it is what the headers show.
+    assert [_headers(r, "requests")[:2] for r in first] == [("2", "1"), ("2", "0"), ("2", "0")]
+    second = await calls("198.51.100.2", 3)  # another visitor has a budget of their own
+    assert [r.status_code for r in second] == [200, 200, 429]
+    # The refused calls spent none of the key's 5: four used, one left for a third visitor.
+    third = await calls("198.51.100.3", 2)
+    assert [r.status_code for r in third] == [200, 429]
+    assert "from this address" not in third[1].json()["error"]["message"]
+    assert _headers(third[1], "requests")[:2] == ("5", "0")
+
+
 async def test_spoofed_forwarded_for_from_untrusted_peer(limiter: Limiter,
                                                          tmp_path: Path) -> None:
     settings = Settings(config_dir=tmp_path, auth={"enabled": False}, limits={"per_ip_rpm": 2})

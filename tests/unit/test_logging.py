@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,42 @@ def test_redact_helpers() -> None:
     assert redact({"nested": [{"client_secret": "s"}], "prompt_tokens": 12}) == {
         "nested": [{"client_secret": "***"}], "prompt_tokens": 12,
     }
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_format_is_coloured_text_on_a_terminal_and_json_in_the_file(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    configure_logging(LogSettings(file=tmp_path / "gw.log"))
+    structlog.get_logger("t").info("model loaded", model="m1", token="abc")
+    out = terminal.getvalue()
+    assert "model loaded" in out and "m1" in out and "abc" not in out
+    assert "\x1b[" in out  # colours for a person
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.splitlines()[0])
+    [line] = _json_lines((tmp_path / "gw.log").read_text())
+    assert line["event"] == "model loaded" and line["token"] == "***"
+
+
+def test_auto_format_is_json_when_stdout_is_not_a_terminal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    piped = io.StringIO()  # launchd and systemd hand us a file or a socket, not a TTY
+    monkeypatch.setattr(sys, "stdout", piped)
+    configure_logging(LogSettings())
+    structlog.get_logger("t").info("model loaded", model="m1")
+    [line] = _json_lines(piped.getvalue())
+    assert line["model"] == "m1"
+
+
+def test_explicit_json_wins_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    configure_logging(LogSettings(format="json"))
+    structlog.get_logger("t").info("model loaded")
+    [line] = _json_lines(terminal.getvalue())
+    assert line["event"] == "model loaded"

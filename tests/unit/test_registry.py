@@ -346,16 +346,3 @@ def test_hf_cache_root_above_hub_and_config_folder_with_one_gguf(tmp_path: Path)
     assert registry.resolve("one").path == gguf
     assert registry.resolve("one").format == "gguf"
     assert registry.warnings == []
-
-
-def test_refresh_measures_a_folder_created_after_start(tmp_path: Path) -> None:
-    demo = tmp_path / "demo"
-    registry = ModelRegistry.build(settings(tmp_path), demo_path=demo)
-    assert registry.resolve(DEMO_MODEL_ID).weight_bytes == 0
-    mlx_folder(demo, weights=777)
-    spec = registry.refresh(DEMO_MODEL_ID)
-    assert spec.weight_bytes == 777 and spec.kv_bytes_per_token == KV_PER_TOKEN
-    assert registry.resolve(DEMO_MODEL_ID) is spec and registry.specs == [spec]
-    moved = registry.refresh(DEMO_MODEL_ID, path=mlx_folder(tmp_path / "elsewhere", weights=5))
-    assert moved.path == tmp_path / "elsewhere" and moved.source == "demo"
-    assert registry.resolve(DEMO_MODEL_ID).weight_bytes == 5

@@ -42,7 +42,8 @@ def test_lru_evicts_least_recently_used_first_and_only_as_many_as_needed() -> No
     load(p, "a", 4 * GB, now=1)
     load(p, "b", 3 * GB, now=2)
     load(p, "c", 3 * GB, now=3)
-    p.touch("a", now=4)  # a is now the most recently used; b is the oldest
+    p.acquire("a", now=4)  # a is now the most recently used; b is the oldest
+    p.release("a", now=4)
     decision = p.decide_load("d", 3 * GB, now=5)
     assert decision.kind == "load"
     assert decision.evict == ("b",)
@@ -163,7 +164,7 @@ def test_eviction_frees_the_budget_and_forget_undoes_a_failed_load() -> None:
     assert p.used_bytes == 0
     p.mark_loaded("b", 6 * GB, now=1)  # reservation at load start
     p.forget("b")  # the load failed
-    assert not p.is_resident("b")
+    assert p.get("b") is None
     assert p.decide_load("c", 10 * GB, now=2) == LoadDecision("load", "c")
 
 
@@ -237,3 +238,19 @@ def test_from_settings_reads_the_residency_section() -> None:
     assert (p.budget_bytes, p.max_loaded, p.default_ttl) == (4 * GB, 2, 7.0)
     default = ResidencyPolicy.from_settings(ResidencySettings())
     assert default.budget_bytes == int(physical_memory_bytes() * 0.6)
+
+
+def test_ttl_left_for_the_console() -> None:
+    p = policy(ttl=100.0)
+    load(p, "idle", 1, now=0)
+    load(p, "pinned", 1, now=0, pinned=True)
+    load(p, "forever", 1, now=0, ttl=0.0)
+    assert p.ttl_left("idle", now=30) == 70.0
+    assert p.ttl_left("idle", now=500) == 0.0  # overdue, not negative
+    assert p.ttl_left("pinned", now=30) is None
+    assert p.ttl_left("forever", now=30) is None
+    assert p.ttl_left("absent", now=30) is None
+    p.acquire("idle", now=40)
+    assert p.ttl_left("idle", now=50) is None  # in use
+    p.release("idle", now=60)
+    assert p.ttl_left("idle", now=60) == 100.0

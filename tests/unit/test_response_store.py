@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import time
@@ -112,7 +113,7 @@ async def test_sqlite_purge_deletes_expired_rows(tmp_path: Path) -> None:
         old.expires_at = time.time() - 5
         await store.put(old)
         await store.put(_item("resp_new"))
-        assert await store.purge() == 1
+        assert await asyncio.to_thread(store._purge_now) == 1
         assert await store.get("resp_new", "key1") is not None
     finally:
         await store.close()

@@ -100,9 +100,6 @@ class ResidencyPolicy:
     def used_bytes(self) -> int:
         return sum(r.size for r in self._residents.values())
 
-    def is_resident(self, model: str) -> bool:
-        return model in self._residents
-
     def get(self, model: str) -> Resident | None:
         resident = self._residents.get(model)
         return replace(resident) if resident else None
@@ -158,6 +155,13 @@ class ResidencyPolicy:
                 due.append(resident.id)
         return due
 
+    def ttl_left(self, model: str, now: float) -> float | None:
+        """Seconds until `model` would be evicted as idle; None when it cannot expire now
+        (pinned, in use, TTL 0, or not resident)."""
+        resident = self._residents.get(model)
+        expires_at = self._expires_at(resident) if resident else None
+        return None if expires_at is None else max(0.0, expires_at - now)
+
     def next_expiry(self, now: float) -> float | None:
         """Seconds until the next TTL eviction is due (0 if overdue); None when none can expire."""
         times = [t for r in self._residents.values() if (t := self._expires_at(r)) is not None]
@@ -200,9 +204,6 @@ class ResidencyPolicy:
             raise ValueError(f"release of {model!r} without a matching acquire")
         resident.leases -= 1
         resident.last_used = now
-
-    def touch(self, model: str, now: float) -> None:
-        self._require(model).last_used = now
 
     # --- internals ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ evictions run on the MLX thread; everything else runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import re
@@ -58,6 +59,7 @@ class ModelPool:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._released = asyncio.Event()  # set whenever a lease or memory is given back
+        self._waiting: collections.Counter[str] = collections.Counter()
         for spec in registry:
             if self.footprint(spec) <= self.policy.budget_bytes:
                 continue
@@ -72,9 +74,25 @@ class ModelPool:
     def loaded(self) -> dict[str, LoadedModel]:
         return dict(self._loaded)
 
+    def is_loading(self, model_id: str) -> bool:
+        return model_id in self._loading
+
+    def waiting(self, model_id: str) -> int:
+        """Requests waiting for `model_id` to be loaded (or for memory to load it)."""
+        return self._waiting[model_id]
+
     async def acquire(self, name: str) -> LoadedModel:
         """The resident model for `name` with a lease on it (never evicted until `release`)."""
         spec = self.registry.resolve(name)
+        self._waiting[spec.id] += 1
+        try:
+            return await self._acquire(spec)
+        finally:
+            self._waiting[spec.id] -= 1
+            if not self._waiting[spec.id]:
+                del self._waiting[spec.id]
+
+    async def _acquire(self, spec: ModelSpec) -> LoadedModel:
         started = time.monotonic()
         deadline = started + self.settings.residency.load_wait
         while True:

@@ -1,0 +1,129 @@
+"""The real coding agents against the real gateway, and the whole path with no network at all.
+
+The clients come from npm (`make clients`); each test skips, saying so, where one is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.clients import ROOT, client_path, require_client
+from tests.e2e.conftest import DEMO_ID
+from tests.e2e.gateway_process import GatewayProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
+          ) -> Iterator[GatewayProcess]:
+    workdir = tmp_path_factory.mktemp("clients")
+    server = GatewayProcess(workdir, {
+        "auth": {"enabled": True},
+        "engine": {"default_max_tokens": 64},
+        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir)}],
+    })
+    # A first admin key, so serve does not mint one on start.
+    subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name", "ops",
+                    "--admin", "--config", str(server.config_path)],
+                   cwd=ROOT, check=True, capture_output=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _launch(server: GatewayProcess, client: str, home: Path, *args: str,
+            stdin: str | None = None, extra_env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": client_path(), "HOME": str(home), **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "launch", client, "--config",
+         str(server.config_path), "--url", server.base_url, "--", *args],
+        input=stdin, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.timeout(900)
+def test_claude_code_answers_through_launch(keyed: GatewayProcess, tmp_path: Path) -> None:
+    require_client("claude")
+    # --bare --tools "": Claude Code's own prompt without its ~17.8k tokens of tool
+    # definitions, which cannot fit the demo model's 8k context.
+    # Claude Code sends no temperature (1.0): the small model's answer varies, so what is
+    # checked is that the real client got a real answer through the real path.
+    done = _launch(keyed, "claude", tmp_path, "-p", "--bare", "--tools", "",
+                   stdin="What is the capital of France?",
+                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "48"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    key_file = keyed.workdir / "config" / "clients" / "claude.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    token = key_file.read_text().strip()
+    assert token not in keyed.logs() and token not in done.stdout + done.stderr
+    # The key is reused on the next launch, and it is scoped to the one model.
+    listed = subprocess.run([sys.executable, "-m", "app.cli", "keys", "list", "--config",
+                             str(keyed.config_path)], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert listed.count("launch claude") == 1 and DEMO_ID in listed
+    requests = [json.loads(line) for line in keyed.logs().splitlines()
+                if line.startswith("{") and '"path": "/v1/messages"' in line]
+    assert requests and all(r["status"] == 200 for r in requests)
+    assert all(0 < r["completion_tokens"] <= 48 for r in requests)
+
+
+def test_codex_accepts_its_profile(keyed: GatewayProcess, tmp_path: Path) -> None:
+    require_client("codex")
+    codex_home = tmp_path / "codex-home"
+    codex_home.mkdir()
+    (codex_home / "config.toml").write_text('# the user\'s own settings stay as they are\n')
+    # `debug prompt-input` loads the config and profile and renders the first request
+    # without sending it: a config Codex refuses fails here.
+    done = _launch(keyed, "codex", tmp_path, "debug", "prompt-input", "hi",
+                   extra_env={"CODEX_HOME": str(codex_home)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout[done.stdout.index("["):])  # the request's input items
+    assert (codex_home / "config.toml").read_text().startswith("# the user's own")
+    profile = (codex_home / "mlxgw.config.toml").read_text()
+    assert 'wire_api = "responses"' in profile and "model_context_window = 8192" in profile
+    assert "mgw-" not in profile  # the key travels in the environment only
+
+
+def test_opencode_accepts_its_provider(keyed: GatewayProcess, tmp_path: Path) -> None:
+    require_client("opencode")
+    done = _launch(keyed, "opencode", tmp_path, "debug", "config")
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout[done.stdout.index("{"):])
+    provider = resolved["provider"]["mlxgw"]
+    assert provider["options"]["baseURL"] == keyed.base_url + "/v1"
+    assert provider["models"][DEMO_ID]["limit"] == {"context": 8192, "output": 2048}
+    assert resolved["model"] == f"mlxgw/{DEMO_ID}"
+
+
+@pytest.mark.timeout(1200)
+def test_everything_works_with_loopback_only(tmp_path: Path, demo_float32_dir: Path) -> None:
+    """Gateway, SDKs and Claude Code in a network namespace whose only interface is `lo`."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs util-linux unshare and iproute2 ip")
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode()}")
+    script = (f"ip link set lo up && exec {sys.executable} -m tests.e2e.offline_session "
+              f"{tmp_path} {demo_float32_dir}")
+    done = subprocess.run(["unshare", "--net", "sh", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["interfaces"] == ["lo"] and "default" not in result["routes"]
+    assert "Paris" in result["anthropic"]
+    assert result["openai"]
+    claude = result["claude"]
+    if shutil.which("claude", path=client_path()) is not None:
+        assert claude["code"] == 0 and claude["out"].strip(), claude
