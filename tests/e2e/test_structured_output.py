@@ -315,3 +315,27 @@ def test_responses_logprobs_through_include(client: openai.OpenAI) -> None:
     assert [e.token for e in streamed] == [e.token for e in part.logprobs]
     plain = client.responses.create(model=DEMO_ID, input="Hi", max_output_tokens=2)
     assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
+# --- Anthropic tool_choice any / tool -------------------------------------------------------------
+
+def test_anthropic_forced_tool_choice_is_a_valid_call(gateway: GatewayProcess) -> None:
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=gateway.base_url, api_key="unused", max_retries=0)
+    tools: Any = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                   "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "add"}):
+        message = claude.messages.create(
+            model=DEMO_ID, max_tokens=100, tools=tools, tool_choice=choice,  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "Add 4 and 5."}], extra_body={"temperature": 0})
+        calls = [(b.name, json.dumps(b.input)) for b in message.content if b.type == "tool_use"]
+        text = "".join(b.text for b in message.content if b.type == "text")
+        for name, arguments in _calls(calls, text):
+            if choice["type"] == "tool":
+                assert name == "add"
+            jsonschema.validate(json.loads(arguments), PARAMS[name])
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model=DEMO_ID, max_tokens=10, tools=tools,
+                               tool_choice={"type": "tool", "name": "nope"},
+                               messages=[{"role": "user", "content": "hi"}])
