@@ -253,15 +253,16 @@ class ChatCompletionRequest(SamplingFields):
             for t in tools
         ]
 
-    def tool_choice_internal(self) -> str | None:
+    def tool_choice_internal(self) -> str | dict[str, Any] | None:
         if isinstance(self.tool_choice, NamedToolChoice):
-            return "required"  # with only that tool offered
+            return {"type": "function", "function": {"name": self.tool_choice.function.name}}
         return self.tool_choice
 
     def constraint(self) -> Constraint | None:
         """What decoding must obey: a forced call, then a response_format, then strict tools."""
-        tools = tuple(self.tool_specs())
-        if tools and self.tool_choice_internal() == "required":
+        tools = tuple(self.tool_specs())  # only the named tool for a named choice
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if tools and forced:
             return ToolCallConstraint(tools=tools, forced=True,
                                       parallel=self.parallel_tool_calls, param="tool_choice",
                                       max_calls=self._max_calls())
