@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (shared/docs/CONTRACT.md). npm packages that carry each client's own binary.
 CLIENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33
 
-.PHONY: install system-deps demo-model clients run test test-unit lint bench clean
+.PHONY: install system-deps demo-model clients run test test-unit lint bench bench-constrained clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,12 @@ lint: install
 
 bench: install demo-model
 	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm \
+	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
+	  --rounds 3 $(ARGS)
+
+# Constrained decoding (response_format, forced tool calls) against plain requests, one sitting.
+bench-constrained: install demo-model
+	$(PRELOAD) $(BIN)/python -m bench.constrained \
 	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
 	  --rounds 3 $(ARGS)
 

@@ -3,6 +3,8 @@ json_schema vs a forced tool call, against one gateway in the same sitting.
 
     python -m bench.constrained --model-dir <MLX folder> [--clients 10] [--rounds 3]
 
+(`make bench-constrained` runs it on the demo model's float32 copy, as `make bench` does.)
+
 Every request runs to max_tokens (the schema asks for a long string, the forced call's
 argument too, the plain prompt asks for a long story), so the three kinds generate the same
 number of tokens and tokens/s compares like with like. Rounds alternate the order of the
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.ops.bench import LevelResult, run_probe
+from bench.compare_mlx_lm import make_float32_copy
 from bench.servers import bench_env, free_port, gateway_spec, running
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -67,9 +70,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    # Dequantized like `make bench`: on a CPU the float32 model decodes several times faster.
+    model_dir = make_float32_copy(
+        args.model_dir, Path.home() / ".cache/mlx-gateway/bench" / f"{args.model_dir.name}-float32")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        spec = gateway_spec(args.model_dir, free_port(), args.clients, workdir, sys.executable)
+        spec = gateway_spec(model_dir, free_port(), args.clients, workdir, sys.executable)
         with running(spec, bench_env(), workdir / "gateway.log") as pid:
             rounds = asyncio.run(_sitting(spec.base_url, spec.model, pid, args))
     report: dict[str, Any] = {"clients": args.clients, "requests_per_client": args.requests,
