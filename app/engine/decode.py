@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
 from app.engine.cpu.llama_step import LlamaDecodeStep
@@ -54,15 +55,38 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
                     row = logits[i]
                     logprobs[i] = row - mx.logsumexp(row)
 
+        masks = [(i, p) for i, processors in enumerate(self.logits_processors)
+                 for p in processors if hasattr(p, "row_mask")]
+        tokens: list[int] | None = None
+        if masks:
+            # Grammar masks need the token sampled last step (a sync). Start this step's forward
+            # first, then build every constrained row's mask and apply them in one op.
+            mx.async_eval(logits)  # type: ignore[no-untyped-call]
+            tokens = inputs.tolist()  # type: ignore[assignment]
+            assert tokens is not None
+            vocab = logits.shape[-1]
+            allowed: np.ndarray[Any, Any] | None = None
+            for i, processor in masks:
+                row = processor.row_mask(tokens[i], vocab)
+                if row is not None:
+                    if allowed is None:
+                        allowed = np.ones((len(self.uids), vocab), dtype=np.bool_)
+                    allowed[i] = row
+            if allowed is not None:
+                logits = mx.where(mx.array(allowed), logits,
+                                  mx.array(-mx.inf, dtype=logits.dtype))
+
         contexts = []
-        if any(self.logits_processors):
+        if any(p for processors in self.logits_processors for p in processors
+               if not hasattr(p, "row_mask")):
             rows = []
             for i, processors in enumerate(self.logits_processors):
                 row = logits[i : i + 1]
-                if processors:
+                others = [p for p in processors if not hasattr(p, "row_mask")]
+                if others:
                     context = self._token_context[i].update_and_fetch(inputs[i : i + 1])
                     contexts.append(context)
-                    for processor in processors:
+                    for processor in others:
                         row = processor(context, row)
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
@@ -78,7 +102,9 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
         self._next_logprobs = logprobs
         mx.async_eval(sampled, contexts, logprobs)  # type: ignore[no-untyped-call]
 
-        tokens: list[int] = inputs.tolist()  # type: ignore[assignment]
+        if tokens is None:
+            tokens = inputs.tolist()  # type: ignore[assignment]
+            assert tokens is not None
         for history, token in zip(self.tokens, tokens, strict=True):
             history.append(token)
         return tokens, self._current_logprobs

@@ -185,10 +185,14 @@ def _last_token(context: mx.array) -> int:
 
 
 class GrammarProcessor:
-    """An mlx-lm logits processor: `(tokens so far, logits (1, V)) -> masked logits`.
+    """Masks one sequence's logits to what its grammar allows next.
 
-    The first call sees the prompt's last token (nothing sampled yet); each later call first
-    feeds the token sampled by the previous step to the matcher.
+    Two ways in: `row_mask(last token, vocabulary)`, which the decode step
+    (`app.engine.decode`) calls for every constrained row and applies in one batched op; and
+    the mlx-lm logits-processor call `(tokens so far, logits (1, V)) -> logits`, which only
+    mlx-lm's own step uses (a sequence's first token). The first call of either kind sees the
+    prompt's last token (nothing sampled yet); each later one first feeds the token sampled by
+    the previous step to the matcher.
     """
 
     def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
@@ -200,28 +204,33 @@ class GrammarProcessor:
         self._failed = False
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+        allowed = self.row_mask(_last_token(context) if self._started else -1, logits.shape[-1])
+        if allowed is None:
+            return logits
+        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
+        """Which of `vocab` tokens may come next (None: any)."""
         if self._started:
-            self.feed(_last_token(context))
+            self.feed(last_token)
         self._started = True
-        return self.mask(logits)
+        return self._allowed(vocab)
 
     def feed(self, token: int) -> None:
         if not self._failed and not self._matcher.consume_token(token):
             self._failed = True
             log.warning("grammar_rejected_token", token=token, error=self._matcher.get_error())
 
-    def mask(self, logits: mx.array) -> mx.array:
-        vocab = logits.shape[-1]
+    def _allowed(self, vocab: int) -> np.ndarray[Any, Any]:
+        allowed = np.zeros(vocab, dtype=np.bool_)
         if self._failed:  # only a sampler bug gets here: end the answer rather than wander
-            allowed = np.zeros(vocab, dtype=np.bool_)
             allowed[self._compiler.eos] = True
-        else:
-            self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-            bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
-            allowed = np.zeros(vocab, dtype=np.bool_)
-            n = min(vocab, len(bits))
-            allowed[:n] = bits[:n]  # the model's padded vocabulary rows stay masked
-        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+            return allowed
+        self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
+        n = min(vocab, len(bits))
+        allowed[:n] = bits[:n]  # the model's padded vocabulary rows stay masked
+        return allowed
 
 
 class TriggeredProcessor(GrammarProcessor):
@@ -239,26 +248,25 @@ class TriggeredProcessor(GrammarProcessor):
         self._recent = b""
         self._trigger = CALL_OPEN.encode()
 
-    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+    def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
         if self._started:
-            token = _last_token(context)
             if self._armed:
-                self.feed(token)
+                self.feed(last_token)
                 if self._matcher.is_accepting() or self._failed:
                     self._armed, self._recent = False, b""
                     if self._left is not None:
                         self._left -= 1
                         self._done = self._left <= 0
             else:
-                self._watch(self._compiler.token_bytes(token))
+                self._watch(self._compiler.token_bytes(last_token))
         self._started = True
         if self._armed:
-            return self.mask(logits)
+            return self._allowed(vocab)
         if self._done:
-            allowed = np.zeros(logits.shape[-1], dtype=np.bool_)
+            allowed = np.zeros(vocab, dtype=np.bool_)
             allowed[self._compiler.eos] = True
-            return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
-        return logits
+            return allowed
+        return None
 
     def _watch(self, piece: bytes) -> None:
         self._recent = (self._recent + piece)[-64:]
