@@ -85,6 +85,7 @@ def main() -> None:
         report["rounds"].append({name: {"tokens_per_s": round(r.tokens_per_s, 2),
                                         "ratio": round(r.tokens_per_s / base, 3) if base else None,
                                         "errors": r.errors,
+                                        "completion_tokens": r.completion_tokens,
                                         "ttft_p50_ms": round((r.ttft_p50 or 0) * 1000)}
                                  for name, r in measured.items()})
     report["median_ratio"] = {
