@@ -22,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.http.server import DrainingServer
     from app.logging import configure_logging
     from app.models.cli import ensure_demo
-    from app.security.auth import check_bind_safety, ensure_first_key
+    from app.security.auth import announce_first_key, check_bind_safety, ensure_first_key
     from app.security.keys import KeyStore
 
     overrides: dict[str, Any] = {}
@@ -36,8 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_bind_safety(settings, KeyStore(settings.keys_file) if settings.auth.enabled else None)
     first_key = ensure_first_key(settings)
     if first_key is not None:
-        print("Created the first admin key. It is shown only this once; keep it safe:\n"
-              f"{first_key}", flush=True)
+        announce_first_key(first_key, settings.keys_file, sys.stdout)
     if not settings.models and not settings.discovery.model_dirs:
         ensure_demo(settings, quiet=True)
     app = create_app(settings)

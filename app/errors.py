@@ -149,6 +149,15 @@ class Overloaded(GatewayError):
     default_code = "overloaded"
 
 
+class StoreUnavailable(GatewayError):
+    """The response store (Redis) did not answer in time or failed."""
+
+    status = 503
+    openai_type = "server_error"
+    anthropic_type = "api_error"
+    default_code = "store_unavailable"
+
+
 class InsufficientMemory(GatewayError):
     status = 507
     openai_type = "server_error"

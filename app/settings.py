@@ -64,13 +64,17 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind. Keep loopback behind Caddy.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     max_body_bytes: int = Field(10_000_000, ge=1024, description="Largest request body (413).")
-    max_messages: int = Field(2048, ge=1, description="Most messages/input items per request.")
+    max_messages: int = Field(
+        2048, ge=1, description="Most messages (chat) or input items (responses) per request; "
+        "more is a 400."
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty turns CORS off."
     )
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"],
-        description="Peers whose X-Forwarded-For is believed (IPs or CIDRs).",
+        description="Peers whose X-Forwarded-For is believed (IPs or CIDRs); the only "
+        "source of the client address (per-IP limits, auth off's loopback check). [] = none.",
     )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight streams may finish after SIGTERM."
@@ -149,7 +153,10 @@ class EngineSettings(_Section):
 
 
 class AuthSettings(_Section):
-    enabled: bool = Field(True, description="Require a key on every route but health checks.")
+    enabled: bool = Field(
+        True, description="Require a key on every route but health checks. Off, only "
+        "loopback clients (by the resolved address) are served; others get 403."
+    )
     keys_file: Path | None = Field(
         None, description="Hashed keys (0600). Default: <config_dir>/keys.json."
     )
@@ -157,7 +164,10 @@ class AuthSettings(_Section):
 
 class LimitsSettings(_Section):
     per_key_rpm: int = Field(600, ge=0, description="Requests/minute per key; 0 = unlimited.")
-    per_key_tpm: int = Field(0, ge=0, description="Tokens/minute per key; 0 = unlimited.")
+    per_key_tpm: int = Field(
+        0, ge=0, description="Tokens/minute per key; 0 = unlimited. prompt + max_tokens is "
+        "reserved at admission (429 if it does not fit), the unused part refunded at the end."
+    )
     per_ip_rpm: int = Field(120, ge=0, description="Requests/minute per IP without a key.")
     global_rpm: int = Field(0, ge=0, description="Requests/minute for everyone; 0 = off.")
     max_inflight: int = Field(32, ge=1, description="Generations running at once.")
@@ -178,6 +188,10 @@ class ResponsesSettings(_Section):
     store: Literal["sqlite", "redis"] = Field("sqlite", description="Where stored responses live.")
     path: Path | None = Field(None, description="SQLite file. Default: <state_dir>/responses.db.")
     ttl: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept.")
+    timeout: float = Field(
+        2.0, gt=0, le=60, description="With store = 'redis': seconds a read or write waits "
+        "for Redis before the request gets a 503."
+    )
 
 
 class LogSettings(_Section):

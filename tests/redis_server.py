@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,9 @@ class RedisServer:
             return
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+             "--save", "", "--appendonly", "no", "--dir", self.workdir,
+             # Tests pause the server with DEBUG SLEEP (a hung Redis); Redis 7 needs this.
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
@@ -67,6 +70,19 @@ class RedisServer:
         if self.process.stderr:
             self.process.stderr.close()
         self.process = None
+
+    def pause(self, seconds: float) -> threading.Thread:
+        """Make the server unresponsive for `seconds` (DEBUG SLEEP from a thread), as a wedged
+        Redis or a black-holed network would be; join the thread to wait for it to return."""
+        def sleep() -> None:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + 10) as s:
+                s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+                s.recv(16)
+
+        thread = threading.Thread(target=sleep, daemon=True)
+        thread.start()
+        time.sleep(0.1)  # the command has reached the server
+        return thread
 
     def restart(self) -> None:
         self.stop()

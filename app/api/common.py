@@ -16,6 +16,7 @@ from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.engine import Engine, GenerationStream
+from app.errors import InvalidRequest
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
@@ -23,6 +24,13 @@ T = TypeVar("T")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
+
+
+def check_message_count(request: Request, count: int, param: str) -> None:
+    """`[server] max_messages` for every protocol, checked before any per-message work."""
+    limit: int = request.app.state.settings.server.max_messages
+    if count > limit:
+        raise InvalidRequest(f"{param}: at most {limit} per request (got {count})", param=param)
 
 
 def engine_of(request: Request) -> Engine:
@@ -35,7 +43,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     request.state.log_fields = {"model": generation.model}
     spec = request.app.state.registry.resolve(generation.model)
     authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
-    stream = await engine_of(request).submit(generation)
+    limits = getattr(request.state, "limits", None)
+    # A token budget reserves prompt + max_tokens once the prompt's length is known.
+    stream = await engine_of(request).submit(
+        generation, admit=limits.reserve if limits is not None else None)
     request.state.log_fields["model"] = stream.model
     return stream
 
@@ -52,7 +63,7 @@ async def record_finish(request: Request, stream: GenerationStream, finish: Fini
     metrics.PROMPT_TOKENS.labels(stream.model).inc(finish.usage.prompt_tokens)
     metrics.COMPLETION_TOKENS.labels(stream.model).inc(finish.usage.completion_tokens)
     limits = getattr(request.state, "limits", None)
-    if limits is not None:  # tokens-per-minute limits learn the cost only now
+    if limits is not None:  # settle the reservation: refund what was not used
         await limits.charge_tokens(finish.usage.total_tokens)
 
 

@@ -23,6 +23,7 @@ from app.errors import (
 )
 
 log = structlog.get_logger(__name__)
+NESTED_TOO_DEEPLY = "The request body is nested too deeply to process."
 
 
 def error_response(error: GatewayError, path: str) -> JSONResponse:
@@ -76,5 +77,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, RecursionError):
+            # Only a client's deeply nested JSON recurses this far (parsing, validating or
+            # rendering it); the client's mistake, not ours.
+            log.info("request nested too deeply", path=request.url.path)
+            return error_response(InvalidRequest(NESTED_TOO_DEEPLY), request.url.path)
         log.exception("unhandled error", path=request.url.path, error=repr(error))
         return _refuse(request, InternalError("Internal server error."))

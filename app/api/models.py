@@ -3,13 +3,14 @@ routes POST /v1/models/{id}/load and /unload."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from app.engine.engine import Engine
 from app.models.registry import ModelRegistry, ModelSpec
-from app.security.auth import require_admin
+from app.security.auth import may_use, require_admin
 
 router = APIRouter()
 
@@ -40,10 +41,18 @@ def _parts(request: Request) -> tuple[ModelRegistry, Engine]:
     return request.app.state.registry, request.app.state.engine
 
 
+def _visible(request: Request) -> Callable[[ModelSpec], bool]:
+    """The caller's model scope: a key limited to some models sees only those."""
+    principal = getattr(request.state, "principal", None)
+    return lambda spec: may_use(principal, spec.id, *spec.aliases)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
-    return {"object": "list", "data": [_model_object(s, engine) for s in registry]}
+    visible = _visible(request)
+    return {"object": "list",
+            "data": [_model_object(s, engine) for s in registry if visible(s)]}
 
 
 @router.post("/v1/models/{model_id:path}/load")
@@ -66,4 +75,4 @@ async def unload_model(model_id: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
-    return _model_object(registry.resolve(model_id), engine)
+    return _model_object(registry.resolve(model_id, _visible(request)), engine)

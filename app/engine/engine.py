@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -185,7 +185,10 @@ class Engine:
             self.pool.release(loaded)
         return len(tokens)
 
-    async def submit(self, request: GenerationRequest) -> GenerationStream:
+    async def submit(self, request: GenerationRequest, *,
+                     admit: Callable[[int], Awaitable[None]] | None = None) -> GenerationStream:
+        """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
+        generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if request.constraint is not None:  # a schema we can't enforce is a 400, not a slot
             await asyncio.get_running_loop().run_in_executor(
@@ -204,13 +207,15 @@ class Engine:
             self._release(None, slot_started, None)
             raise
         try:
-            return await self._start(request, loaded, slot_started)
+            return await self._start(request, loaded, slot_started, admit)
         except BaseException:
             self._release(loaded, slot_started, None)
             raise
 
     async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     slot_started: float | None) -> GenerationStream:
+                     slot_started: float | None,
+                     admit: Callable[[int], Awaitable[None]] | None = None
+                     ) -> GenerationStream:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             self._tokenize, prompt_tokens, loaded.tokenizer, request
@@ -230,6 +235,8 @@ class Engine:
         if request.constraint is not None:
             processors.append(await loop.run_in_executor(
                 self._tokenize, compiler.processor, request.constraint))
+        if admit is not None:
+            await admit(len(tokens) + max_tokens)
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,

@@ -96,5 +96,7 @@ async def _warm_default_model(engine: Engine, registry: ModelRegistry) -> None:
         return
     first = [spec.id for spec in registry if spec.pinned]
     for model_id in [*first, *([] if registry.default_id in first else [registry.default_id])]:
-        with contextlib.suppress(Exception):  # a failed load is logged; requests report it
+        try:
             await engine.ensure_loaded(model_id)
+        except Exception as error:  # requests for it will report it too; say so at start
+            log.warning("warm-up load failed", model=model_id, error=str(error))

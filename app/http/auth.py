@@ -9,7 +9,7 @@ from __future__ import annotations
 import structlog
 
 from app import metrics
-from app.errors import AuthenticationFailed
+from app.errors import AuthenticationFailed, PermissionDenied
 from app.http.asgi import (
     ASGIApp,
     Receive,
@@ -19,7 +19,7 @@ from app.http.asgi import (
     send_error,
     state,
 )
-from app.security.client_ip import client_ip, parse_networks
+from app.security.client_ip import client_ip, is_loopback, parse_networks
 from app.security.keys import KeyRecord, KeyStore
 from app.security.principal import Principal
 from app.settings import Settings
@@ -31,6 +31,10 @@ OPEN_PATHS = frozenset({"/", "/health", "/ready", "/console"})
 OPEN_PREFIXES = ("/console/",)
 # One message for missing, malformed, unknown and revoked keys: say nothing about which.
 AUTH_MESSAGE = "Missing or invalid API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key'."
+LOOPBACK_ONLY_MESSAGE = (
+    "Authentication is off on this server ([auth] enabled = false), so only clients on the "
+    "same machine may use it. Ask its operator to turn authentication on and give you a key."
+)
 
 
 def presented_keys(scope: Scope) -> list[str]:
@@ -70,8 +74,7 @@ class AuthMiddleware:
             return
         ip = client_ip(scope, self.trusted)
         if not self.enabled:
-            state(scope)["principal"] = Principal.anonymous(ip)
-            await self.app(scope, receive, send)
+            await self._without_auth(scope, receive, send, ip)
             return
         record = self._verify(scope)
         if record is not None:
@@ -89,6 +92,25 @@ class AuthMiddleware:
                 return
             await send_error(scope, send, AuthenticationFailed(AUTH_MESSAGE),
                              {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+    async def _without_auth(self, scope: Scope, receive: Receive, send: Send, ip: str) -> None:
+        """Auth off means "this machine only", judged by the resolved client address: a local
+        reverse proxy forwarding LAN or internet traffic must not make everyone an admin."""
+        if is_loopback(ip):
+            state(scope)["principal"] = Principal.anonymous(ip)
+        elif is_open(scope.get("path", "")):
+            state(scope)["principal"] = Principal.unauthenticated(ip)
+        else:
+            state(scope)["principal"] = Principal.unauthenticated(ip)  # for the access log
+            log.info("request refused: auth is off and the client is not local", client_ip=ip,
+                     path=scope.get("path"))
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send_error(scope, send, PermissionDenied(LOOPBACK_ONLY_MESSAGE,
+                                                           code="auth_disabled_remote"))
             return
         await self.app(scope, receive, send)
 

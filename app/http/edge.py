@@ -72,7 +72,12 @@ class RequestContextMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 before parsing: on Content-Length at once, and while reading chunked bodies."""
+    """413 before the route runs: on Content-Length at once, and for chunked bodies by reading
+    the body here first (at most `max_bytes` held), then replaying it to the app.
+
+    Raising from inside `receive` is not enough: FastAPI's body parser turns any exception
+    there into a 400 "error parsing the body".
+    """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -90,16 +95,28 @@ class BodySizeLimitMiddleware:
             note_refusal(scope.setdefault("state", {}), too_large)
             await error_response(too_large, scope["path"])(scope, receive, send)
             return
+        buffered: list[Message] = []
         seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # the client left; the app will see the disconnect
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await error_response(too_large, scope["path"])(scope, _closed, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in buffered if m["type"] == "http.request")
+        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+        replay += [m for m in buffered if m["type"] != "http.request"]
 
-        await self.app(scope, counting_receive, send)
+        async def replaying_receive() -> Message:
+            return replay.pop(0) if replay else await receive()
 
+        await self.app(scope, replaying_receive, send)
+
+
+async def _closed() -> Message:
+    return {"type": "http.disconnect"}

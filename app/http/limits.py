@@ -3,10 +3,14 @@
 Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or the client
 IP without one (`ip:<addr>`, `per_ip_rpm`). A key with `visitor_rpm` (one a public page
 embeds) also limits each client address using it (`key:<id>:ip:<addr>`), checked first.
-Order: the visitor's own request budget, their token budget (refused once spent; tokens are
-charged after generation through `scope["state"]["limits"].charge_tokens(n)`), then the
-global budget and the breaker, so one visitor hammering away cannot use up everyone's
-global budget with refused requests.
+Order: the visitor's own request budget, their token budget (refused once spent), then the
+global budget and the breaker, so one visitor hammering away cannot use up everyone's global
+budget with refused requests.
+
+Tokens: once the prompt is tokenized the engine calls `scope["state"]["limits"].reserve(n)`
+with prompt + max_tokens, which takes that much of the budget or refuses with 429; at the end
+`charge_tokens(used)` settles the reservation to the real use (refunding the rest). Without
+the reservation, a key with one token left could start `max_inflight` full-context runs.
 Every response on a limited route carries the x-ratelimit-* headers, not only 429s.
 """
 
@@ -46,7 +50,8 @@ def limit_headers(kind: str, result: LimitResult) -> dict[str, str]:
 
 
 class RequestLimits:
-    """Put at `scope["state"]["limits"]`: the route charges real token use through it."""
+    """Put at `scope["state"]["limits"]`: the engine reserves tokens through it at admission,
+    and the route settles them when the generation ends."""
 
     def __init__(self, limiter: Limiter, bucket: str, tpm: int,
                  requests: LimitResult | None, tokens: LimitResult | None) -> None:
@@ -56,14 +61,44 @@ class RequestLimits:
         self.requests = requests
         self.tokens = tokens
         self.charged = 0
+        self.reserved = 0
+        self._entry: str | None = None
+
+    async def reserve(self, n: int) -> None:
+        """Take `n` tokens (prompt + max_tokens) of the budget, or raise RateLimited."""
+        if self.tpm <= 0:
+            return
+        if self._entry is not None:  # admitted again (truncation probes): one reservation
+            await self._limiter.adjust(self._key, self._entry, 0)
+            self._entry, self.reserved = None, 0
+        result = await self._limiter.acquire(self._key, self.tpm, cost=n)
+        self.tokens = result
+        if not result.allowed:
+            metrics.RATE_LIMITED.labels(limit="tokens").inc()
+            if n > self.tpm:
+                message = (f"This request may use up to {n} tokens (prompt + max_tokens), more "
+                           f"than the whole budget of {self.tpm} tokens per minute; lower "
+                           "max_tokens or shorten the prompt.")
+            else:
+                message = (f"Rate limit reached for tokens per minute ({self.tpm}): this "
+                           f"request may use up to {n} tokens (prompt + max_tokens) and "
+                           f"{result.remaining} are left; retry in "
+                           f"{math.ceil(result.retry_after)}s or lower max_tokens.")
+            raise RateLimited(message, retry_after=math.ceil(result.retry_after))
+        self._entry, self.reserved = result.entry, n
 
     async def charge_tokens(self, n: int) -> None:
-        """Charge prompt + completion tokens once known (may overshoot; then the budget is
-        spent until they age out of the window)."""
-        if n <= 0:
-            return
+        """The real use, once known: settles the reservation (the unused part is refunded in
+        place, so it ages out when the reservation would have) or, without one, charges."""
+        n = max(0, n)
         self.charged += n
-        if self.tpm > 0:
+        if self.tpm <= 0:
+            return
+        if self._entry is not None:
+            entry, self._entry = self._entry, None
+            await self._limiter.adjust(self._key, entry, n)
+            return
+        if n > 0:
             self.tokens = await self._limiter.acquire(self._key, self.tpm, cost=n, mode="charge")
 
 

@@ -17,15 +17,18 @@ from fastapi import FastAPI
 from app.engine.engine import Engine
 
 log = structlog.get_logger(__name__)
+DRAINING_MESSAGE = "The server is shutting down; retry shortly."
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, app: FastAPI, *, host: str, port: int, grace: float) -> None:
         # uvicorn's own deadline comes after ours, so streams end with our error event
-        # rather than a cut connection.
+        # rather than a cut connection. proxy_headers off: uvicorn would otherwise rewrite the
+        # client address from X-Forwarded-For (trusting 127.0.0.1) before our code runs, and
+        # `[server] trusted_proxies` would be ignored. The auth middleware decides it alone.
         super().__init__(uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=int(grace) + 5,
+            timeout_graceful_shutdown=int(grace) + 5, proxy_headers=False,
         ))
         self.engine: Engine = app.state.engine
         self.grace = grace
@@ -56,9 +59,16 @@ class DrainingServer(uvicorn.Server):
         if not self._draining and self._loop is not None:
             self._draining = True
             log.info("shutting down: draining in-flight streams", grace_seconds=self.grace)
+            self._loop.call_soon_threadsafe(self._stop_admitting)
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    def _stop_admitting(self) -> None:
+        """Queued requests (and any that still arrive on open connections) get 503 with
+        Retry-After: a generation started now would only be cut off when the grace ends."""
+        if self.engine.admission is not None:
+            self.engine.admission.close(DRAINING_MESSAGE, retry_after=max(5.0, self.grace))
 
     async def _drain(self) -> None:
         await asyncio.sleep(self.grace)
         log.warning("shutdown grace over: ending the remaining streams")
-        await self.engine.end_all_streams("The server is shutting down; retry shortly.")
+        await self.engine.end_all_streams(DRAINING_MESSAGE)

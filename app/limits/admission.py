@@ -28,6 +28,7 @@ class Admission:
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._durations: deque[float] = deque(maxlen=_RECENT)
+        self._closed: tuple[str, float] | None = None  # (message, retry_after) once draining
 
     @property
     def queued(self) -> int:
@@ -53,7 +54,20 @@ class Admission:
         self._durations.append(self.clock() - started)
         self._release()
 
+    def close(self, message: str, retry_after: float = 5.0) -> None:
+        """Stop admitting (the server is draining): queued requests and every later one get
+        Overloaded (503 + Retry-After) instead of starting a generation nobody will finish.
+        Slots already held run on and are released as usual."""
+        self._closed = (message, retry_after)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Overloaded(message, retry_after=retry_after))
+        self._publish()
+
     async def _acquire(self) -> None:
+        if self._closed is not None:
+            metrics.ADMISSION_REJECTED.inc()
+            raise Overloaded(self._closed[0], retry_after=self._closed[1])
         if self.inflight < self.max_inflight and not self.queued:
             self._take()
             return

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from app import metrics
 from app.limits.redis_backend import RedisLimiter
-from app.limits.window import WINDOW, InProcessLimiter, LimitResult, Mode
+from app.limits.window import LOCAL_PREFIX, WINDOW, InProcessLimiter, LimitResult, Mode
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,18 @@ class FallbackLimiter:
                 return result
         metrics.RATELIMIT_FALLBACK.inc()
         return self.local.acquire_now(key, limit, cost=cost, window=window, mode=mode)
+
+    async def adjust(self, key: str, entry: str, cost: int, *, window: float = WINDOW) -> str:
+        """Settle the entry where it was recorded. If Redis is unreachable now, the Redis entry
+        keeps its reserved cost: it overcharges the key until it ages out, never undercharges."""
+        if entry.startswith(LOCAL_PREFIX):
+            return self.local.adjust_now(key, entry, cost, window=window)
+        try:
+            return await asyncio.wait_for(
+                self.primary.adjust(key, entry, cost, window=window), self.timeout)
+        except (RedisError, OSError, TimeoutError) as error:
+            self._mark_down(time.monotonic(), error)
+            return entry
 
     def _mark_down(self, now: float, error: BaseException) -> None:
         if self.redis_up:

@@ -76,6 +76,24 @@ return {allowed and 1 or 0, total, tostring(reset), tostring(retry)}
 """
 
 
+# KEYS: log zset, total. ARGV: old member, new member. Re-records an entry with a new cost at
+# its old timestamp and moves the running total by the difference.
+_ADJUST = """
+local log, total_key = KEYS[1], KEYS[2]
+local score = redis.call('ZSCORE', log, ARGV[1])
+if not score then return 0 end
+local function cost_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
+redis.call('ZREM', log, ARGV[1])
+redis.call('ZADD', log, score, ARGV[2])
+local total = tonumber(redis.call('GET', total_key))
+if total ~= nil then
+  total = math.max(0, total + cost_of(ARGV[2]) - cost_of(ARGV[1]))
+  redis.call('SET', total_key, total, 'KEEPTTL')
+end
+return 1
+"""
+
+
 def fast_client(url: str, timeout: float = 0.1) -> aioredis.Redis:
     """A client that fails fast: short socket timeouts and no retries, so an unreachable
     Redis costs a request milliseconds, not the redis-py default of seconds."""
@@ -90,6 +108,7 @@ class RedisLimiter:
         self.client = client
         self.clock = clock
         self._script = client.register_script(_SCRIPT)
+        self._adjust = client.register_script(_ADJUST)
 
     @classmethod
     def from_url(cls, url: str, clock: Clock = time.time, *, timeout: float = 0.1
@@ -107,8 +126,16 @@ class RedisLimiter:
             args=[repr(self.clock()), repr(window), limit, cost, mode, member, ttl_ms],
         )
         allowed, total, reset, retry = raw
+        recorded = (bool(int(allowed)) and mode != "peek" and cost > 0)
         return LimitResult(bool(int(allowed)), limit, max(0, limit - int(total)),
-                           float(reset), float(retry))
+                           float(reset), float(retry), member if recorded else None)
+
+    async def adjust(self, key: str, entry: str, cost: int, *, window: float = WINDOW) -> str:
+        tag = f"{KEY_PREFIX}{{{key}}}"
+        member = f"{entry.rsplit(':', 1)[0]}:{max(0, cost)}"
+        if member != entry:
+            await self._adjust(keys=[f"{tag}:log", f"{tag}:total"], args=[entry, member])
+        return member
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from app.models.gguf.convert import ensure_converted, file_lock
+from app.models.gguf.convert import ensure_converted, file_lock, is_conversion_of
 from app.settings import DEMO_MODEL_ID
 
 log = structlog.get_logger(__name__)
@@ -45,9 +45,13 @@ def ensure_demo_model(
     Uses MLX, so call it on the thread that owns MLX.
     """
     out = demo_model_dir(cache_dir)
-    # Once converted the GGUF is no longer needed: no lookup, no network.
+    # Once converted the GGUF is no longer needed: no network. But a GGUF still on disk that
+    # changed since (MLXGW_DEMO_GGUF pointed elsewhere, a file replaced) is converted anew.
     if _is_complete(out):
-        return out
+        local = _local_gguf(Path(cache_dir))
+        if local is None or is_conversion_of(out, local):
+            return out
+        return ensure_converted(local, out, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{DEMO_MODEL_ID}.fetch.lock"):
         if _is_complete(out):  # another process finished while we waited
@@ -62,17 +66,21 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def _find_gguf(cache_dir: Path) -> Path:
+def _local_gguf(cache_dir: Path) -> Path | None:
+    """The demo GGUF if it is on disk (the override, or an earlier download); no network."""
     override = os.environ.get(DEMO_GGUF_ENV)
     if override:
         path = Path(override).expanduser()
-        if not path.is_file():
-            raise DemoModelUnavailable(f"{DEMO_GGUF_ENV}={override} is not a file")
-        return path
+        return path if path.is_file() else None
     cached = cache_dir / "downloads" / DEMO_GGUF_NAME
-    if cached.is_file():
-        return cached
-    return _download(cached)
+    return cached if cached.is_file() else None
+
+
+def _find_gguf(cache_dir: Path) -> Path:
+    override = os.environ.get(DEMO_GGUF_ENV)
+    if override and not Path(override).expanduser().is_file():
+        raise DemoModelUnavailable(f"{DEMO_GGUF_ENV}={override} is not a file")
+    return _local_gguf(cache_dir) or _download(cache_dir / "downloads" / DEMO_GGUF_NAME)
 
 
 def _download(target: Path) -> Path:

@@ -8,7 +8,7 @@ name a registry id or alias: its string is looked up in a dict and never reaches
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -128,12 +128,20 @@ class ModelRegistry:
     def get(self, name: str) -> ModelSpec | None:
         return self._names.get(name)
 
-    def resolve(self, name: str) -> ModelSpec:
-        """The model a request names, by exact id or alias; ModelNotFound otherwise."""
+    def resolve(self, name: str, visible: Callable[[ModelSpec], bool] | None = None
+                ) -> ModelSpec:
+        """The model a request names, by exact id or alias; ModelNotFound otherwise.
+
+        `visible` narrows what the caller may know exists (a key's model scope): a model
+        outside it is not found, and the error lists only visible ones.
+        """
         spec = self._names.get(name) if isinstance(name, str) else None
+        if spec is not None and visible is not None and not visible(spec):
+            spec = None
         if spec is None:
-            shown = ", ".join(self.ids[:_SHOWN_IDS]) or "none"
-            hidden = len(self.specs) - _SHOWN_IDS
+            ids = [s.id for s in self.specs if visible is None or visible(s)]
+            shown = ", ".join(ids[:_SHOWN_IDS]) or "none"
+            hidden = len(ids) - _SHOWN_IDS
             more = f" and {hidden} more" if hidden > 0 else ""
             named = name[:100] + "..." if isinstance(name, str) and len(name) > 100 else name
             raise ModelNotFound(

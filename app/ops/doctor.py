@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import httpx
 
+from app.security.auth import FIRST_KEY_FILE
 from app.settings import ConfigError, Settings, load_settings, parse_bytes
 
 Status = Literal["ok", "warn", "fail"]
@@ -102,6 +103,10 @@ def check_keys(settings: Settings) -> CheckResult:
     if mode & 0o077:
         return _warn("keys", f"{active} active key(s), but {path} is mode {mode:o}",
                      f"chmod 600 {path}")
+    leftover = path.parent / FIRST_KEY_FILE
+    if leftover.exists():
+        return _warn("keys", f"{active} active key(s); the first admin key is still in "
+                     f"{leftover}", "keep that key somewhere safe, then delete the file")
     return _ok("keys", f"{active} active key(s) in {path}")
 
 

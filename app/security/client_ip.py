@@ -31,6 +31,12 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+def is_loopback(text: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and their IPv4-mapped forms; False for anything unparsable."""
+    address = _ip(text)
+    return address is not None and address.is_loopback
+
+
 def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
              networks: tuple[IPNetwork, ...]) -> bool:
     return any(address.version == net.version and address in net for net in networks)

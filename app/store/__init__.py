@@ -17,5 +17,5 @@ def open_store(settings: Settings) -> ResponseStore:
             raise ConfigError(
                 "config error: responses.store = 'redis' needs redis.url (redis://host:port/db)"
             )
-        return RedisStore(settings.redis.url)
+        return RedisStore(settings.redis.url, timeout=settings.responses.timeout)
     return SqliteStore(settings.responses_path)

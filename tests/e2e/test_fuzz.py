@@ -38,6 +38,8 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
                              "messages": [{"role": "user", "content": "Hi"}]},
     "/v1/completions": {"model": DEMO_ID, "max_tokens": 1, "prompt": "Hi"},
     "/v1/responses": {"model": DEMO_ID, "max_output_tokens": 16, "input": "Hi", "store": False},
+    "/v1/messages": {"model": DEMO_ID, "max_tokens": 1,
+                     "messages": [{"role": "user", "content": "Hi"}]},
 }
 # Token limits the mutation may pick: invalid ones, and nothing that makes a long generation.
 LIMIT_VALUES = [-1, 0, 10**12, "ten", None, 1.5, [], {}]
@@ -106,3 +108,96 @@ def test_valid_bodies_with_one_field_broken(gateway: GatewayProcess, route: str,
         check(response)
         if response.status_code == 200 and body.get("stream") is True:
             assert response.text.rstrip().endswith("data: [DONE]")
+
+
+# --- issue 13: tool-call histories and deep nesting ------------------------------------------
+
+arguments = st.one_of(
+    st.text(max_size=40),  # mostly not JSON at all
+    json_values.map(json.dumps),  # JSON, but often not an object
+    st.dictionaries(st.text(max_size=8), json_values, max_size=3).map(json.dumps),  # valid
+    json_values,  # not even a string
+)
+tool_calls = st.lists(st.fixed_dictionaries(
+    {"id": st.text(max_size=12), "type": st.sampled_from(["function", "code", 7]),
+     "function": st.fixed_dictionaries({"name": st.one_of(st.text(max_size=12), json_values),
+                                        "arguments": arguments})}), max_size=3)
+histories = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=20)}),
+    st.fixed_dictionaries({"role": st.just("assistant"),
+                           "content": st.one_of(st.none(), st.text(max_size=20)),
+                           "tool_calls": tool_calls}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": st.text(max_size=20),
+                           "tool_call_id": st.one_of(st.text(max_size=12), json_values)}),
+), min_size=1, max_size=5)
+
+
+# Fewer examples: each one is a real request (or several) against the real model.
+SHORT_FUZZ = settings(FUZZ, max_examples=20)
+
+
+@SHORT_FUZZ
+@given(messages=histories)
+def test_tool_call_histories(gateway: GatewayProcess, messages: list[dict[str, Any]]) -> None:
+    """`messages[].tool_calls` with arguments that are text, JSON non-objects, objects or not
+    strings at all: a 400 naming the field or an answer, never a 5xx."""
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        response = http.post("/v1/chat/completions",
+                             json={"model": DEMO_ID, "max_tokens": 1, "messages": messages})
+        check(response)
+        items = [{"type": "function_call", "call_id": str(call.get("id")),
+                  "name": str(call["function"]["name"]), "arguments": call["function"]
+                  ["arguments"]} for m in messages for call in m.get("tool_calls", [])]
+        check(http.post("/v1/responses", json={"model": DEMO_ID, "max_output_tokens": 16,
+                                               "store": False, "input": [*items, "Hi"]}))
+        # The same history in Anthropic's blocks: tool_use `input` is any JSON there.
+        blocks = [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": call.get("id"), "name": call["function"]["name"],
+             "input": call["function"]["arguments"]} for call in m["tool_calls"]] or "ok"}
+            if m.get("tool_calls") else
+            {"role": "user", "content": [{"type": "tool_result",
+                                          "tool_use_id": m.get("tool_call_id"),
+                                          "content": m.get("content")}]}
+            if m["role"] == "tool" else {"role": "user", "content": m["content"]}
+            for m in messages]
+        check(http.post("/v1/messages", json={"model": DEMO_ID, "max_tokens": 1,
+                                              "messages": blocks}))
+
+
+def nest(depth: int, kind: str, leaf: Any) -> str:
+    """A JSON document `depth` levels deep, as text (json.dumps itself would recurse)."""
+    if kind == "list":
+        return "[" * depth + json.dumps(leaf) + "]" * depth
+    return '{"a":' * depth + json.dumps(leaf) + "}" * depth
+
+
+@SHORT_FUZZ
+@given(depth=st.sampled_from([32, 200, 900, 2000, 50_000]),
+       kind=st.sampled_from(["list", "dict"]), data=st.data())
+def test_deeply_nested_bodies_on_every_route(gateway: GatewayProcess,
+                                             all_routes: list[tuple[str, str]], depth: int,
+                                             kind: str, data: st.DataObject) -> None:
+    """Deep nesting as the whole body of every POST route, and inside one field of each valid
+    body (messages, tools' parameters, responses input items ...): a 4xx or an answer."""
+    deep = nest(depth, kind, data.draw(json_values))
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT,
+                      headers={"content-type": "application/json"}) as http:
+        for method, path in all_routes:
+            if method == "POST":
+                check(http.post(fill(path, "x"), content=deep))
+        route = data.draw(st.sampled_from(sorted(VALID_BODIES)))
+        body = dict(VALID_BODIES[route])
+        where = data.draw(st.sampled_from(
+            [*body, "tools", "tool_choice", "stop", "messages[0].content", "input[0]",
+             "tools[0].function.parameters"]))
+        marker = "__DEEP__"
+        if where == "tools[0].function.parameters":
+            body["tools"] = [{"type": "function", "function": {"name": "f",
+                                                               "parameters": marker}}]
+        elif where == "messages[0].content":
+            body["messages"] = [{"role": "user", "content": marker}]
+        elif where == "input[0]":
+            body["input"] = [marker]
+        else:
+            body[where] = marker
+        check(http.post(route, content=json.dumps(body).replace(f'"{marker}"', deep)))

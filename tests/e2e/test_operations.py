@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import signal
@@ -81,17 +82,33 @@ def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, demo_model_dir: 
     server = GatewayProcess(tmp_path, {
         "auth": {"enabled": False},
         "server": {"shutdown_grace": 3},
+        "limits": {"max_inflight": 1, "max_queue": 4},
         "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}],
     }).start()
     short_lines: list[str] = []
     with httpx.Client(timeout=300) as http, \
             http.stream("POST", server.base_url + "/v1/chat/completions", json={
                 "model": DEMO_ID, "messages": STORY, "max_tokens": 2000, "stream": True,
-                "temperature": 0}) as long_stream:
+                "temperature": 0}) as long_stream, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
         long_lines = long_stream.iter_lines()
         next(line for line in long_lines if '"content":"' in line)
+        # A second request waits in the admission queue behind the stream.
+        queued = pool.submit(httpx.post, server.base_url + "/v1/chat/completions", timeout=300,
+                             json={"model": DEMO_ID, "messages": STORY, "max_tokens": 8})
+        deadline = time.monotonic() + 30
+        while metric(httpx.get(server.base_url + "/metrics").text,
+                     "mlxgw_admission_queued") < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.05)
         assert server.process is not None
         server.process.send_signal(signal.SIGTERM)
+        # Draining stops admission: the queued request is refused, not started after the
+        # running streams are ended (issue 13, item 13).
+        refused = queued.result(60)
+        assert refused.status_code == 503, refused.text
+        assert "shutting down" in refused.json()["error"]["message"]
+        assert int(refused.headers["retry-after"]) >= 1
         # New connections are refused once draining starts.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ import redis
 
 from tests.e2e.conftest import DEMO_ID
 from tests.e2e.gateway_process import ROOT, GatewayProcess
-from tests.redis_server import running_redis
+from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -320,15 +320,16 @@ def test_chains_are_private_per_key_and_survive_a_restart(tmp_path: Path,
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_server() -> Iterator[RedisServer]:
     with running_redis() as server:
-        yield server.url
+        yield server
 
 
 def test_redis_store_serves_chains_with_a_ttl(tmp_path: Path, demo_model_dir: Path,
-                                              redis_url: str) -> None:
+                                              redis_server: RedisServer) -> None:
+    redis_url = redis_server.url
     config = {"auth": {"enabled": False}, "redis": {"url": redis_url},
-              "responses": {"store": "redis", "ttl": 3600},
+              "responses": {"store": "redis", "ttl": 3600, "timeout": 0.5},
               "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]}
     server = GatewayProcess(tmp_path, config).start()
     try:
@@ -343,5 +344,20 @@ def test_redis_store_serves_chains_with_a_ttl(tmp_path: Path, demo_model_dir: Pa
         sdk.responses.delete(first.id)
         assert keys.exists(f"mlxgw:response:{first.id}") == 0
         keys.close()
+
+        # A hung Redis (paused with DEBUG SLEEP) is a prompt 503 naming the store, not a hang
+        # or a 500 (issue 13, item 13); it serves again once Redis answers.
+        paused = redis_server.pause(4)
+        url = server.base_url + "/v1/responses"
+        for response in (httpx.get(f"{url}/{second.id}", timeout=30),
+                         httpx.post(url, timeout=30, json={
+                             "model": DEMO_ID, "input": "Again?", "max_output_tokens": 4,
+                             "previous_response_id": second.id})):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "store_unavailable"
+            assert "Redis" in response.json()["error"]["message"]
+            assert int(response.headers["retry-after"]) >= 1
+        paused.join()
+        assert sdk.responses.retrieve(second.id).id == second.id
     finally:
         server.stop()

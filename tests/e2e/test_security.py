@@ -119,6 +119,21 @@ def test_model_scopes(secured: Secured) -> None:
         assert reply.choices[0].finish_reason == "length"
 
 
+def test_model_list_follows_the_key_scope(secured: Secured) -> None:
+    """A scoped key neither lists nor looks up models outside its scope (issue 13, item 15)."""
+    def ids(who: str) -> list[str]:
+        return sorted(m.id for m in secured.client(who).models.list())
+
+    assert ids("user") == [DEMO_ID]
+    assert ids("other") == ["smollm2-other"]  # scoped by its alias
+    assert ids("admin") == sorted([DEMO_ID, "smollm2-other"])
+    hidden = secured.get("/v1/models/smollm2-other", secured.tokens["user"])
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert "smollm2-other" not in hidden.json()["error"]["message"].split("Available:")[1]
+    assert secured.get(f"/v1/models/{DEMO_ID}", secured.tokens["user"]).status_code == 200
+    assert secured.get("/v1/models/other", secured.tokens["other"]).status_code == 200
+
+
 def test_admin_only_metrics(secured: Secured) -> None:
     assert secured.get("/metrics").status_code == 401
     denied = secured.get("/metrics", secured.tokens["user"])
@@ -226,16 +241,20 @@ def test_refuses_public_bind_without_keys(tmp_path: Path, demo_model_dir: Path) 
     assert no_keys.returncode == 2 and "no usable API keys" in no_keys.stderr
 
 
-def test_first_start_prints_one_admin_key(tmp_path: Path, demo_model_dir: Path) -> None:
+def test_first_start_writes_the_admin_key_to_a_file_not_the_log(
+        tmp_path: Path, demo_model_dir: Path) -> None:
+    """stdout is a file here, as under launchd/systemd: the key goes to a 0600 file and the
+    log names only that file (issue 13, item 9)."""
     server = GatewayProcess(tmp_path, {"auth": {"enabled": True},
                                        "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}]})
     server.start(wait_ready=False)
     try:
+        key_file = tmp_path / "config" / "first-admin-key.txt"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        token = key_file.read_text().strip()
         output = server.logs()
-        printed = [line for line in output.splitlines() if line.startswith("mgw-")]
-        assert len(printed) == 1
-        token = printed[0]
-        assert output.count(token.split("-", 2)[2]) == 1  # printed once, never logged
+        assert token.split("-", 2)[2] not in output  # never in the service log
+        assert str(key_file) in output
         models = httpx.get(server.base_url + "/v1/models",
                            headers={"Authorization": f"Bearer {token}"})
         assert models.status_code == 200

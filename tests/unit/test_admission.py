@@ -47,6 +47,28 @@ async def _hold(admission: Admission, entered: asyncio.Event, leave: asyncio.Eve
     return "done"
 
 
+async def test_closing_refuses_the_queued_and_the_new_but_lets_running_finish() -> None:
+    """SIGTERM drain: queued waiters used to start new generations after the running ones
+    were ended (issue 13, item 13)."""
+    admission = Admission(max_inflight=1, max_queue=4)
+    a_in, a_out, b_in, b_out = (asyncio.Event() for _ in range(4))
+    a = asyncio.create_task(_hold(admission, a_in, a_out))
+    await a_in.wait()
+    b = asyncio.create_task(_hold(admission, b_in, b_out))
+    await asyncio.sleep(0)
+    assert admission.queued == 1
+    admission.close("The server is shutting down; retry shortly.", retry_after=7)
+    with pytest.raises(Overloaded) as queued:
+        await b
+    assert queued.value.status == 503 and queued.value.response_headers()["Retry-After"] == "7"
+    with pytest.raises(Overloaded, match="shutting down"):
+        await admission.acquire()
+    a_out.set()
+    assert await a == "done"  # the running one finishes normally
+    assert (admission.inflight, admission.queued) == (0, 0)
+    assert not b_in.is_set()
+
+
 async def test_queue_then_503_with_retry_after() -> None:
     clock = FakeClock()
     admission = Admission(max_inflight=1, max_queue=1, clock=clock)

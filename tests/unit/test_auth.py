@@ -3,6 +3,7 @@ preflight, Host/query tricks, per-model scopes, admin routes, startup safety, re
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +209,26 @@ def test_authorize_model_accepts_aliases() -> None:
 async def test_auth_disabled_is_anonymous_admin_with_client_ip(tmp_path: Path) -> None:
     settings = Settings(config_dir=tmp_path, auth={"enabled": False})
     async with client(make_app(None, settings), peer="127.0.0.1") as http:
-        response = await http.get("/v1/models", headers={"X-Forwarded-For": "198.51.100.7"})
+        response = await http.get("/v1/models", headers={"X-Forwarded-For": "127.0.0.7"})
     assert response.json() == {"key_id": None, "name": "anonymous", "admin": True,
-                               "client_ip": "198.51.100.7"}  # peer is a trusted proxy
+                               "client_ip": "127.0.0.7"}  # peer is a trusted proxy
+
+
+async def test_auth_disabled_serves_loopback_clients_only(tmp_path: Path) -> None:
+    """Auth off behind a local proxy must not make the LAN or the internet an admin."""
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False})
+    app = make_app(None, settings)
+    async with client(app, peer="127.0.0.1") as http:
+        forwarded = await http.get("/v1/models", headers={"X-Forwarded-For": "198.51.100.7"})
+        health = await http.get("/health", headers={"X-Forwarded-For": "198.51.100.7"})
+    assert forwarded.status_code == 403
+    assert "only clients on the same machine" in forwarded.json()["error"]["message"]
+    assert forwarded.json()["error"]["code"] == "auth_disabled_remote"
+    assert health.status_code == 200  # health checks stay open, as with auth on
+    async with client(app, peer="192.0.2.10") as http:
+        assert (await http.post("/v1/chat/completions", json={"model": "m"})).status_code == 403
+    async with client(app, peer="::1") as http:
+        assert (await http.get("/v1/models")).status_code == 200
 
 
 async def test_auth_on_without_store_denies(settings: Settings) -> None:
@@ -244,6 +262,29 @@ def test_first_key_created_once_and_only_with_auth(settings: Settings) -> None:
     off = Settings(config_dir=settings.config_dir / "other", auth={"enabled": False})
     assert ensure_first_key(off) is None
     assert not off.keys_file.exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_first_key_is_printed_only_to_a_terminal(settings: Settings) -> None:
+    from app.security.auth import FIRST_KEY_FILE, announce_first_key
+
+    terminal = _Terminal()
+    assert announce_first_key("mgw-aaaa-secret1", settings.keys_file, terminal) is None
+    assert "mgw-aaaa-secret1" in terminal.getvalue()
+    assert not (settings.keys_file.parent / FIRST_KEY_FILE).exists()
+
+    service_log = io.StringIO()  # launchd/systemd: stdout is the service log
+    with capture_logs() as logs:
+        written = announce_first_key("mgw-bbbb-secret2", settings.keys_file, service_log)
+    assert written == settings.keys_file.parent / FIRST_KEY_FILE
+    assert written.read_text() == "mgw-bbbb-secret2\n"
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert service_log.getvalue() == ""
+    assert "secret2" not in repr(logs) and str(written) in repr(logs)
 
 
 def test_bind_safety(settings: Settings, tmp_path: Path) -> None:

@@ -166,6 +166,15 @@ def test_world_readable_keys_file_warns(tmp_path: Path) -> None:
     assert "chmod 600" in keys.fix
 
 
+def test_a_leftover_first_key_file_warns(tmp_path: Path) -> None:
+    _write_keys(tmp_path)
+    (tmp_path / "first-admin-key.txt").write_text("mgw-k1-secret\n")
+    config = _write_config(tmp_path, f"[server]\nport = {free_port()}\n")
+    keys = _by_name(run_doctor(config))["keys"]
+    assert keys.status == "warn" and "first-admin-key.txt" in keys.detail
+    assert "delete the file" in keys.fix
+
+
 def test_unreachable_redis_fails(tmp_path: Path) -> None:
     config = _write_config(
         tmp_path, f'[server]\nport = {free_port()}\n[redis]\nurl = '

@@ -541,3 +541,56 @@ def test_ensure_converted_reuses_a_matching_conversion(tmp_path: Path) -> None:
     assert not is_conversion_of(out, path)
     ensure_converted(path, out)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_replaced_gguf_of_the_same_size_is_converted_anew(tmp_path: Path) -> None:
+    """Name + size + converter version served a stale conversion (issue 13, item 14): the
+    stamp also holds the mtime and a hash of the file's ends."""
+    import os
+
+    pytest.importorskip("mlx.core")
+    path, _ = tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    out = tmp_path / "models" / "tiny"
+    ensure_converted(path, out)
+    first = (out / "model.safetensors").read_bytes()
+    stat = path.stat()
+
+    # Same bytes, newer mtime (the file was replaced by a copy): converted again.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not is_conversion_of(out, path)
+    ensure_converted(path, out)
+    assert is_conversion_of(out, path)
+
+    # Other weights of the same size, mtime forged back: the sampled hash tells them apart.
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0x55 for b in data[-8:])  # the last tensor's last bytes
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert not is_conversion_of(out, path)
+    ensure_converted(path, out)
+    assert (out / "model.safetensors").read_bytes() != first
+
+
+def test_demo_model_follows_a_changed_local_gguf(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo folder was reused whatever GGUF it came from; a changed file on disk (here
+    MLXGW_DEMO_GGUF) is converted anew, and with no GGUF on disk the folder is kept."""
+    import os
+
+    from app.models.demo import DEMO_GGUF_ENV, ensure_demo_model
+
+    pytest.importorskip("mlx.core")
+    path, _ = tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    monkeypatch.setenv(DEMO_GGUF_ENV, str(path))
+    out = ensure_demo_model(tmp_path / "cache")
+    assert is_conversion_of(out, path)
+    tiny_llama(path)  # replaced by another model
+    assert not is_conversion_of(out, path)
+    assert ensure_demo_model(tmp_path / "cache") == out
+    assert is_conversion_of(out, path)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    os.unlink(path)
+    monkeypatch.setenv(DEMO_GGUF_ENV, "")
+    assert ensure_demo_model(tmp_path / "cache") == out  # nothing local to compare: kept

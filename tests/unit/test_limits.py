@@ -79,6 +79,26 @@ async def test_request_arithmetic(limiter: Limiter, clock: FakeClock) -> None:
     assert (other.allowed, other.remaining) == (True, 2)
 
 
+async def test_reservations_settle_in_place(limiter: Limiter, clock: FakeClock) -> None:
+    """Reserve prompt + max_tokens, settle to the real use: the refund frees room at once and
+    the settled cost ages out with the reservation's timestamp (issue 13, item 12)."""
+    held = await limiter.acquire("r", 100, cost=80)
+    assert (held.allowed, held.remaining) == (True, 20) and held.entry
+    refused = await limiter.acquire("r", 100, cost=30)  # 80 held: 30 does not fit
+    assert not refused.allowed and refused.entry is None
+    clock.advance(10)
+    entry = await limiter.adjust("r", held.entry, 25)  # used only 25
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 75
+    fits = await limiter.acquire("r", 100, cost=70)
+    assert (fits.allowed, fits.remaining) == (True, 5)
+    # The settled 25 ages out at t=60 (the reservation's time), not at t=70.
+    clock.advance(50)
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 30
+    await limiter.adjust("r", entry, 0)  # aged out already: nothing changes
+    assert (await limiter.acquire("r", 100, mode="peek")).remaining == 30
+    assert (await limiter.acquire("r", 100, cost=5, mode="peek")).entry is None
+
+
 async def test_token_costs(limiter: Limiter, clock: FakeClock) -> None:
     first = await limiter.acquire("t", 100, cost=70, mode="charge")
     assert (first.allowed, first.remaining) == (True, 30)
@@ -299,14 +319,16 @@ async def test_a_public_key_limits_each_visitor_and_all_of_them(limiter: Limiter
 
 async def test_spoofed_forwarded_for_from_untrusted_peer(limiter: Limiter,
                                                          tmp_path: Path) -> None:
-    settings = Settings(config_dir=tmp_path, auth={"enabled": False}, limits={"per_ip_rpm": 2})
+    # Auth off serves loopback clients only, so the visitors here are other loopback addresses.
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False}, limits={"per_ip_rpm": 2},
+                        server={"trusted_proxies": ["127.0.0.1"]})
     app = limited_app(limiter, settings)
-    async with http_client(app, peer="203.0.113.9") as http:
-        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"10.9.9.{i}"}))
+    async with http_client(app, peer="127.0.0.9") as http:  # not a trusted proxy
+        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"127.9.9.{i}"}))
                  .status_code for i in range(4)]
     assert codes == [200, 200, 429, 429]  # all counted against the real peer
     async with http_client(app, peer="127.0.0.1") as http:  # trusted proxy (Caddy)
-        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"10.8.8.{i}"}))
+        codes = [(await http.get("/v1/models", headers={"X-Forwarded-For": f"127.8.8.{i}"}))
                  .status_code for i in range(4)]
     assert codes == [200] * 4  # four different clients behind the proxy
 
@@ -322,12 +344,33 @@ async def test_global_limit_shared_by_two_gateways(redis_server: RedisServer, cl
     try:
         codes = []
         for i in range(5):
-            async with http_client(apps[i % 2], peer=f"198.51.100.{i}") as http:
+            async with http_client(apps[i % 2], peer=f"127.0.2.{i}") as http:
                 codes.append((await http.get("/v1/models")).status_code)
         assert codes == [200, 200, 200, 429, 429]
     finally:
         for lim in limiters:
             await lim.aclose()
+
+
+async def test_fallback_settles_each_reservation_where_it_was_made(
+        redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = FallbackLimiter(RedisLimiter.from_url(redis_server.url, clock, timeout=5),
+                              InProcessLimiter(clock), timeout=5, probe_interval=3600)
+    try:
+        await limiter.primary.client.flushdb()
+        in_redis = await limiter.acquire("f", 100, cost=90)
+        assert limiter.redis_up and in_redis.entry
+        await limiter.adjust("f", in_redis.entry, 10)
+        assert (await limiter.acquire("f", 100, mode="peek")).remaining == 90
+        redis_server.stop()
+        local = await limiter.acquire("g", 100, cost=90)  # Redis down: in-process entry
+        assert not limiter.redis_up and local.entry and local.entry.startswith("local:")
+        await limiter.adjust("g", local.entry, 10)
+        assert limiter.local.acquire_now("g", 100, mode="peek").remaining == 90
+        await limiter.adjust("f", in_redis.entry, 0)  # unreachable: kept, never an error
+    finally:
+        redis_server.start()
+        await limiter.aclose()
 
 
 async def test_hung_redis_times_out_into_the_fallback(clock: FakeClock) -> None:
@@ -384,6 +427,50 @@ async def test_limit_headers_on_streaming_responses(tmp_path: Path, clock: FakeC
         assert _headers(second, "tokens") == ("20", "8", "60s")  # first stream's 12 charged
 
 
+async def test_tokens_are_reserved_at_admission_and_refunded_at_the_end(
+        limiter: Limiter, clock: FakeClock, tmp_path: Path) -> None:
+    """The old check admitted at cost 1 and charged afterwards: one token left was enough to
+    start any number of long generations."""
+    from app.errors import RateLimited
+    from app.http.limits import RequestLimits
+
+    async def generate(request: Request) -> JSONResponse:
+        limits: RequestLimits = request.state.limits
+        body = await request.json()
+        try:
+            await limits.reserve(body["prompt"] + body["max_tokens"])  # what the engine does
+        except RateLimited as error:
+            return JSONResponse(error.body("openai"), status_code=429,
+                                headers=error.response_headers())
+        if body.get("finish", True):
+            await limits.charge_tokens(body["prompt"] + body["used"])
+        return JSONResponse({"reserved": limits.reserved})
+
+    settings = Settings(config_dir=tmp_path, auth={"enabled": False},
+                        limits={"per_ip_rpm": 0, "per_key_tpm": 100})
+    inner = Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"])])
+    app = AuthMiddleware(RateLimitMiddleware(inner, limiter=limiter, settings=settings),
+                         keys=None, settings=settings)
+    async with http_client(app) as http:
+        async def post(**body: Any) -> httpx.Response:
+            return await http.post("/v1/chat/completions", json=body)
+
+        whole = await post(prompt=10, max_tokens=200, used=0)
+        assert whole.status_code == 429 and "more than the whole budget" in \
+            whole.json()["error"]["message"]
+        # A running generation holds its reservation: a second one that would not fit waits.
+        running = await post(prompt=10, max_tokens=60, used=0, finish=False)
+        assert running.status_code == 200
+        second = await post(prompt=10, max_tokens=40, used=0)
+        assert second.status_code == 429 and second.headers["retry-after"] == "60"
+        assert "30 are left" in second.json()["error"]["message"]
+        # One that ends early gives back what it did not use.
+        short = await post(prompt=10, max_tokens=20, used=2)
+        assert short.status_code == 200
+        after = await post(prompt=1, max_tokens=1, used=0, finish=False)
+        assert after.headers["x-ratelimit-remaining-tokens"] == "18"  # 100 - 70 - 12
+
+
 # --- two real gateway processes on one Redis ---------------------------------------------------
 
 def gateway_factory() -> Any:
@@ -413,7 +500,8 @@ def _start_gateway(redis_url: str, tmp_path: Path) -> tuple[Any, str]:
            "MLXGW_CONFIG_DIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "tests.unit.test_limits:gateway_factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+         "--no-proxy-headers"],
         env=env, cwd=Path(__file__).resolve().parents[2])
     url = f"http://127.0.0.1:{port}"
     deadline = _time.monotonic() + 30

@@ -142,3 +142,32 @@ async def test_open_store_picks_the_backend(tmp_path: Path, redis_url: str) -> N
 
     with pytest.raises(ConfigError, match=r"redis\.url"):
         open_store(Settings(responses={"store": "redis"}))
+
+
+async def test_a_paused_redis_is_a_503_within_the_timeout_then_recovers() -> None:
+    """No timeouts and no error mapping meant a hung Redis stalled /v1/responses and its
+    errors were 500s (issue 13, item 13)."""
+    from app.errors import StoreUnavailable
+    from tests.redis_server import RedisServer
+
+    with RedisServer() as server:
+        store = RedisStore(server.url, timeout=0.3)
+        try:
+            await store.put(_item())
+            paused = server.pause(3)  # longer than the timeout: an answer means we waited
+            for call in (store.get("resp_1", "key1"), store.put(_item("resp_2")),
+                         store.delete("resp_1", "key1")):
+                with pytest.raises(StoreUnavailable) as caught:
+                    await call
+                assert caught.value.status == 503 and caught.value.retry_after
+                assert "not answering" in caught.value.message
+            paused.join()
+            back = await store.get("resp_1", "key1")  # the client reconnects by itself
+            assert back is not None and back.id == "resp_1"
+        finally:
+            await store.close()
+        server.stop()
+        gone = RedisStore(server.url, timeout=0.3)
+        with pytest.raises(StoreUnavailable):  # nothing listening: also a 503
+            await gone.get("resp_1", "key1")
+        await gone.close()

@@ -377,7 +377,7 @@ class _OneSlotEngine:
         self.open = 0
         self.submitted: list[int] = []
 
-    async def submit(self, request: Any) -> Any:
+    async def submit(self, request: Any, *, admit: Any = None) -> Any:
         from app.errors import ContextLengthExceeded, Overloaded
 
         self.submitted.append(len(request.messages))

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from app.api.anthropic.schema import CountTokensRequest, MessagesRequest, resolve_model
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
@@ -42,6 +43,7 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 def _generation(body: CountTokensRequest, request: Request, **more: Any) -> GenerationRequest:
+    check_message_count(request, len(body.messages), "messages")
     registry = request.app.state.registry
     model = resolve_model(body.model, request.app.state.settings.anthropic.models,
                           registry.default_id)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
@@ -25,6 +26,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    check_message_count(request, len(body.messages), "messages")
     generation = GenerationRequest(
         model=body.model,
         request_id=request.state.request_id,

@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.common import (
     EventStreamResponse,
+    check_message_count,
     new_id,
     record_finish,
     submit,
     until_disconnected,
 )
+from app.api.errors import NESTED_TOO_DEEPLY
 from app.api.openai.responses_render import ResponseRenderer, page_items, request_echo
 from app.api.openai.responses_schema import (
     ResponsesRequest,
@@ -103,6 +105,8 @@ async def create_response(request: Request) -> Response:
         body = await request.json()
     except ValueError:
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:  # json.loads gives up on very deep nesting this way
+        raise InvalidRequest(NESTED_TOO_DEEPLY) from None
     req = parse_request(body)
     settings = request.app.state.settings
     owner = _owner(request)
@@ -116,10 +120,10 @@ async def create_response(request: Request) -> Response:
     if not model:
         raise InvalidRequest("`model` is required", param="model")
 
+    # Counted before normalizing: the cap is there to bound that work.
+    if isinstance(req.input, list):
+        check_message_count(request, len(req.input), "input")
     items = normalize_input(req.input, _resolver(previous))
-    if len(items) > settings.server.max_messages:
-        raise InvalidRequest(f"at most {settings.server.max_messages} input items per request",
-                             param="input")
     context = [message_from_json(m) for m in previous.context] if previous else []
     new_messages = items_to_messages(items, known_calls(context))
     response_id = new_id("resp_")

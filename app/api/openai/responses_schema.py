@@ -6,6 +6,7 @@ item lists every member it did not match, while a client needs one line naming t
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any, Literal
@@ -251,6 +252,13 @@ def normalize_input(
     return items
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _normalize_item(raw: Any, where: str, resolve: ItemResolver) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where}: an input item must be an object", param=where)
@@ -265,8 +273,8 @@ def _normalize_item(raw: Any, where: str, resolve: ItemResolver) -> dict[str, An
     if kind == "function_call":
         call_id, name = _string(raw, "call_id", where), _string(raw, "name", where)
         arguments = raw.get("arguments", "")
-        if not isinstance(arguments, str):
-            raise InvalidRequest(f"{where}.arguments: must be a JSON string",
+        if not isinstance(arguments, str) or not _is_json_object(arguments or "{}"):
+            raise InvalidRequest(f"{where}.arguments: must be a JSON object encoded as a string",
                                  param=f"{where}.arguments")
         return {"id": item_id or new_id("fc_"), "type": "function_call", "status": "completed",
                 "call_id": call_id, "name": name, "arguments": arguments}

@@ -58,6 +58,7 @@ class ModelPool:
         self._thread = thread
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._load_tasks: set[asyncio.Task[None]] = set()
         self._released = asyncio.Event()  # set whenever a lease or memory is given back
         self._waiting: collections.Counter[str] = collections.Counter()
         for spec in registry:
@@ -115,7 +116,7 @@ class ModelPool:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._released.wait(), remaining)
                 continue
-            await self._load(spec, decision.evict)
+            await asyncio.shield(self._begin_load(spec, decision.evict))
 
     def release(self, loaded: LoadedModel) -> None:
         self.policy.release(loaded.id, time.time())
@@ -140,22 +141,34 @@ class ModelPool:
         return True
 
     async def sweep_idle(self) -> None:
-        """Run forever: evict models whose idle TTL ran out."""
+        """Run forever: evict models whose idle TTL ran out. A failed eviction is logged and
+        the sweep goes on (it used to end the sweeper for good, and with it every TTL)."""
         while True:
             delay = self.policy.next_expiry(time.time())
             await asyncio.sleep(min(delay if delay is not None else TTL_SWEEP_MAX_SECONDS,
                                     TTL_SWEEP_MAX_SECONDS) + 0.05)
-            for model_id in self.policy.expired(time.time()):
-                if model_id in self._loaded:
-                    await self._evict(model_id, "ttl")
+            try:
+                for model_id in self.policy.expired(time.time()):
+                    if model_id in self._loaded:
+                        await self._evict(model_id, "ttl")
+            except Exception:
+                log.exception("idle sweep failed; retrying at the next sweep")
+                await asyncio.sleep(1.0)  # a persistent failure must not spin
 
     async def close(self) -> None:
+        for task in list(self._load_tasks):
+            task.cancel()
         for model_id in list(self._loaded):
             await self._evict(model_id, "manual")
 
     # --- carrying decisions out ---------------------------------------------------------------
 
-    async def _load(self, spec: ModelSpec, evict: tuple[str, ...]) -> None:
+    def _begin_load(self, spec: ModelSpec, evict: tuple[str, ...]) -> asyncio.Future[LoadedModel]:
+        """Reserve and start loading `spec` in a task of its own; the future settles with it.
+
+        The load is nobody's coroutine: a requester that is cancelled (its client left, the
+        warm-up stopped) neither cancels a load others wait for nor leaves its memory reserved.
+        """
         future: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
         self._loading[spec.id] = future
         # Victims leave the pool before the first await, so no request can lease one of them
@@ -168,20 +181,30 @@ class ModelPool:
         self.policy.mark_loaded(spec.id, self.footprint(spec), time.time(), pinned=spec.pinned,
                                 ttl=spec.ttl)
         self.policy.acquire(spec.id, time.time())  # a model being loaded is no one's victim
+        task = asyncio.ensure_future(self._load(spec, victims, reason, future))
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
+        return future
+
+    async def _load(self, spec: ModelSpec, victims: list[str], reason: EvictReason,
+                    future: asyncio.Future[LoadedModel]) -> None:
         started = time.monotonic()
         try:
             for victim in victims:
                 await self._unload(victim, reason)
             loaded = await self._thread.call(lambda: self._load_on_thread(spec))
-        except Exception as error:
+        except BaseException as error:  # CancelledError too: never leak the reservation
             self.policy.forget(spec.id)
             self._released.set()
             metrics.MODEL_LOADS.labels(result="error").inc()
             log.error("model load failed", model=spec.id, error=repr(error))
-            failure = ModelLoadFailed(f"model {spec.id!r} failed to load: {error}")
-            future.set_exception(failure)
+            cause = "the server is stopping" if isinstance(error, asyncio.CancelledError) \
+                else str(error)
+            future.set_exception(ModelLoadFailed(f"model {spec.id!r} failed to load: {cause}"))
             future.exception()  # retrieved here; waiters re-raise it through shield
-            raise failure from error
+            if not isinstance(error, Exception):
+                raise
+            return
         finally:
             self._loading.pop(spec.id, None)
         self.policy.release(spec.id, time.time())

@@ -12,6 +12,7 @@ vocabulary stored in the file.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -459,13 +460,27 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_STAMP_SAMPLE = 1 << 20  # bytes hashed at each end of the file
+
+
 def _source_stamp(gguf_path: Path) -> dict[str, Any]:
-    return {"file": gguf_path.name, "size": gguf_path.stat().st_size,
-            "converter": CONVERTER_VERSION}
+    """What identifies a GGUF cheaply: name, size, mtime, and a hash of its first and last
+    MiB (the header with its metadata and tensor table, and the last tensors), so a file
+    replaced by another of the same size is converted anew, without reading gigabytes."""
+    stat = gguf_path.stat()
+    digest = hashlib.sha256()
+    with gguf_path.open("rb") as handle:
+        digest.update(handle.read(_STAMP_SAMPLE))
+        if stat.st_size > _STAMP_SAMPLE:
+            handle.seek(max(_STAMP_SAMPLE, stat.st_size - _STAMP_SAMPLE))
+            digest.update(handle.read(_STAMP_SAMPLE))
+    return {"file": gguf_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sample_sha256": digest.hexdigest(), "converter": CONVERTER_VERSION}
 
 
 def is_conversion_of(out_dir: Path, gguf_path: Path) -> bool:
-    """True if `out_dir` is a finished conversion of this GGUF (same name and size)."""
+    """True if `out_dir` is a finished conversion of this GGUF (same name, size, mtime and
+    sampled hash, same converter version)."""
     try:
         stamp = json.loads((Path(out_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
