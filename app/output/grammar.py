@@ -102,7 +102,10 @@ def check(constraint: Constraint) -> None:
     naming the request field it came from. Cheap: no tokenizer involved."""
     if isinstance(constraint, ToolCallConstraint) and not constraint.tools:
         raise InvalidRequest(f"{constraint.param}: no tools to call", param=constraint.param)
-    error = _validate(grammar_text(constraint))
+    try:
+        error = _validate(grammar_text(constraint))
+    except RecursionError:
+        error = "the schema is nested too deeply"
     if error:
         raise InvalidRequest(f"{constraint.param}: the schema can't be enforced: "
                              f"{_first_line(error)}", param=constraint.param)

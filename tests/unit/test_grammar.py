@@ -203,3 +203,12 @@ def test_forced_grammar_caps_the_number_of_calls() -> None:
     three = ToolCallConstraint(TOOLS, forced=True, parallel=True, max_calls=3)
     assert "call{" not in grammar.grammar_text(one).splitlines()[0]
     assert grammar.grammar_text(three).splitlines()[0] == "start: call{1,3}"
+
+
+def test_a_schema_nested_too_deeply_is_a_400() -> None:
+    deep: dict[str, Any] = {"type": "integer"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(InvalidRequest) as caught:
+        grammar.check(JsonConstraint(deep, "response_format.json_schema.schema"))
+    assert caught.value.param == "response_format.json_schema.schema"
