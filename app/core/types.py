@@ -5,7 +5,8 @@ Plain dataclasses, no I/O: nothing below `api/` knows which protocol a request c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -23,6 +24,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Fields the client left out: the model's own defaults may fill them (`with_defaults`).
+    unset: frozenset[str] = frozenset()
+
+    def with_defaults(self, defaults: Mapping[str, float]) -> SamplingParams:
+        chosen: dict[str, Any] = {name: int(value) if name == "top_k" else value
+                                  for name, value in defaults.items() if name in self.unset}
+        return replace(self, **chosen) if chosen else self
 
 
 @dataclass(frozen=True)

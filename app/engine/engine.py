@@ -306,7 +306,8 @@ class Engine:
     async def _start(self, request: GenerationRequest, loaded: LoadedModel, hold: _Hold,
                      admit: Callable[[int], Awaitable[None]] | None = None
                      ) -> GenerationStream:
-        check_sampling(request.sampling, loaded.batch.vocab_size)
+        sampling = request.sampling.with_defaults(dict(loaded.spec.sampling))
+        check_sampling(sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
         tokens = prompt.ids
@@ -317,8 +318,8 @@ class Engine:
             request_id=request.request_id,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=make_sequence_sampler(request.sampling),
-            processors=make_sequence_processors(request.sampling),
+            sampler=make_sequence_sampler(sampling),
+            processors=make_sequence_processors(sampling),
             stop=list(request.stop),
             deliver=lambda events: stream.deliver(events),
             loop=loop,

@@ -37,6 +37,7 @@ from app.api.openai.responses_schema import (
     parse_request,
     turn_starts,
 )
+from app.api.openai.schema import unset_fields
 from app.api.sse import DONE, sse_data
 from app.core.types import (
     ChatMessage,
@@ -197,6 +198,7 @@ def _sampling(req: ResponsesRequest) -> SamplingParams:
     return SamplingParams(
         temperature=defaults.temperature if req.temperature is None else req.temperature,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
+        unset=unset_fields(req),
     )
 
 

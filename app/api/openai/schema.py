@@ -93,6 +93,14 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what an int64 or uint64 seed field c
 MAX_LOGIT_BIAS = 1024  # entries; each one is a column touched on every step
 
 
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def unset_fields(body: BaseModel) -> frozenset[str]:
+    """The sampling fields a request left out, for the model's defaults to fill."""
+    return frozenset(name for name in DEFAULTABLE if getattr(body, name, None) is None)
+
+
 class SamplingFields(_Lenient):
     """Fields shared by chat and text completions.
 
@@ -154,6 +162,7 @@ class SamplingFields(_Lenient):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty,
             logit_bias=tuple((int(t), float(b)) for t, b in (self.logit_bias or {}).items()),
+            unset=unset_fields(self),
         )
 
     @property
