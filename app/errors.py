@@ -168,3 +168,12 @@ class InsufficientMemory(GatewayError):
 def protocol_for_path(path: str) -> Protocol:
     """Which wire protocol an error on this path must be rendered in."""
     return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before a non-stream answer was ready. Not a server error: the
+    access log shows 499 (nginx's "client closed request"), and nothing reaches the client."""
+
+    status = 499
+    openai_type = "client_disconnected"
+    anthropic_type = "api_error"

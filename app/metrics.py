@@ -29,6 +29,9 @@ INFLIGHT = Gauge("mlxgw_inflight_requests", "Generations running in the engine."
 CANCELLED = Counter(
     "mlxgw_sequences_cancelled_total", "Sequences stopped early because the client went away."
 )
+STALLED_STREAMS = Counter(
+    "mlxgw_streams_stalled_total", "Streams cut because the client stopped reading."
+)
 ENGINE_FAILURES = Counter("mlxgw_engine_failures_total", "Generations that failed in the engine.")
 PREFIX_CACHE_HITS = Counter(
     "mlxgw_prefix_cache_hits_total", "Prompts that reused cached KV for a prefix."
@@ -95,4 +98,11 @@ RECLAIMED_BYTES = Counter(
 )
 MLX_ACTIVE_BYTES = Gauge(
     "mlxgw_mlx_active_bytes", "Bytes MLX holds in arrays, read after each load and eviction."
+)
+
+# --- output parsing --------------------------------------------------------------------------
+TOOL_CALL_PARSE_FAILURES = Counter(
+    "mlxgw_tool_call_parse_failures_total",
+    "Tool-call blocks the model wrote that could not be parsed; their text went to content.",
+    ["format"],
 )

@@ -82,6 +82,20 @@ class ServerSettings(_Section):
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="SSE keep-alive interval while a request waits or prefills."
     )
+    send_timeout: float = Field(
+        30.0, gt=0, description="Seconds one SSE write may wait for a client that stopped "
+        "reading before the stream is cut (and its generation cancelled)."
+    )
+
+
+class SamplingDefaults(_Section):
+    """Used where a request leaves a field out (Claude Code and Codex send no temperature)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
 
 
 class ModelEntry(_Section):
@@ -91,6 +105,10 @@ class ModelEntry(_Section):
     pinned: bool = Field(False, description="Load at start and never evict.")
     ttl: float | None = Field(None, ge=0, description="Idle seconds before eviction; 0 = never.")
     max_context: int | None = Field(None, ge=16, description="Cap the context length.")
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="Sampling for fields a request leaves out; over the model's "
+                    "generation_config.json, which is over the API defaults.")
 
     @field_validator("id")
     @classmethod
@@ -140,6 +158,10 @@ class EngineSettings(_Section):
     default_max_tokens: int = Field(
         4096, ge=1, description="Completion cap when a request names none."
     )
+    strict_max_tokens: bool = Field(
+        False, description="Refuse (400) a max_tokens larger than the context leaves room for; "
+        "by default it is capped to the room left and the answer ends with finish_reason length."
+    )
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
         "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "
@@ -172,6 +194,9 @@ class LimitsSettings(_Section):
     global_rpm: int = Field(0, ge=0, description="Requests/minute for everyone; 0 = off.")
     max_inflight: int = Field(32, ge=1, description="Generations running at once.")
     max_queue: int = Field(64, ge=0, description="Generations waiting for a slot.")
+    per_key_inflight: int = Field(
+        16, ge=0, description="Generations one key may have running or queued; 0 = no cap."
+    )
     breaker_failures: int = Field(5, ge=1, description="Engine failures that open the breaker.")
     breaker_cooldown: float = Field(30.0, gt=0, description="Seconds before half-open.")
 

@@ -8,18 +8,20 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import structlog
 from fastapi import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.sse import SSE_HEADERS
 from app.core.types import Finish, GenerationRequest
 from app.engine.engine import Engine, GenerationStream
-from app.errors import InvalidRequest
+from app.errors import ClientDisconnected, InvalidRequest
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -42,7 +44,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     """Hand the request to the engine; errors here still become a proper HTTP status."""
     request.state.log_fields = {"model": generation.model}
     spec = request.app.state.registry.resolve(generation.model)
-    authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
+    principal = getattr(request.state, "principal", None)
+    authorize_model(principal, spec.id, *spec.aliases)
+    if principal is not None and principal.key_id is not None:
+        generation.owner = principal.key_id  # the per-key in-flight cap counts by key
     limits = getattr(request.state, "limits", None)
     # A token budget reserves prompt + max_tokens once the prompt's length is known.
     stream = await engine_of(request).submit(
@@ -83,7 +88,9 @@ async def until_disconnected(request: Request, work: Awaitable[T],
         await on_disconnect()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise asyncio.CancelledError("client disconnected")
+        # Not CancelledError: that surfaced as a 500 with an "Exception in ASGI application"
+        # traceback. The error handler's answer goes nowhere, and the log says 499.
+        raise ClientDisconnected("the client disconnected before the answer was ready")
     finally:
         watcher.cancel()
 
@@ -98,7 +105,8 @@ class EventStreamResponse(StreamingResponse):
     cancelled at once rather than whenever the generator is collected.
 
     Heartbeats come from the body itself (`GenerationStream.batches` yields an empty list
-    when the engine is quiet).
+    when the engine is quiet). A client that stops reading makes a write wait once the
+    socket buffers are full; after `[server] send_timeout` seconds the stream is cut.
     """
 
     media_type = "text/event-stream"
@@ -109,10 +117,27 @@ class EventStreamResponse(StreamingResponse):
                          media_type=self.media_type)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout: float = scope["app"].state.settings.server.send_timeout
+
+        async def send_or_give_up(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                metrics.STALLED_STREAMS.inc()
+                log.warning("client stopped reading: stream cut", timeout_seconds=timeout)
+                raise ClientStalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_give_up)
+        except ClientStalled:
+            pass  # the connection is dropped by the server; nothing more to send
         finally:
             aclose = getattr(self._source, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class ClientStalled(Exception):
+    """A send waited longer than `send_timeout` for the client to read."""
 

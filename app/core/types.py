@@ -5,7 +5,8 @@ Plain dataclasses, no I/O: nothing below `api/` knows which protocol a request c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -23,6 +24,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Fields the client left out: the model's own defaults may fill them (`with_defaults`).
+    unset: frozenset[str] = frozenset()
+
+    def with_defaults(self, defaults: Mapping[str, float]) -> SamplingParams:
+        chosen: dict[str, Any] = {name: int(value) if name == "top_k" else value
+                                  for name, value in defaults.items() if name in self.unset}
+        return replace(self, **chosen) if chosen else self
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,10 @@ class GenerationRequest:
     tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
     constraint: Constraint | None = None  # enforced by a grammar while decoding
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
+    # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
+    # is how the Responses/chat `reasoning.effort` reaches templates that read it.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None  # the key it runs for: per-key in-flight cap (None: no key)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,13 @@ class LogprobsDelta:
     """Log-probabilities of generated tokens, for requests that ask; text comes separately."""
 
     tokens: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Text the model wrote inside its reasoning (think) block: never part of the content."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -150,4 +169,5 @@ class Failed:
     error: Exception
 
 
-GenerationEvent = TextDelta | ToolCallDelta | LogprobsDelta | Finish | Failed
+GenerationEvent = (TextDelta | ReasoningDelta | ToolCallDelta | LogprobsDelta | Finish
+                   | Failed)

@@ -1,16 +1,22 @@
 """The engine as the asyncio side sees it: submit a GenerationRequest, iterate its events.
 
-Everything that can be refused (unknown model, prompt too long, failed load) is raised by
-`submit` before a byte is streamed, so the API can answer with a proper status code.
+Everything that can be refused (unknown model, prompt too long, failed load, a sampling
+value the model cannot take) is raised by `submit` before a byte is streamed, so the API can
+answer with a proper status code.
+
+A generation's admission slot and model lease are given back when the engine finishes it,
+not when the client has read the last event: a client that stops reading holds neither.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
@@ -20,12 +26,15 @@ from app.core.types import (
     GenerationEvent,
     GenerationRequest,
     LogprobsDelta,
+    ReasoningDelta,
     TextDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
 )
-from app.engine.prompt import prompt_tokens
+from app.engine.prompt import Prompt, prompt_tokens, render
 from app.engine.residency.pool import LoadedModel, ModelPool
-from app.engine.sampling import make_sequence_processors, make_sequence_sampler
+from app.engine.sampling import check_sampling, make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
 from app.engine.thread import EngineThread
 from app.errors import (
@@ -40,26 +49,70 @@ from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.models.registry import ModelRegistry
 from app.output import grammar
+from app.output.detect import starts_in_reasoning
+from app.output.harmony import HarmonyParser
+from app.output.parser import OutputParser
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass
+class Output:
+    """A whole answer: content, reasoning and the calls (id, name, JSON arguments)."""
+
+    text: str
+    reasoning: str
+    calls: list[ToolCall]
+    finish: Finish
+
+
+def output_parser(request: GenerationRequest, prompt: Prompt,
+                  model: str) -> OutputParser | HarmonyParser | None:
+    """The parser that turns this chat request's raw text into content, reasoning and calls,
+    once, below every protocol. Raw completions get none."""
+    output = prompt.output
+    if output is None:
+        return None
+    parse_tools = bool(request.tools) and request.tool_choice != "none"
+    if output.harmony:
+        return HarmonyParser(parse_tools=parse_tools)
+    schemas = {tool.name: tool.parameters for tool in request.tools}
+    think = output.format.think if output.format is not None else ()
+    return OutputParser(output.format, schemas=schemas, parse_tools=parse_tools,
+                        start_in_reasoning=starts_in_reasoning(prompt.text, think), model=model)
+
+class _Hold:
+    """What one generation holds while the engine works on it; given back once."""
+
+    def __init__(self, engine: Engine, owner: str | None) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.slot_started: float | None = None
+        self.loaded: LoadedModel | None = None
+        self.released = False
+
+    def release(self, outcome: Finish | Failed | None) -> None:
+        if not self.released:
+            self.released = True
+            self.engine._release(self, outcome)
+
+
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
-    def __init__(self, model: str, seq: Sequence, engine: Engine, loaded: LoadedModel,
-                 slot_started: float | None) -> None:
+    def __init__(self, model: str, seq: Sequence, engine: Engine, hold: _Hold,
+                 parser: OutputParser | HarmonyParser | None = None) -> None:
         self.model = model
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self._seq = seq
         self._engine = engine
-        self._loaded = loaded
+        self._hold = hold
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
-        self._slot_started = slot_started
+        self._parser = parser
         self.logprobs: list[TokenLogprob] = []  # every token's, for requests that asked
 
     @property
@@ -68,7 +121,29 @@ class GenerationStream:
 
     def deliver(self, events: list[GenerationEvent]) -> None:
         """On the event loop: a batch of events from the MLX thread."""
+        if self._parser is not None:
+            events = self._parse(events)
         self._inbox.put_nowait(events)
+        for event in events:
+            if isinstance(event, Finish | Failed):  # the engine is done with it
+                self._hold.release(event)
+
+    def _parse(self, events: list[GenerationEvent]) -> list[GenerationEvent]:
+        """Raw text -> content / reasoning / tool-call events, the one place this happens."""
+        parser = self._parser
+        assert parser is not None
+        out: list[GenerationEvent] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                out += parser.feed(event.text)
+            elif isinstance(event, Finish):
+                out += parser.finish()
+                if parser.calls and event.reason == "stop":
+                    event = dataclasses.replace(event, reason="tool_calls")
+                out.append(event)
+            else:
+                out.append(event)
+        return out
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -106,7 +181,8 @@ class GenerationStream:
             yield events
 
     def _observe(self, event: GenerationEvent) -> None:
-        if isinstance(event, TextDelta) and self.first_token_at is None:
+        if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta) \
+                and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if isinstance(event, LogprobsDelta):
             self.logprobs.extend(event.tokens)
@@ -125,16 +201,40 @@ class GenerationStream:
                 raise event.error
         raise RuntimeError("generation ended without a finish event")
 
+    async def collect_output(self) -> Output:
+        """Run to the end; content, reasoning and calls merged. A Failed event is raised."""
+        text: list[str] = []
+        reasoning: list[str] = []
+        calls: dict[int, list[str]] = {}
+        async for event in self:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                slot = calls.setdefault(event.index, ["", "", ""])
+                slot[0] = slot[0] or event.id or ""
+                slot[1] += event.name or ""
+                slot[2] += event.arguments
+            elif isinstance(event, Finish):
+                return Output("".join(text), "".join(reasoning),
+                              [ToolCall(i, n, a) for _, (i, n, a) in sorted(calls.items())],
+                              event)
+            elif isinstance(event, Failed):
+                raise event.error
+        raise RuntimeError("generation ended without a finish event")
+
     async def aclose(self) -> None:
         if not self._finished:
-            self._seq.cancelled.set()
-            self._engine._thread.wake()
+            if not self._hold.released:
+                self._seq.cancelled.set()
+                self._engine._thread.wake()
             self._finish(None)
 
     def _finish(self, event: Finish | Failed | None) -> None:
         if not self._finished:
             self._finished = True
-            self._engine._release(self._loaded, self._slot_started, event)
+            self._hold.release(event)
 
 
 class Engine:
@@ -159,7 +259,8 @@ class Engine:
 
     async def stop(self) -> None:
         self._sweeper.cancel()
-        await self.pool.close()
+        if self._thread.dead is None:  # a dead thread unloads nothing; the process exits
+            await self.pool.close()
         await asyncio.to_thread(self._thread.stop)
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
@@ -190,43 +291,37 @@ class Engine:
         """`admit(prompt + max_tokens)` runs once the prompt is tokenized and before the
         generation starts; raising there refuses the request (a token budget's reservation)."""
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
+        if self._thread.dead is not None:
+            raise self._thread.dead_error()
         if request.constraint is not None:  # a schema we can't enforce is a 400, not a slot
             await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, grammar.check, request.constraint)
         if self.breaker is not None:
+            # The one place the failure breaker is asked (it may make this request the
+            # half-open trial); `_release` reports how it went.
             self.breaker.allow()
-        slot_started = await self.admission.acquire() if self.admission else None
+        hold = _Hold(self, request.owner)
         try:
-            loaded = await self.pool.acquire(request.model)
-        except ModelLoadFailed:
-            self._release(None, slot_started, None)
-            if self.breaker is not None:
-                self.breaker.record_failure()
-            raise
+            if self.admission is not None:
+                hold.slot_started = await self.admission.acquire(request.owner)
+            # A model that fails to load is that model's problem (ModelLoadFailed names it
+            # and the cause), not the engine failing: it does not count toward the breaker.
+            hold.loaded = await self.pool.acquire(request.model)
+            return await self._start(request, hold.loaded, hold, admit)
         except BaseException:
-            self._release(None, slot_started, None)
-            raise
-        try:
-            return await self._start(request, loaded, slot_started, admit)
-        except BaseException:
-            self._release(loaded, slot_started, None)
+            hold.release(None)
             raise
 
-    async def _start(self, request: GenerationRequest, loaded: LoadedModel,
-                     slot_started: float | None,
+    async def _start(self, request: GenerationRequest, loaded: LoadedModel, hold: _Hold,
                      admit: Callable[[int], Awaitable[None]] | None = None
                      ) -> GenerationStream:
+        sampling = request.sampling.with_defaults(dict(loaded.spec.sampling))
+        check_sampling(sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(
-            self._tokenize, prompt_tokens, loaded.tokenizer, request
-        )
+        prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
+        tokens = prompt.ids
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
-        bias = request.sampling.logit_bias
-        vocabulary = len(loaded.tokenizer.vocab) if bias else 0
-        if any(not 0 <= token < vocabulary for token, _ in bias):
-            raise InvalidRequest(f"logit_bias: token ids must be below {vocabulary} for this "
-                                 "model", param="logit_bias")
-        processors = make_sequence_processors(request.sampling)
+        processors = make_sequence_processors(sampling)
         if request.constraint is not None or request.logprobs is not None:
             # Compiling a grammar (or llguidance's view of the vocabulary, once per model)
             # takes milliseconds to a second: on the tokenizer thread, never the MLX one.
@@ -241,7 +336,7 @@ class Engine:
             request_id=request.request_id,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=make_sequence_sampler(request.sampling),
+            sampler=make_sequence_sampler(sampling),
             processors=processors,
             logprobs=request.logprobs,
             token_bytes=compiler.token_bytes if request.logprobs is not None else None,
@@ -249,7 +344,8 @@ class Engine:
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, seq, self, loaded, slot_started)
+        stream = GenerationStream(loaded.id, seq, self, hold,
+                                  output_parser(request, prompt, loaded.id))
         self._thread.add_sequence(loaded.id, seq)
         return stream
 
@@ -266,6 +362,9 @@ class Engine:
             return min(room, self.settings.default_max_tokens)
         if request.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if request.max_tokens > room and not self.settings.strict_max_tokens:
+            # Agents ask for 32k by habit: answer what fits, ending with finish_reason length.
+            return room
         if request.max_tokens > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. The prompt has "
@@ -275,17 +374,32 @@ class Engine:
             )
         return request.max_tokens
 
-    def _release(self, loaded: LoadedModel | None, slot_started: float | None,
-                 outcome: Finish | Failed | None) -> None:
-        if loaded is not None:
-            self.pool.release(loaded)
-        if slot_started is not None and self.admission is not None:
-            self.admission.release(slot_started)
-        if self.breaker is not None and outcome is not None:
-            if isinstance(outcome, Failed):
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
+    @property
+    def dead(self) -> str | None:
+        """Why the engine thread stopped serving (None while it serves)."""
+        return self._thread.dead
+
+    def _release(self, hold: _Hold, outcome: Finish | Failed | None) -> None:
+        if hold.loaded is not None:
+            self.pool.release(hold.loaded)
+        if hold.slot_started is not None and self.admission is not None:
+            self.admission.release(hold.slot_started, hold.owner)
+        if self.breaker is None:
+            return
+        if isinstance(outcome, Finish):
+            self.breaker.record_success()
+        elif isinstance(outcome, Failed) and counts_against_engine(outcome.error):
+            self.breaker.record_failure()
+        else:  # refused, cancelled, or the client's own fault: says nothing about the engine
+            self.breaker.abandon()
+
+
+def counts_against_engine(error: BaseException) -> bool:
+    """Whether a failed generation means the engine is failing (what the breaker counts).
+    A client's bad values (4xx) and a shutdown's goodbye do not."""
+    if isinstance(error, Overloaded | ModelLoadFailed):
+        return False
+    return not (isinstance(error, GatewayError) and error.status < 500)
 
 
 def gateway_error(error: BaseException) -> GatewayError:

@@ -1,14 +1,28 @@
-"""Requests -> prompt token ids, with the model's own chat template."""
+"""Requests -> prompt token ids, with the model's own chat template.
+
+Tools go to the template when it renders them; a template without tool support gets the
+gateway's generic tool format in the system prompt instead (app/output/generic_tools.py).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from app.core.types import ChatMessage, GenerationRequest, ToolCall
 from app.errors import InvalidRequest
+from app.output.detect import ModelOutput, model_output
+from app.output.generic_tools import history_for_generic, render_tools_prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str  # the rendered prompt ("" for raw completions): its end says if a think block is open
+    output: ModelOutput | None  # how this model writes calls and reasoning (chat only)
 
 
 def _arguments(call: ToolCall, where: str) -> dict[str, Any]:
@@ -43,14 +57,28 @@ def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
+def _with_tools_prompt(messages: list[ChatMessage],
+                       request: GenerationRequest) -> list[ChatMessage]:
+    choice = request.tool_choice
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    prompt = render_tools_prompt(request.tools, required=choice == "required" or bool(named),
+                                 name=named if isinstance(named, str) else None)
+    history = history_for_generic(messages)
+    if history and history[0].role in ("system", "developer"):
+        first = history[0]
+        return [ChatMessage(role="system", content=f"{first.content}\n\n{prompt}"), *history[1:]]
+    return [ChatMessage(role="system", content=prompt), *history]
+
+
 def _render(tokenizer: Any, messages: list[dict[str, Any]],
-            tools: list[dict[str, Any]] | None) -> str:
+            tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]) -> str:
     """The chat template's text. A template that refuses the conversation (`raise_exception`,
     e.g. "roles must alternate") is the client's mistake: a 400 with the template's words.
     A template that does not compile is the model's problem and stays a server error."""
     try:
         text: str = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            messages, tools=tools, add_generation_prompt=True, tokenize=False,
+            **template_kwargs)
     except TemplateSyntaxError:
         raise
     except TemplateError as error:
@@ -58,27 +86,49 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]],
                              param="messages") from None
     except RecursionError:
         raise InvalidRequest("messages: nested too deeply to render", param="messages") from None
+    except Exception as error:
+        if not template_kwargs:
+            raise
+        # The client's kwargs broke the template (a colliding name, a wrong type).
+        raise InvalidRequest(f"chat_template_kwargs: the chat template failed with them: "
+                             f"{type(error).__name__}: {error}",
+                             param="chat_template_kwargs") from None
     return text
 
 
 def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids for the request. Runs off the event loop and off the MLX thread."""
+    return render(tokenizer, request).ids
+
+
+def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
+    """The prompt for the request. Runs off the event loop and off the MLX thread."""
     if request.prompt is not None:
         ids = list(tokenizer.encode(request.prompt))
+        text, output = "", None
     else:
-        messages = [_template_message(m, i) for i, m in enumerate(request.messages or [])]
         if not getattr(tokenizer, "has_chat_template", False):
             raise InvalidRequest(
                 f"model {request.model!r} has no chat template; use /v1/completions",
                 param="messages",
             )
-        tools = [
-            {"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": t.parameters}}
-            for t in request.tools
-        ] or None
-        text = _render(tokenizer, messages, tools)
+        output = model_output(tokenizer)
+        chat = list(request.messages or [])
+        # The client's history is checked as sent, whichever way it is rendered.
+        messages = [_template_message(m, i) for i, m in enumerate(chat)]
+        offer_tools = bool(request.tools) and request.tool_choice != "none"
+        tools = None
+        if not output.template_tools:
+            chat = (_with_tools_prompt(chat, request) if offer_tools
+                    else history_for_generic(chat))
+            messages = [_template_message(m, i) for i, m in enumerate(chat)]
+        elif offer_tools:
+            tools = [
+                {"type": "function", "function": {"name": t.name, "description": t.description,
+                                                  "parameters": t.parameters}}
+                for t in request.tools
+            ]
+        text = _render(tokenizer, messages, tools, request.template_kwargs)
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
-    return ids
+    return Prompt(ids=ids, text=text, output=output)

@@ -3,6 +3,12 @@
 mlx-lm's BatchGenerator does the batched arithmetic (chunked prefill, one decode step for every
 running sequence); this module owns the scheduling around it: which sequences join, text-level
 stop strings, cancellation between steps, and turning tokens into GenerationEvents.
+
+Containment: one sequence's failure (its sampler, its detokenizer) fails that sequence alone;
+a failed generator step fails the batch's sequences and starts a fresh generator, so the next
+request does not inherit a half-updated one. Anything else raised from `step` is the engine
+thread's to handle (`EngineThread`). `fault` is a test hook: called with the name of each
+point where a fault can be injected ("add", "step", "advance", "cache_insert", "forget").
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
 from app.core.types import (
@@ -31,12 +38,14 @@ from app.core.types import (
     Usage,
 )
 from app.engine.decode import use_logits_decode
+from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.stops import StopStringMatcher
-from app.errors import EngineFailure
+from app.errors import EngineFailure, InvalidRequest
 
 log = structlog.get_logger(__name__)
 
 EventSink = Callable[[list[GenerationEvent]], None]
+FaultHook = Callable[[str], None]
 
 
 @dataclass(eq=False)
@@ -58,6 +67,7 @@ class Sequence:
     generated: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
+    fault: SequenceFault = field(default_factory=SequenceFault)
     _pending: list[GenerationEvent] = field(default_factory=list)
     _detokenizer: Any = None
     _stops: StopStringMatcher | None = None
@@ -101,6 +111,11 @@ class Sequence:
         if self._pending:
             self.loop.call_soon_threadsafe(self.deliver, self.take_events())
 
+    def fail(self, error: Exception) -> None:
+        """End this sequence with an error event (sent at once)."""
+        self._pending.append(Failed(error))
+        self.flush_events()
+
 
 def _entry(raw: bytes, value: float) -> tuple[str, float, tuple[int, ...]]:
     # A token that ends inside a UTF-8 character has no text of its own; `bytes` has it all.
@@ -125,22 +140,37 @@ class ModelBatch:
         self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
         self._cache_enabled = prompt_cache_bytes > 0
         self._eos = set(tokenizer.eos_token_ids)
-        self._generator = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in sorted(self._eos)],
+        self._model = model
+        self._generator_options: dict[str, Any] = dict(
             completion_batch_size=max_batch_size,
             prefill_batch_size=max_batch_size,  # a burst of arrivals prefills together
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
-        self._logprob_uids: set[int] = set()
-        use_logits_decode(self._generator, self._logprob_uids)
+        self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
+        self._generator = self._new_generator()
+        self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
+        self.fault: FaultHook | None = None
+
+    def _new_generator(self) -> BatchGenerator:
+        generator = BatchGenerator(
+            self._model, stop_tokens=[[t] for t in sorted(self._eos)], **self._generator_options
+        )
+        self._logprob_uids.clear()  # a new generator holds no sequence yet
+        use_logits_decode(generator, self._logprob_uids)
+        return generator
+
+    def _inject(self, point: str) -> None:
+        if self.fault is not None:
+            self.fault(point)
 
     def __len__(self) -> int:
         return len(self._by_uid)
 
     def add(self, seq: Sequence) -> None:
+        """Start `seq`; an exception leaves the batch as it was (the caller fails `seq`)."""
+        self._inject("add")
         seq._detokenizer = self.tokenizer.detokenizer
         seq._stops = StopStringMatcher(seq.stop)
         stop_tokens = StopSequences([[t] for t in sorted(self._eos)])
@@ -153,8 +183,11 @@ class ModelBatch:
             caches=[cache] if cache is not None else None,
             all_tokens=[seq.prompt[: seq.cached_tokens]],
             max_tokens=[seq.max_tokens],
-            samplers=[seq.sampler],
-            logits_processors=[seq.processors],
+            samplers=[_guarded_sampler(seq)],
+            # Grammar masks (`row_mask`) are applied batched by the decode step and guard
+            # themselves; wrapping them would hide them from it.
+            logits_processors=[[p if hasattr(p, "row_mask") else seq.fault.guard_processor(p)
+                                for p in seq.processors]],
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
@@ -185,6 +218,7 @@ class ModelBatch:
             return
         started = time.perf_counter()
         try:
+            self._inject("step")
             _, responses = self._generator.next()
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
@@ -195,16 +229,30 @@ class ModelBatch:
         now = time.monotonic()
         for response in responses:
             seq = self._by_uid.get(response.uid)
-            if seq is None:
+            if seq is None or seq.fault.error is not None:
                 continue
-            if seq.logprobs is not None and response.token not in self._eos:
-                seq.logprob(response.token, response.logprobs)
-            if self._advance(seq, response.token, response.finish_reason, now):
+            try:
+                self._inject("advance")
+                if seq.logprobs is not None and response.token not in self._eos:
+                    seq.logprob(response.token, response.logprobs)
+                finished = self._advance(seq, response.token, response.finish_reason, now)
+            except Exception as error:  # this sequence's text broke: fail it alone
+                log.exception("sequence failed", request_id=seq.request_id)
+                metrics.ENGINE_FAILURES.inc()
+                seq.fail(EngineFailure(f"generation failed in the engine: {error!r}"))
+                done.append(seq.uid)
+                continue
+            if finished:
                 done.append(seq.uid)
                 if response.prompt_cache is not None and self._cache_enabled:
-                    self._prompt_cache.insert_cache(
-                        "model", list(response.all_tokens), response.prompt_cache
-                    )
+                    try:  # the cache only saves work later; losing one entry is harmless
+                        self._inject("cache_insert")
+                        self._prompt_cache.insert_cache(
+                            "model", list(response.all_tokens), response.prompt_cache
+                        )
+                    except Exception:
+                        log.exception("prompt cache insert failed", request_id=seq.request_id)
+        done.extend(self._fail_faulted())
         # One hop to the event loop per step for every sequence: each hop wakes the loop,
         # and the loop shares the GIL with this thread.
         ready = [(seq.deliver, seq.take_events()) for seq in self._by_uid.values()
@@ -248,24 +296,71 @@ class ModelBatch:
         if gone:
             self._forget(gone)
 
+    def _fail_faulted(self) -> list[int]:
+        """Fail the sequences whose own sampling or text broke this step; their uids."""
+        faulted = [seq for seq in self._by_uid.values() if seq.fault.error is not None]
+        for seq in faulted:
+            log.warning("sequence failed", request_id=seq.request_id,
+                        error=repr(seq.fault.error))
+            seq.fail(InvalidRequest(
+                f"generation failed for this request's parameters: {seq.fault.error}"))
+        return [seq.uid for seq in faulted]
+
     def _forget(self, uids: list[int]) -> None:
-        self._generator.remove(uids)
         for uid in uids:
             self._by_uid.pop(uid, None)
             self._logprob_uids.discard(uid)
+        self._inject("forget")
+        self._generator.remove(uids)
 
     def _fail_all(self, error: Exception) -> None:
         log.error("decode step failed", error=repr(error), sequences=len(self._by_uid))
         metrics.ENGINE_FAILURES.inc(len(self._by_uid))
-        self.cancel_all(EngineFailure(f"generation failed in the engine: {error}"))
+        self.reset(EngineFailure(f"generation failed in the engine: {error}"))
+
+    def reset(self, failure: Exception) -> None:
+        """Fail every sequence and start over with a fresh generator: after a failure its
+        state (half-split prompt batches, caches advanced for a step that never finished)
+        cannot be trusted by the next request."""
+        for seq in self._by_uid.values():
+            seq.fail(failure)
+        self._by_uid.clear()
+        old, self._generator = self._generator, self._new_generator()
+        try:
+            old.close()
+        except Exception:
+            log.exception("closing the failed generator")
+        reseed_global_prng()
+
+    def abandon(self, failure: Exception) -> None:
+        """Fail every sequence without touching the generator (the engine is dead)."""
+        for seq in list(self._by_uid.values()):
+            seq.fail(failure)
+        self._by_uid.clear()
 
     def cancel_all(self, failure: Exception) -> None:
         """End every sequence with `failure`: the model is unloaded or the server stops."""
         for seq in self._by_uid.values():
-            seq._pending.append(Failed(failure))
-            seq.flush_events()
+            seq.fail(failure)
         self._forget(list(self._by_uid))
 
     def close(self) -> None:
         self._generator.close()
         mx.clear_cache()
+
+
+def _guarded_sampler(seq: Sequence) -> Any:
+    # Greedy sequences keep the one shared sampler (one batched call for all of them); it
+    # has no parameters that could fail.
+    if seq.sampler is greedy_sampler:
+        return seq.sampler
+    return seq.fault.guard_sampler(seq.sampler)
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """Rows of the model's logits: what top_k and logit_bias token ids are checked against."""
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return len(tokenizer._tokenizer) if hasattr(tokenizer, "_tokenizer") else 0

@@ -39,7 +39,8 @@ def create_app(settings: Settings) -> FastAPI:
     breaker = CircuitBreaker(limiter, global_rpm=limits.global_rpm,
                              failures=limits.breaker_failures, cooldown=limits.breaker_cooldown)
     engine = Engine(settings, registry, breaker=breaker,
-                    admission=Admission(limits.max_inflight, limits.max_queue))
+                    admission=Admission(limits.max_inflight, limits.max_queue,
+                                        per_owner=limits.per_key_inflight))
     keys = KeyStore(settings.keys_file) if settings.auth.enabled else None
     activity = Activity()
 

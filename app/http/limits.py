@@ -4,8 +4,9 @@ Visitor = the key (`key:<id>`, limits from the key or `[limits] per_key_*`), or 
 IP without one (`ip:<addr>`, `per_ip_rpm`). A key with `visitor_rpm` (one a public page
 embeds) also limits each client address using it (`key:<id>:ip:<addr>`), checked first.
 Order: the visitor's own request budget, their token budget (refused once spent), then the
-global budget and the breaker, so one visitor hammering away cannot use up everyone's global
-budget with refused requests.
+global budget and an open failure breaker (only checked here: the engine takes the half-open
+trial), so one visitor hammering away cannot use up everyone's global budget with refused
+requests.
 
 Tokens: once the prompt is tokenized the engine calls `scope["state"]["limits"].reserve(n)`
 with prompt + max_tokens, which takes that much of the budget or refuses with 429; at the end
@@ -156,7 +157,9 @@ class RateLimitMiddleware:
             if self.breaker is not None:
                 await self.breaker.hit_global()
                 if scope.get("method") == "POST":  # work for the engine
-                    self.breaker.allow()
+                    # Refuse early while open, but leave the half-open trial to the engine,
+                    # which asks once and reports how it went (issue 13, item 1).
+                    self.breaker.check()
         except GatewayError as error:
             await send_error(scope, send, error, headers)
             return

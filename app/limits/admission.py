@@ -2,6 +2,9 @@
 
 Beyond that, Overloaded (503) with a Retry-After estimated from recent throughput: the
 queue ahead drains `max_inflight` at a time, each taking about as long as recent slots did.
+
+`per_owner` caps what one key may hold (running or queued) at once: without it a few
+clients that open streams and stop reading could take every slot. Over the cap is a 429.
 """
 
 from __future__ import annotations
@@ -12,18 +15,21 @@ import time
 from collections import deque
 
 from app import metrics
-from app.errors import Overloaded
+from app.errors import Overloaded, RateLimited
 from app.limits.window import Clock
 
 _RECENT = 50  # slot durations kept for the estimate
 
 
 class Admission:
-    def __init__(self, max_inflight: int, max_queue: int, *, clock: Clock = time.monotonic):
-        if max_inflight < 1 or max_queue < 0:
-            raise ValueError("max_inflight must be >= 1 and max_queue >= 0")
+    def __init__(self, max_inflight: int, max_queue: int, *, per_owner: int = 0,
+                 clock: Clock = time.monotonic):
+        if max_inflight < 1 or max_queue < 0 or per_owner < 0:
+            raise ValueError("max_inflight must be >= 1, max_queue and per_owner >= 0")
         self.max_inflight = max_inflight
         self.max_queue = max_queue
+        self.per_owner = per_owner
+        self.by_owner: dict[str, int] = {}
         self.clock = clock
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -42,17 +48,39 @@ class Admission:
         rounds = (self.queued + self.max_inflight) // self.max_inflight  # ahead of us, +1
         return min(60.0, max(1.0, per_slot * rounds))
 
-    async def acquire(self) -> float:
-        """Take a slot, waiting in the queue if need be; pass the result to `release`.
+    async def acquire(self, owner: str | None = None) -> float:
+        """Take a slot, waiting in the queue if need be; pass the result (and the same
+        `owner`) to `release`.
 
         For holders whose slot outlives one block, e.g. a stream released when it ends.
         """
-        await self._acquire()
+        if owner is not None and self.per_owner > 0:
+            held = self.by_owner.get(owner, 0)
+            if held >= self.per_owner:
+                metrics.ADMISSION_REJECTED.inc()
+                raise RateLimited(
+                    f"This key already has {held} generations running or queued (the most "
+                    "one key may have at once); wait for one to finish.",
+                    retry_after=self.retry_after(), code="too_many_concurrent_requests")
+            self.by_owner[owner] = held + 1
+        try:
+            await self._acquire()
+        except BaseException:
+            self._forget_owner(owner)
+            raise
         return self.clock()
 
-    def release(self, started: float) -> None:
+    def release(self, started: float, owner: str | None = None) -> None:
         self._durations.append(self.clock() - started)
+        self._forget_owner(owner)
         self._release()
+
+    def _forget_owner(self, owner: str | None) -> None:
+        if owner is None or owner not in self.by_owner:
+            return
+        self.by_owner[owner] -= 1
+        if self.by_owner[owner] <= 0:
+            del self.by_owner[owner]
 
     def close(self, message: str, retry_after: float = 5.0) -> None:
         """Stop admitting (the server is draining): queued requests and every later one get

@@ -5,6 +5,11 @@ sending work to an engine that keeps failing (load errors, out of memory).
 closed --(breaker_failures failures in a row)--> open --(cooldown)--> half-open
 half-open lets one trial request through: success closes, failure opens again. A trial
 that never reports back (client gone, non-engine route) frees the slot after a cooldown.
+
+`allow()` is called in exactly one place, `Engine.submit`, which also reports the outcome:
+calling it twice per request made the second call refuse the trial the first one took, so
+the breaker never closed. Only engine failures count; a client's bad request, a cancelled
+stream or a model that fails to load (that model's problem, answered as such) do not.
 """
 
 from __future__ import annotations
@@ -60,20 +65,31 @@ class CircuitBreaker:
         if state is not BreakerState.HALF_OPEN:
             self._trial_started = None
 
+    def check(self) -> None:
+        """Raise Overloaded while open; never takes the half-open trial (so it may be asked
+        early, by the limits middleware, as well as by `allow`)."""
+        if self.state is BreakerState.OPEN:
+            raise Overloaded("The model engine is failing; try again shortly.",
+                             retry_after=self._opened_at + self.cooldown - self.clock())
+
     def allow(self) -> None:
-        """Raise Overloaded (503 + Retry-After) unless work may go to the engine now."""
-        state = self.state
-        if state is BreakerState.CLOSED:
+        """Raise Overloaded (503 + Retry-After) unless work may go to the engine now. Ask
+        once per request: in half-open state this takes the one trial."""
+        self.check()
+        if self.state is BreakerState.CLOSED:
             return
         now = self.clock()
-        if state is BreakerState.OPEN:
-            raise Overloaded("The model engine is failing; try again shortly.",
-                             retry_after=self._opened_at + self.cooldown - now)
         if self._trial_started is None or now - self._trial_started >= self.cooldown:
             self._trial_started = now  # this request is the trial
             return
         raise Overloaded("The model engine is recovering; try again shortly.",
                          retry_after=max(1.0, self._trial_started + self.cooldown - now))
+
+    def abandon(self) -> None:
+        """The request that may hold the trial ended without telling us anything about the
+        engine (refused at the door, cancelled): let the next request be the trial."""
+        if self._state is BreakerState.HALF_OPEN:
+            self._trial_started = None
 
     def record_success(self) -> None:
         self.consecutive_failures = 0

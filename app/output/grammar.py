@@ -213,7 +213,16 @@ class GrammarProcessor:
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
     def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
-        """Which of `vocab` tokens may come next (None: any)."""
+        """Which of `vocab` tokens may come next (None: any). Never raises: the decode step
+        runs it for the whole batch, so a failure here ends this answer only."""
+        try:
+            return self._next(last_token, vocab)
+        except Exception:
+            log.exception("grammar_failed")
+            self._failed = True
+            return self._allowed(vocab)
+
+    def _next(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
         if self._started:
             self.feed(last_token)
         self._started = True
@@ -251,7 +260,7 @@ class TriggeredProcessor(GrammarProcessor):
         self._recent = b""
         self._trigger = CALL_OPEN.encode()
 
-    def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
+    def _next(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
         if self._started:
             if self._armed:
                 self.feed(last_token)

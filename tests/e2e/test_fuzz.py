@@ -8,6 +8,7 @@ replaced by random JSON (which reaches the deeper validation a random document n
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -108,6 +109,100 @@ def test_valid_bodies_with_one_field_broken(gateway: GatewayProcess, route: str,
         check(response)
         if response.status_code == 200 and body.get("stream") is True:
             assert response.text.rstrip().endswith("data: [DONE]")
+
+
+# --- sampling fields, while someone else streams (issue 13, item 2) ---------------------------
+
+SAMPLING_FIELDS = ["top_k", "seed", "logit_bias", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "temperature", "top_p", "min_p", "stop"]
+# Values of the right type near the edges that matter (the vocabulary is 49152 tokens; int64 and
+# uint64; the [-2, 2] penalties), so most examples get past the schema to the model-dependent
+# checks and the engine; arbitrary JSON now and then for the schema itself.
+EDGE_INTS = [0, 1, -1, 2, 49151, 49152, 49153, 100_000, 2**31, 2**63 - 1, 2**63, 2**64 - 1,
+             2**64, -(2**63), -(2**63) - 1]
+EDGE_FLOATS = [0.0, 1e-9, 0.5, 1.0, 1.5, 2.0, 2.0001, -2.0, -2.0001, 10.0, 1e9, -1e9]
+TOKEN_IDS = ["0", "1", "-1", "49151", "49152", "99999999", "x", "1.5", " 7", ""]
+ints = st.sampled_from(EDGE_INTS) | st.integers(min_value=-(2**70), max_value=2**70)
+floats = st.sampled_from(EDGE_FLOATS) | st.floats(min_value=-1e3, max_value=1e3)
+BY_FIELD = {
+    "top_k": ints, "seed": ints,
+    "logit_bias": st.dictionaries(st.sampled_from(TOKEN_IDS) | st.integers(0, 49151).map(str),
+                                  floats | st.integers(-200, 200), max_size=4),
+    "presence_penalty": floats, "frequency_penalty": floats, "repetition_penalty": floats,
+    "temperature": floats, "top_p": floats, "min_p": floats,
+    "stop": st.text(max_size=8) | st.lists(st.text(max_size=8), max_size=6),
+}
+SAMPLING_FIELDS = sorted(BY_FIELD)
+sampling_fields = st.lists(
+    st.sampled_from(SAMPLING_FIELDS).flatmap(
+        lambda name: st.tuples(st.just(name), BY_FIELD[name] | BY_FIELD[name] | json_values)),
+    min_size=1, max_size=3,
+).map(dict)
+
+
+class Bystander:
+    """A well-formed sampled stream, over and over, on another thread: every one of them
+    must end with [DONE] and no error, whatever the fuzzer sends meanwhile."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.finished = 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def _run(self) -> None:
+        body = {"model": DEMO_ID, "max_tokens": 16, "temperature": 0.8, "stream": True,
+                "messages": [{"role": "user", "content": "Tell me about the sea."}]}
+        with httpx.Client(base_url=self.gateway.base_url, timeout=TIMEOUT) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.post("/v1/chat/completions", json=body)
+                    text = response.text
+                except httpx.HTTPError as error:
+                    self.problems.append(repr(error))
+                    continue
+                if response.status_code != 200 or '"error"' in text \
+                        or not text.rstrip().endswith("data: [DONE]"):
+                    self.problems.append(f"{response.status_code}: {text[-300:]}")
+                else:
+                    self.finished += 1
+
+
+def test_sampling_fields_fuzzed_while_a_stream_runs(gateway: GatewayProcess) -> None:
+    @settings(FUZZ, max_examples=60)
+    @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+           fields=sampling_fields, stream=st.booleans())
+    def fuzz(route: str, fields: dict[str, Any], stream: bool) -> None:
+        body = {**VALID_BODIES[route], "max_tokens": 2, "temperature": 0.8, "stream": stream,
+                **fields}
+        with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+            # Python's json writes inf and nan as Infinity and NaN, which servers may parse.
+            response = http.post(route, content=json.dumps(body),
+                                 headers={"content-type": "application/json"})
+        check(response)
+        if response.status_code == 200 and stream:
+            # Accepted values must work: an in-stream error means the door let one through.
+            assert '"error"' not in response.text, (fields, response.text[-300:])
+            assert response.text.rstrip().endswith("data: [DONE]")
+
+    with Bystander(gateway) as bystander:
+        fuzz()
+    assert bystander.problems == []
+    assert bystander.finished >= 1
+    # And nothing lasting: a sampled request still works after all of that.
+    with httpx.Client(base_url=gateway.base_url, timeout=TIMEOUT) as http:
+        after = http.post("/v1/chat/completions", json={
+            **VALID_BODIES["/v1/chat/completions"], "temperature": 0.9, "max_tokens": 4})
+    assert after.status_code == 200, after.text
 
 
 # --- issue 13: tool-call histories and deep nesting ------------------------------------------

@@ -92,9 +92,12 @@ def test_stream_events_in_contract_order(client: openai.OpenAI) -> None:
                                  max_output_tokens=60) as stream:
         events = list(stream)
         final = stream.get_final_response()
-    kinds = [event.type for event in events]
     numbers = [event.sequence_number for event in events]
     assert numbers == sorted(set(numbers)), "sequence_number must strictly increase"
+    # A quiet spell (prefill, a slow token) repeats response.in_progress: the keep-alive Codex
+    # counts. Past those, the order is the contract's.
+    events = [e for i, e in enumerate(events) if i < 2 or e.type != "response.in_progress"]
+    kinds = [event.type for event in events]
     assert kinds[:4] == ["response.created", "response.in_progress",
                          "response.output_item.added", "response.content_part.added"]
     deltas = kinds[4:-4]

@@ -226,3 +226,68 @@ async def test_open_breaker_answers_503_in_the_callers_protocol(tmp_path: Path) 
         assert refused.headers["retry-after"] == "10"
         assert refused.headers["x-ratelimit-limit-requests"] == "120"  # per_ip_rpm default
         assert (await http.get("/v1/models")).status_code == 200  # no engine work
+
+
+async def test_breaker_asked_by_middleware_and_engine_still_closes() -> None:
+    """The middleware may check the breaker, the engine takes the trial: one request must
+    both pass and close it (issue 13, item 1: two `allow()`s refused the trial forever)."""
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    with pytest.raises(Overloaded):
+        breaker.check()  # open: refused early
+    clock.now += 10
+    breaker.check()  # half-open: the middleware lets it through without taking the trial
+    breaker.allow()  # the engine takes it
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    for _ in range(3):
+        breaker.check()
+        breaker.allow()
+
+
+async def test_abandoned_trial_lets_the_next_request_be_the_trial() -> None:
+    clock = FakeClock()
+    breaker = _breaker(clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    clock.now += 10
+    breaker.allow()  # trial taken, then the request is refused for its own reasons
+    breaker.abandon()
+    breaker.allow()  # no cooldown to wait out
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_per_owner_cap_is_a_429_for_that_owner_only() -> None:
+    admission = Admission(max_inflight=8, max_queue=8, per_owner=2)
+    held = [await admission.acquire("a"), await admission.acquire("a")]
+    with pytest.raises(RateLimited) as refused:
+        await admission.acquire("a")
+    assert refused.value.status == 429 and refused.value.code == "too_many_concurrent_requests"
+    other = await admission.acquire("b")  # other keys are not affected
+    anonymous = await admission.acquire()  # nor requests without a key
+    admission.release(held.pop(), "a")
+    held.append(await admission.acquire("a"))  # a slot of its own came back
+    for started in held:
+        admission.release(started, "a")
+    admission.release(other, "b")
+    admission.release(anonymous)
+    assert admission.inflight == 0 and admission.by_owner == {}
+
+
+async def test_per_owner_count_is_given_back_when_refused_or_cancelled_in_the_queue() -> None:
+    admission = Admission(max_inflight=1, max_queue=1, per_owner=2)
+    first = await admission.acquire("a")
+    waiting = asyncio.ensure_future(admission.acquire("a"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):  # the queue is full: refused, and not counted
+        await admission.acquire("b")
+    assert admission.by_owner == {"a": 2}
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert admission.by_owner == {"a": 1}
+    admission.release(first, "a")
+    assert admission.by_owner == {} and admission.inflight == 0

@@ -15,7 +15,8 @@ from app.errors import InvalidRequest
 # A template that refuses what it does not like, as many real ones do (Mistral, Llama 2, ...).
 STRICT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'tool' %}{{ raise_exception('Tool messages are not supported') }}"
+    "{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System messages must come first') }}"
     "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "<|im_start|>assistant\n"
 )
@@ -56,9 +57,9 @@ def test_a_template_that_raises_is_a_400_with_its_message(tokenizer: Any,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tokenizer._tokenizer, "chat_template", STRICT_TEMPLATE)
     assert prompt_tokens(tokenizer, chat(ChatMessage(role="user", content="hi")))
-    with pytest.raises(InvalidRequest, match="Tool messages are not supported") as caught:
+    with pytest.raises(InvalidRequest, match="System messages must come first") as caught:
         prompt_tokens(tokenizer, chat(ChatMessage(role="user", content="hi"),
-                                      ChatMessage(role="tool", content="42", tool_call_id="c")))
+                                      ChatMessage(role="system", content="late")))
     assert caught.value.status == 400 and caught.value.param == "messages"
 
 

@@ -53,8 +53,6 @@ def test_minimal_request_defaults() -> None:
         ({"model": "m", "input": "x", "truncation": "middle"}, "truncation", "'auto'"),
         ({"model": "m", "input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
          "tools.0", "flat"),
-        ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, "tools.0",
-         "only function tools"),
         ({"model": "m", "input": "x", "tools": [{"type": "function", "name": "bad name"}]},
          "tools.0.name", "function name"),
         ({"model": "m", "input": "x", "tool_choice": {"type": "function", "name": "g"}}, None,
@@ -477,7 +475,7 @@ class _FakeStream:
         self.closed = False
 
     async def batches(self, heartbeat: float) -> AsyncIterator[list[Any]]:
-        yield []  # a quiet spell: the body must send a heartbeat comment
+        yield []  # a quiet spell: the body must send a keep-alive event
         for event in self.events:
             if isinstance(event, Exception):
                 raise event
@@ -500,8 +498,9 @@ async def _sse_frames(events: list[Any], store: _MemoryStore) -> list[tuple[str,
     chunks = [chunk.decode() async for chunk in
               _sse(request, stream, _renderer(), turn, 1.0)]  # type: ignore[arg-type]
     assert stream.closed
-    assert ": ping\n\n" in chunks
-    frames = [f for c in chunks if c != ": ping\n\n" for f in c.split("\n\n") if f]
+    # Codex counts events, not comments, as activity: the quiet spell repeats in_progress.
+    assert chunks[1].startswith("event: response.in_progress\n")
+    frames = [f for c in chunks for f in c.split("\n\n") if f]
     parsed = []
     for frame in frames:
         lines = frame.strip().splitlines()
@@ -535,3 +534,61 @@ async def test_sse_stores_the_turn_with_its_output_in_the_context() -> None:
     assert saved.response == final["response"] and saved.owner == "k"
     assert saved.context == [{"role": "user", "content": "hi"},
                              {"role": "assistant", "content": "Hello"}]
+
+
+def test_hosted_tools_are_dropped_and_namespaces_flattened() -> None:
+    """Codex's shape: function tools, a namespace of functions and the hosted web_search."""
+    req = parse_request({"model": "m", "input": "x", "tools": [
+        {"type": "function", "name": "shell", "parameters": {"type": "object"}},
+        {"type": "namespace", "name": "mcp", "tools": [
+            {"type": "function", "name": "read_page", "parameters": {"type": "object"}}]},
+        {"type": "web_search"},
+        {"type": "file_search", "vector_store_ids": ["v"]},
+    ], "reasoning": {"effort": "low", "summary": "auto"}, "store": False,
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k",
+        "client_metadata": {"a": "b"}, "parallel_tool_calls": True})
+    assert [t.name for t in req.tool_specs()] == ["shell", "read_page"]
+    assert req.dropped_tools == ["web_search", "file_search"]
+    assert req.template_kwargs() == {"reasoning_effort": "low"}
+
+
+async def _queued_frames(outcome: Any) -> list[str]:
+    """`_sse_queued` with a slot that comes after three quiet heartbeats (or is refused)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.api.openai.responses import _sse_queued, _Turn
+
+    async def later() -> Any:
+        await asyncio.sleep(0.35)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome, 0
+
+    request: Any = SimpleNamespace(state=SimpleNamespace(log_fields={}))
+    store = _MemoryStore()
+
+    def turn_for(dropped: int) -> _Turn:
+        return _Turn(store=store, owner="k", ttl=60, keep=False,  # type: ignore[arg-type]
+                     input_items=[], context=[])
+
+    chunks = [chunk.decode() async for chunk in _sse_queued(
+        request, asyncio.ensure_future(later()), _renderer(), turn_for, 0.1)]
+    return [line.removeprefix("event: ") for chunk in chunks for line in chunk.splitlines()
+            if line.startswith("event: ")]
+
+
+async def test_a_queued_stream_answers_at_once_and_keeps_the_client_waiting() -> None:
+    stream = _FakeStream([TextDelta("Paris"), Finish("stop", Usage(3, 1))])
+    names = await _queued_frames(stream)
+    first_output = names.index("response.output_item.added")
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[2:first_output].count("response.in_progress") >= 1  # while it waited
+    assert names[-1] == "response.completed" and stream.closed
+
+
+async def test_a_queued_stream_that_is_refused_later_fails_in_band() -> None:
+    from app.errors import Overloaded
+
+    names = await _queued_frames(Overloaded("queue full", retry_after=1))
+    assert names[0] == "response.created" and names[-1] == "response.failed"

@@ -28,6 +28,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    ReasoningDelta,
     TextDelta,
     ToolCallConstraint,
     ToolCallDelta,
@@ -105,6 +106,13 @@ class MessageAssembler:
             out = self._open_block("text", {"type": "text", "text": ""})
             out.append(self._delta({"type": "text_delta", "text": event.text}))
             return out
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return []
+            out = self._open_block("thinking", {"type": "thinking", "thinking": "",
+                                                "signature": ""})
+            out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
+            return out
         if isinstance(event, ToolCallDelta):
             out = []
             if event.name is not None:  # the first delta of a call opens its block
@@ -167,6 +175,8 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
             block, delta = message["content"][event["index"]], event["delta"]
             if delta["type"] == "text_delta":
                 block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
             elif delta["type"] == "input_json_delta":
                 partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
         elif kind == "content_block_stop" and event["index"] in partial:

@@ -18,7 +18,7 @@ from app.api.common import (
 )
 from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.schema import ChatCompletionRequest
-from app.api.openai.stream import openai_chunks, usage_body
+from app.api.openai.stream import chat_deltas, openai_chunks, usage_body
 from app.core.types import GenerationRequest
 
 router = APIRouter()
@@ -36,6 +36,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stop=body.stop_list(),
         tools=body.tool_specs(),
         tool_choice=body.tool_choice_internal(),
+        template_kwargs=body.template_kwargs(),
         constraint=body.constraint(),
         logprobs=body.logprobs_count(),
     )
@@ -51,10 +52,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
-                          prelude=[first], heartbeat=heartbeat,
+                          prelude=[first], heartbeat=heartbeat, render=chat_deltas,
                           logprobs=chat_logprobs if body.logprobs else None))
-    text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
+    output = await until_disconnected(request, stream.collect_output(), stream.aclose)
+    finish = output.finish
     await record_finish(request, stream, finish)
+    message: dict[str, Any] = {"role": "assistant", "content": output.text or None,
+                               "refusal": None}
+    if not output.calls:
+        message["content"] = output.text
+    if output.reasoning:
+        message["reasoning_content"] = output.reasoning
+    if output.calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in output.calls
+        ]
     return JSONResponse({
         "id": completion_id,
         "object": "chat.completion",
@@ -63,7 +77,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": message,
             "logprobs": chat_logprobs(stream.logprobs) if body.logprobs else None,
             "finish_reason": finish.reason,
         }],

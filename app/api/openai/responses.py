@@ -6,6 +6,8 @@ module wires them to the engine and the response store (`app.state.response_stor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,7 +37,8 @@ from app.api.openai.responses_schema import (
     parse_request,
     turn_starts,
 )
-from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
+from app.api.openai.schema import unset_fields
+from app.api.sse import DONE, sse_data
 from app.core.types import (
     ChatMessage,
     Failed,
@@ -55,6 +58,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter()
 
 TRUNCATED_HEADER = "x-mlxgw-truncated-messages"
+DROPPED_TOOLS_HEADER = "x-mlxgw-dropped-tools"
 
 
 def _owner(request: Request) -> str:
@@ -138,27 +142,52 @@ async def create_response(request: Request) -> Response:
             sampling=_sampling(req),
             tools=req.tool_specs(),
             tool_choice=req.tool_choice_internal() if req.tools else None,
+            template_kwargs=req.template_kwargs(),
             constraint=req.constraint(),
             logprobs=req.logprobs_count(),
         )
 
-    stream, dropped = await _submit_fitting(request, req, context, build)
     extra: dict[str, Any] = {}
     headers: dict[str, str] = {}
+    if req.dropped_tools:
+        # Hosted tools (web_search, file_search, ...) run on OpenAI's side; this gateway has
+        # none, so they are left out of the prompt rather than refusing the whole turn.
+        headers[DROPPED_TOOLS_HEADER] = ",".join(req.dropped_tools)
+        extra["warnings"] = [f"tool type {name!r} is not available on this server and was "
+                             "left out" for name in req.dropped_tools]
+        log.info("responses_tools_dropped", tools=req.dropped_tools)
+    heartbeat = settings.server.heartbeat_seconds
+
+    def turn_for(dropped: int) -> _Turn:
+        return _Turn(store=_store(request), owner=owner, ttl=settings.responses.ttl,
+                     keep=req.store, input_items=items,
+                     context=[*context[dropped:], *new_messages])
+
+    model_id = request.app.state.registry.resolve(model).id  # unknown: a 404 right here
+    pending = asyncio.ensure_future(_submit_fitting(request, req, context, build))
+    if req.stream:
+        done, _ = await asyncio.wait({pending}, timeout=heartbeat)
+        if not done:
+            # Waiting in the queue (or for the model to load): answer now and keep the
+            # client's idle timer fed with in_progress events; a refusal that comes later is
+            # a response.failed event.
+            renderer = ResponseRenderer(response_id=response_id, model=model_id,
+                                        echo=request_echo(req), extra=extra)
+            return EventStreamResponse(
+                _sse_queued(request, pending, renderer, turn_for, heartbeat), headers=headers)
+    stream, dropped = await pending
     if dropped:
         # Not an OpenAI key: the spec has no place to say what "auto" truncation removed.
         extra["truncation_details"] = {"dropped_messages": dropped}
         headers[TRUNCATED_HEADER] = str(dropped)
     renderer = ResponseRenderer(response_id=response_id, model=stream.model,
                                 echo=request_echo(req), extra=extra)
-    turn = _Turn(store=_store(request), owner=owner, ttl=settings.responses.ttl, keep=req.store,
-                 input_items=items, context=[*context[dropped:], *new_messages])
+    turn = turn_for(dropped)
 
     if req.stream:
         # The body sends its own heartbeats from the engine's batches.
         return EventStreamResponse(
-            _sse(request, stream, renderer, turn, settings.server.heartbeat_seconds),
-            headers=headers,
+            _sse(request, stream, renderer, turn, heartbeat), headers=headers,
         )
     error = await until_disconnected(request, _run(request, stream, renderer), stream.aclose)
     if error is not None:
@@ -172,6 +201,7 @@ def _sampling(req: ResponsesRequest) -> SamplingParams:
     return SamplingParams(
         temperature=defaults.temperature if req.temperature is None else req.temperature,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
+        unset=unset_fields(req),
     )
 
 
@@ -275,16 +305,50 @@ def _coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
     return out
 
 
+async def _sse_queued(request: Request,
+                      pending: asyncio.Future[tuple[GenerationStream, int]],
+                      renderer: ResponseRenderer, turn_for: Callable[[int], _Turn],
+                      heartbeat: float) -> AsyncIterator[bytes]:
+    """The event stream of a turn still waiting for its slot: created and in_progress at once,
+    in_progress again every heartbeat, then the generation as `_sse` streams it."""
+    stream: GenerationStream | None = None
+    try:
+        yield b"".join(_frame(event) for event in renderer.start())
+        while not pending.done():
+            done, _ = await asyncio.wait({pending}, timeout=heartbeat)
+            if not done:
+                yield _frame(renderer.keepalive())
+        try:
+            stream, dropped = pending.result()
+        except Exception as exc:
+            yield b"".join(_frame(event) for event in renderer.fail(gateway_error(exc)))
+            yield DONE
+            return
+        if dropped:
+            renderer.extra["truncation_details"] = {"dropped_messages": dropped}
+        async for chunk in _sse(request, stream, renderer, turn_for(dropped), heartbeat,
+                                started=True):
+            yield chunk
+    finally:
+        if not pending.done():
+            pending.cancel()  # the client left while queued: give the slot back
+            with contextlib.suppress(BaseException):
+                await pending
+        if stream is not None:
+            await stream.aclose()
+
+
 async def _sse(request: Request, stream: GenerationStream, renderer: ResponseRenderer,
-               turn: _Turn, heartbeat: float) -> AsyncIterator[bytes]:
+               turn: _Turn, heartbeat: float, *, started: bool = False) -> AsyncIterator[bytes]:
     """The event stream; the turn is stored before its final event, so a client that chains
     the next turn the moment it sees `response.completed` finds it."""
     try:
-        yield b"".join(_frame(event) for event in renderer.start())
+        if not started:
+            yield b"".join(_frame(event) for event in renderer.start())
         try:
             async for batch in stream.batches(heartbeat):
                 if not batch:
-                    yield OPENAI_HEARTBEAT
+                    yield _frame(renderer.keepalive())
                     continue
                 events: list[dict[str, Any]] = []
                 for generated in _coalesce(batch):

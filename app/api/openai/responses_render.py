@@ -20,6 +20,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     LogprobsDelta,
+    ReasoningDelta,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
@@ -49,7 +50,8 @@ def request_echo(req: ResponsesRequest) -> dict[str, Any]:
         "max_tool_calls": req.max_tool_calls,
         "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id,
-        "reasoning": {"effort": None, "summary": None},
+        "reasoning": {"effort": (req.reasoning or {}).get("effort"),
+                      "summary": (req.reasoning or {}).get("summary")},
         "store": req.store,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": text,
@@ -151,6 +153,11 @@ class ResponseRenderer:
     def start(self) -> list[dict[str, Any]]:
         return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
 
+    def keepalive(self) -> dict[str, Any]:
+        """A repeated `response.in_progress` while the prompt prefills: Codex resets its idle
+        timer on events, not on `:` comment lines."""
+        return self._lifecycle("response.in_progress")
+
     def feed(self, event: GenerationEvent) -> list[dict[str, Any]]:
         if self.finished:
             return []
@@ -159,6 +166,8 @@ class ResponseRenderer:
         if isinstance(event, LogprobsDelta):  # they ride on the text that follows them
             self._logprobs.extend(event.tokens)
             return []
+        if isinstance(event, ReasoningDelta):
+            return self._reasoning(event.text)
         if isinstance(event, ToolCallDelta):
             return self._tool_call(event)
         if isinstance(event, Finish):
@@ -197,6 +206,30 @@ class ResponseRenderer:
     def _take_logprobs(self) -> list[dict[str, Any]]:
         tokens, self._logprobs = self._logprobs, []
         return chat_entries(tokens)
+
+    def _reasoning(self, text: str) -> list[dict[str, Any]]:
+        if not text:
+            return []
+        events: list[dict[str, Any]] = []
+        if self._open is None or self._open["type"] != "reasoning":
+            events += self._close("completed")
+            item: dict[str, Any] = {"id": new_id("rs_"), "type": "reasoning",
+                                    "status": "in_progress", "summary": [], "content": [],
+                                    "encrypted_content": None}
+            self.output.append(item)
+            self._open = item
+            events.append(self._event("response.output_item.added", output_index=self._index(),
+                                      item=copy.deepcopy(item)))
+            part = {"type": "reasoning_text", "text": ""}
+            item["content"].append(part)
+            events.append(self._event("response.content_part.added", item_id=item["id"],
+                                      output_index=self._index(), content_index=0,
+                                      part=copy.deepcopy(part)))
+        assert self._open is not None
+        self._open["content"][0]["text"] += text
+        events.append(self._event("response.reasoning_text.delta", item_id=self._open["id"],
+                                  output_index=self._index(), content_index=0, delta=text))
+        return events
 
     def _open_message(self) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"id": new_id("msg_"), "type": "message", "status": "in_progress",
@@ -242,7 +275,14 @@ class ResponseRenderer:
         index = self._index()
         events: list[dict[str, Any]] = []
         item["status"] = status
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            events.append(self._event("response.reasoning_text.done", item_id=item["id"],
+                                      output_index=index, content_index=0, text=part["text"]))
+            events.append(self._event("response.content_part.done", item_id=item["id"],
+                                      output_index=index, content_index=0,
+                                      part=copy.deepcopy(part)))
+        elif item["type"] == "message":
             part = item["content"][0]
             part["logprobs"] += self._take_logprobs()
             events.append(self._event("response.output_text.done", item_id=item["id"],
@@ -265,7 +305,8 @@ class ResponseRenderer:
             return self.fail(GatewayError("generation failed"))
         truncated = finish.reason == "length"
         events: list[dict[str, Any]] = []
-        if not self.output:  # clients expect one message even when nothing was generated
+        if not any(item["type"] != "reasoning" for item in self.output):
+            # clients expect one message even when nothing (or only reasoning) was generated
             events += self._open_message()
         events += self._close("incomplete" if truncated else "completed")
         self.usage = usage_body(finish.usage)

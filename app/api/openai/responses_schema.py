@@ -126,7 +126,8 @@ class ResponsesRequest(_Wire):
     tools: list[FunctionTool] = Field(default_factory=list)
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction = "auto"
     parallel_tool_calls: bool = True
-    reasoning: dict[str, Any] | None = None  # accepted, ignored: no reasoning mode here
+    reasoning: dict[str, Any] | None = None  # effort reaches the template; summary accepted
+    dropped_tools: list[str] = Field(default_factory=list)  # hosted tools left out (set below)
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tool_calls: int | None = Field(None, ge=1)
@@ -135,6 +136,33 @@ class ResponsesRequest(_Wire):
     user: str | None = None
     background: bool = False
     conversation: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_tools(cls, data: Any) -> Any:
+        """Function tools as they are; a `namespace` tool's functions flattened (their names
+        kept, so calls map back); hosted tools the gateway cannot run, dropped and listed."""
+        if not isinstance(data, dict) or not isinstance(data.get("tools"), list):
+            return data
+        tools: list[Any] = []
+        dropped: list[str] = []
+        for tool in data["tools"]:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind == "namespace" and isinstance(tool, dict):
+                members = tool.get("tools") or tool.get("functions") or []
+                if not isinstance(members, list):
+                    raise ValueError("a namespace tool's `tools` must be a list of functions")
+                tools += [t for t in members
+                          if not isinstance(t, dict) or t.get("type", "function") == "function"]
+            elif kind in (None, "function") or not isinstance(kind, str):
+                tools.append(tool)
+            else:
+                dropped.append(kind)
+        return {**data, "tools": tools, "dropped_tools": list(dict.fromkeys(dropped))}
+
+    def template_kwargs(self) -> dict[str, Any]:
+        effort = (self.reasoning or {}).get("effort")
+        return {"reasoning_effort": effort} if isinstance(effort, str) else {}
 
     @field_validator("metadata")
     @classmethod
@@ -284,6 +312,10 @@ def _normalize_item(raw: Any, where: str, resolve: ItemResolver) -> dict[str, An
         text = output if isinstance(output, str) else _content_text(output, f"{where}.output")
         return {"id": item_id or new_id("fco_"), "type": "function_call_output",
                 "status": "completed", "call_id": call_id, "output": text}
+    if kind == "reasoning":
+        # Codex sends back the reasoning items of earlier turns (store: false): kept in the
+        # stored input, not replayed into the prompt.
+        return {**raw, "id": item_id or new_id("rs_"), "type": "reasoning"}
     if kind == "item_reference":
         ref = _string(raw, "id", where)
         found = resolve(ref)

@@ -136,8 +136,25 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what an int64 or uint64 seed field can carry
+MAX_LOGIT_BIAS = 1024  # entries; each one is a column touched on every step
+
+
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def unset_fields(body: BaseModel) -> frozenset[str]:
+    """The sampling fields a request left out, for the model's defaults to fill."""
+    return frozenset(name for name in DEFAULTABLE if getattr(body, name, None) is None)
+
+
 class SamplingFields(_Lenient):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions.
+
+    Every sampling value is checked here, at the door, so that no request can make the
+    batched decode step fail for the others; what depends on the model (top_k and
+    logit_bias token ids against its vocabulary) is checked by the engine before it starts.
+    """
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
@@ -145,32 +162,34 @@ class SamplingFields(_Lenient):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) -> bias in [-100, 100], added to its logit.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
-    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys are token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"biases are from -100 to 100, got {bias}")
-        return value
 
     @field_validator("stop")
     @classmethod
     def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isascii() or not token.isdigit() or len(token) > 12:
+                raise ValueError(f"keys must be token ids (non-negative integers), got {token!r}")
+            if not -100 <= bias <= 100:  # also refuses NaN
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for {token}")
         return value
 
     def stop_list(self) -> list[str]:
@@ -184,11 +203,13 @@ class SamplingFields(_Lenient):
             top_p=self.top_p or 1.0,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
-            seed=self.seed,
+            # Negative seeds (int64 senders) map onto the same 64 bits MLX keys take.
+            seed=None if self.seed is None else self.seed % 2**64,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty,
-            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            logit_bias=tuple((int(t), float(b)) for t, b in (self.logit_bias or {}).items()),
+            unset=unset_fields(self),
         )
 
     @property
@@ -201,7 +222,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[ToolIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # None: allowed, as OpenAI's default
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -232,6 +253,20 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"tool_choice names function {choice.function.name!r}, which is "
                              "not in `tools`")
         return self
+
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What reaches the chat template: the client's kwargs, and the reasoning effort."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize"} & set(kwargs)
+        if reserved:
+            raise InvalidRequest(f"chat_template_kwargs: {sorted(reserved)[0]!r} is set by the "
+                                 "gateway", param="chat_template_kwargs")
+        return kwargs
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -264,17 +299,18 @@ class ChatCompletionRequest(SamplingFields):
         forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
         if tools and forced:
             return ToolCallConstraint(tools=tools, forced=True,
-                                      parallel=self.parallel_tool_calls, param="tool_choice",
+                                      parallel=self.parallel_tool_calls is not False,
+                                      param="tool_choice",
                                       max_calls=self._max_calls())
         if self.response_format is not None:
             json_constraint = self.response_format.constraint()
             if json_constraint is not None:
                 return json_constraint
-        if any(t.strict for t in tools) or (tools and not self.parallel_tool_calls) or (
+        if any(t.strict for t in tools) or (tools and self.parallel_tool_calls is False) or (
                 tools and self._max_calls() is not None):
             # Armed only when the model starts a call: strict arguments, and the call count.
             return ToolCallConstraint(tools=tools, forced=False,
-                                      parallel=self.parallel_tool_calls, param="tools",
+                                      parallel=self.parallel_tool_calls is not False, param="tools",
                                       max_calls=self._max_calls())
         return None
 

@@ -12,13 +12,53 @@ from fastapi import Request
 
 from app.api.common import record_finish
 from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
-from app.core.types import Failed, Finish, LogprobsDelta, TextDelta, TokenLogprob, Usage
+from app.core.types import (
+    Failed,
+    Finish,
+    GenerationEvent,
+    LogprobsDelta,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from app.engine.engine import GenerationStream, gateway_error
 
 # (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
 ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
 # this chunk's tokens -> the choice's "logprobs" value
 LogprobsRender = Callable[[list[TokenLogprob]], Any]
+# the events of one wake-up (no Finish / Failed) -> the "choices" entries to send, one a chunk
+EventRenderer = Callable[[list[GenerationEvent]], list[dict[str, Any]]]
+
+
+def chat_deltas(events: list[GenerationEvent]) -> list[dict[str, Any]]:
+    """Chat chunk deltas in event order: content, `reasoning_content` and tool-call deltas
+    (index, id, type and name in the first delta of a call; argument fragments after)."""
+    deltas: list[dict[str, Any]] = []
+    for event in events:
+        last = deltas[-1] if deltas else None
+        if isinstance(event, TextDelta):
+            if last is not None and set(last) == {"content"}:
+                last["content"] += event.text
+            else:
+                deltas.append({"content": event.text})
+        elif isinstance(event, ReasoningDelta):
+            if last is not None and set(last) == {"reasoning_content"}:
+                last["reasoning_content"] += event.text
+            else:
+                deltas.append({"reasoning_content": event.text})
+        elif isinstance(event, ToolCallDelta):
+            entry: dict[str, Any] = {"index": event.index}
+            if event.name is not None:
+                entry.update(id=event.id, type="function",
+                             function={"name": event.name, "arguments": event.arguments})
+            else:
+                entry["function"] = {"arguments": event.arguments}
+            deltas.append({"tool_calls": [entry]})
+    return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            for delta in deltas]
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -33,6 +73,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
                         choice: ChoiceFactory, *, include_usage: bool,
                         prelude: list[dict[str, Any]], heartbeat: float,
+                        render: EventRenderer | None = None,
                         logprobs: LogprobsRender | None = None) -> AsyncIterator[bytes]:
     """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
     finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
@@ -51,12 +92,24 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
             if not events:
                 yield OPENAI_HEARTBEAT
                 continue
-            text = "".join(e.text for e in events if isinstance(e, TextDelta))
             tokens = [t for e in events if isinstance(e, LogprobsDelta) for t in e.tokens]
-            if text or (tokens and logprobs is not None):
-                entry = choice(text, None)
-                if tokens and logprobs is not None:
-                    entry["logprobs"] = logprobs(tokens)
+            if logprobs is None:
+                tokens = []
+            if render is not None:
+                entries = render([e for e in events if not isinstance(e, Finish | Failed)])
+            else:
+                text = "".join(e.text for e in events if isinstance(e, TextDelta))
+                entries = [choice(text, None)] if text else []
+            if tokens:
+                # This wake-up's log-probabilities ride on its first content entry.
+                carrier = next((e for e in entries if "content" in e.get("delta", {})
+                                or "text" in e), None)
+                if carrier is None:
+                    carrier = choice("", None)
+                    entries.append(carrier)
+                assert logprobs is not None
+                carrier["logprobs"] = logprobs(tokens)
+            for entry in entries:
                 yield chunk([entry])
             for event in events:
                 if isinstance(event, Finish):
