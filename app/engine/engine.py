@@ -82,33 +82,36 @@ def output_parser(request: GenerationRequest, prompt: Prompt,
     return OutputParser(output.format, schemas=schemas, parse_tools=parse_tools,
                         start_in_reasoning=starts_in_reasoning(prompt.text, think), model=model)
 
+Outcome = Finish | Failed | None  # how a generation ended; None: refused or cancelled
+
+
 class _Hold:
     """What one generation holds while the engine works on it; given back once."""
 
-    def __init__(self, engine: Engine, owner: str | None) -> None:
-        self.engine = engine
+    def __init__(self, owner: str | None, give_back: Callable[[_Hold, Outcome], None]) -> None:
+        self.give_back = give_back
         self.owner = owner
         self.slot_started: float | None = None
         self.loaded: LoadedModel | None = None
         self.released = False
 
-    def release(self, outcome: Finish | Failed | None) -> None:
+    def release(self, outcome: Outcome) -> None:
         if not self.released:
             self.released = True
-            self.engine._release(self, outcome)
+            self.give_back(self, outcome)
 
 
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
-    def __init__(self, model: str, seq: Sequence, engine: Engine, hold: _Hold,
+    def __init__(self, model: str, seq: Sequence, hold: _Hold, wake: Callable[[], None],
                  parser: OutputParser | HarmonyParser | None = None) -> None:
         self.model = model
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self._seq = seq
-        self._engine = engine
         self._hold = hold
+        self._wake = wake  # tells the engine thread to look at the cancelled flag now
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
@@ -228,7 +231,7 @@ class GenerationStream:
         if not self._finished:
             if not self._hold.released:
                 self._seq.cancelled.set()
-                self._engine._thread.wake()
+                self._wake()
             self._finish(None)
 
     def _finish(self, event: Finish | Failed | None) -> None:
@@ -298,9 +301,9 @@ class Engine:
                 self._tokenize, grammar.check, request.constraint)
         if self.breaker is not None:
             # The one place the failure breaker is asked (it may make this request the
-            # half-open trial); `_release` reports how it went.
+            # half-open trial); `_give_back` reports how it went.
             self.breaker.allow()
-        hold = _Hold(self, request.owner)
+        hold = _Hold(request.owner, self._give_back)
         try:
             if self.admission is not None:
                 hold.slot_started = await self.admission.acquire(request.owner)
@@ -344,7 +347,7 @@ class Engine:
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, seq, self, hold,
+        stream = GenerationStream(loaded.id, seq, hold, self._thread.wake,
                                   output_parser(request, prompt, loaded.id))
         self._thread.add_sequence(loaded.id, seq)
         return stream
@@ -379,7 +382,7 @@ class Engine:
         """Why the engine thread stopped serving (None while it serves)."""
         return self._thread.dead
 
-    def _release(self, hold: _Hold, outcome: Finish | Failed | None) -> None:
+    def _give_back(self, hold: _Hold, outcome: Outcome) -> None:
         if hold.loaded is not None:
             self.pool.release(hold.loaded)
         if hold.slot_started is not None and self.admission is not None:
