@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (shared/docs/CONTRACT.md). npm packages that carry each client's own binary.
 CLIENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33
 
-.PHONY: install system-deps demo-model clients run test test-unit lint bench soak clean
+.PHONY: install system-deps demo-model clients run test test-unit lint bench bench-constrained soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench: install demo-model
 # in-flight gauges once idle and the RSS drift (ARGS="--minutes 2 --prompt-cache-bytes 50MB").
 soak: install demo-model
 	$(PRELOAD) $(BIN)/python -m bench.soak $(ARGS)
+
+# Constrained decoding (response_format, forced tool calls) against plain requests, one sitting.
+bench-constrained: install demo-model
+	$(PRELOAD) $(BIN)/python -m bench.constrained \
+	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
+	  --rounds 3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -88,6 +88,16 @@ class ServerSettings(_Section):
     )
 
 
+class SamplingDefaults(_Section):
+    """Used where a request leaves a field out (Claude Code and Codex send no temperature)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+
+
 class ModelEntry(_Section):
     id: str = Field(description="The name clients send as `model`.")
     path: Path = Field(description="An MLX model folder or a .gguf file.")
@@ -95,6 +105,10 @@ class ModelEntry(_Section):
     pinned: bool = Field(False, description="Load at start and never evict.")
     ttl: float | None = Field(None, ge=0, description="Idle seconds before eviction; 0 = never.")
     max_context: int | None = Field(None, ge=16, description="Cap the context length.")
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="Sampling for fields a request leaves out; over the model's "
+                    "generation_config.json, which is over the API defaults.")
 
     @field_validator("id")
     @classmethod

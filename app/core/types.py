@@ -5,7 +5,8 @@ Plain dataclasses, no I/O: nothing below `api/` knows which protocol a request c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -23,6 +24,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Fields the client left out: the model's own defaults may fill them (`with_defaults`).
+    unset: frozenset[str] = frozenset()
+
+    def with_defaults(self, defaults: Mapping[str, float]) -> SamplingParams:
+        chosen: dict[str, Any] = {name: int(value) if name == "top_k" else value
+                                  for name, value in defaults.items() if name in self.unset}
+        return replace(self, **chosen) if chosen else self
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,38 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False  # arguments constrained to `parameters` even when the call is free
+
+
+@dataclass(frozen=True)
+class JsonConstraint:
+    """The whole answer is one JSON document: any object (`schema` None) or one matching it."""
+
+    schema: dict[str, Any] | None
+    param: str  # the request field an error names ("response_format", "text.format")
+
+
+@dataclass(frozen=True)
+class ToolCallConstraint:
+    """Calls in the generic `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` format.
+
+    `forced` (tool_choice required or a named function): the answer is only calls, each naming
+    one of `tools` with arguments matching its `parameters`. Otherwise the text is free and
+    only a call the model starts is constrained (the arguments of `strict` tools).
+    """
+
+    tools: tuple[ToolSpec, ...]
+    forced: bool
+    parallel: bool = True
+    param: str = "tools"
+    max_calls: int | None = None  # Responses' max_tool_calls
+
+    @property
+    def call_limit(self) -> int | None:
+        return 1 if not self.parallel else self.max_calls
+
+
+Constraint = JsonConstraint | ToolCallConstraint
 
 
 @dataclass
@@ -61,6 +101,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: str | dict[str, Any] | None = None  # auto/required/none or a named call
+    constraint: Constraint | None = None  # enforced by a grammar while decoding
+    logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
     # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
     # is how the Responses/chat `reasoning.effort` reaches templates that read it.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +115,21 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()  # (token, logprob, bytes)
+
+
+@dataclass(frozen=True)
+class LogprobsDelta:
+    """Log-probabilities of generated tokens, for requests that ask; text comes separately."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -115,4 +172,5 @@ class Failed:
     error: Exception
 
 
-GenerationEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Failed
+GenerationEvent = (TextDelta | ReasoningDelta | ToolCallDelta | LogprobsDelta | Finish
+                   | Failed)

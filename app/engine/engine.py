@@ -25,8 +25,10 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    LogprobsDelta,
     ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
 )
@@ -46,6 +48,7 @@ from app.errors import (
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.models.registry import ModelRegistry
+from app.output import grammar
 from app.output.detect import starts_in_reasoning
 from app.output.harmony import HarmonyParser
 from app.output.parser import OutputParser
@@ -79,37 +82,41 @@ def output_parser(request: GenerationRequest, prompt: Prompt,
     return OutputParser(output.format, schemas=schemas, parse_tools=parse_tools,
                         start_in_reasoning=starts_in_reasoning(prompt.text, think), model=model)
 
+Outcome = Finish | Failed | None  # how a generation ended; None: refused or cancelled
+
+
 class _Hold:
     """What one generation holds while the engine works on it; given back once."""
 
-    def __init__(self, engine: Engine, owner: str | None) -> None:
-        self.engine = engine
+    def __init__(self, owner: str | None, give_back: Callable[[_Hold, Outcome], None]) -> None:
+        self.give_back = give_back
         self.owner = owner
         self.slot_started: float | None = None
         self.loaded: LoadedModel | None = None
         self.released = False
 
-    def release(self, outcome: Finish | Failed | None) -> None:
+    def release(self, outcome: Outcome) -> None:
         if not self.released:
             self.released = True
-            self.engine._release(self, outcome)
+            self.give_back(self, outcome)
 
 
 class GenerationStream:
     """Events of one generation. Iterate it; `aclose()` cancels it (the client went away)."""
 
-    def __init__(self, model: str, seq: Sequence, engine: Engine, hold: _Hold,
+    def __init__(self, model: str, seq: Sequence, hold: _Hold, wake: Callable[[], None],
                  parser: OutputParser | HarmonyParser | None = None) -> None:
         self.model = model
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self._seq = seq
-        self._engine = engine
         self._hold = hold
+        self._wake = wake  # tells the engine thread to look at the cancelled flag now
         self._inbox: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
         self._ready: collections.deque[GenerationEvent] = collections.deque()
         self._finished = False
         self._parser = parser
+        self.logprobs: list[TokenLogprob] = []  # every token's, for requests that asked
 
     @property
     def prompt_tokens(self) -> int:
@@ -180,6 +187,8 @@ class GenerationStream:
         if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta) \
                 and self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if isinstance(event, LogprobsDelta):
+            self.logprobs.extend(event.tokens)
         if isinstance(event, Finish | Failed):
             self._finish(event)
 
@@ -222,7 +231,7 @@ class GenerationStream:
         if not self._finished:
             if not self._hold.released:
                 self._seq.cancelled.set()
-                self._engine._thread.wake()
+                self._wake()
             self._finish(None)
 
     def _finish(self, event: Finish | Failed | None) -> None:
@@ -287,11 +296,14 @@ class Engine:
         self.registry.resolve(request.model)  # an unknown model is a 404, not a queue slot
         if self._thread.dead is not None:
             raise self._thread.dead_error()
+        if request.constraint is not None:  # a schema we can't enforce is a 400, not a slot
+            await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, grammar.check, request.constraint)
         if self.breaker is not None:
             # The one place the failure breaker is asked (it may make this request the
-            # half-open trial); `_release` reports how it went.
+            # half-open trial); `_give_back` reports how it went.
             self.breaker.allow()
-        hold = _Hold(self, request.owner)
+        hold = _Hold(request.owner, self._give_back)
         try:
             if self.admission is not None:
                 hold.slot_started = await self.admission.acquire(request.owner)
@@ -306,25 +318,37 @@ class Engine:
     async def _start(self, request: GenerationRequest, loaded: LoadedModel, hold: _Hold,
                      admit: Callable[[int], Awaitable[None]] | None = None
                      ) -> GenerationStream:
-        check_sampling(request.sampling, loaded.batch.vocab_size)
+        sampling = request.sampling.with_defaults(dict(loaded.spec.sampling))
+        check_sampling(sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
         tokens = prompt.ids
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
+        processors = make_sequence_processors(sampling)
+        if request.constraint is not None or request.logprobs is not None:
+            # Compiling a grammar (or llguidance's view of the vocabulary, once per model)
+            # takes milliseconds to a second: on the tokenizer thread, never the MLX one.
+            compiler = await loop.run_in_executor(
+                self._tokenize, grammar.compiler_for, loaded.tokenizer)
+        if request.constraint is not None:
+            processors.append(await loop.run_in_executor(
+                self._tokenize, compiler.processor, request.constraint))
         if admit is not None:
             await admit(len(tokens) + max_tokens)
         seq = Sequence(
             request_id=request.request_id,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=make_sequence_sampler(request.sampling),
-            processors=make_sequence_processors(request.sampling),
+            sampler=make_sequence_sampler(sampling),
+            processors=processors,
+            logprobs=request.logprobs,
+            token_bytes=compiler.token_bytes if request.logprobs is not None else None,
             stop=list(request.stop),
             owner=request.owner or "anonymous",  # prefix-cache namespace
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )
-        stream = GenerationStream(loaded.id, seq, self, hold,
+        stream = GenerationStream(loaded.id, seq, hold, self._thread.wake,
                                   output_parser(request, prompt, loaded.id))
         self._thread.add_sequence(loaded.id, seq)
         return stream
@@ -359,7 +383,7 @@ class Engine:
         """Why the engine thread stopped serving (None while it serves)."""
         return self._thread.dead
 
-    def _release(self, hold: _Hold, outcome: Finish | Failed | None) -> None:
+    def _give_back(self, hold: _Hold, outcome: Outcome) -> None:
         if hold.loaded is not None:
             self.pool.release(hold.loaded)
         if hold.slot_started is not None and self.admission is not None:

@@ -27,7 +27,16 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
-from app.core.types import Failed, Finish, FinishReason, GenerationEvent, TextDelta, Usage
+from app.core.types import (
+    Failed,
+    Finish,
+    FinishReason,
+    GenerationEvent,
+    LogprobsDelta,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from app.engine.decode import use_logits_decode
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
@@ -58,6 +67,8 @@ class Sequence:
     deliver: EventSink  # runs on `loop`: hands events to the request's stream
     loop: asyncio.AbstractEventLoop
     owner: str = "anonymous"  # whose prefix cache namespace this prompt reads and feeds
+    logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
+    token_bytes: Callable[[int], bytes] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -80,6 +91,25 @@ class Sequence:
         matched = self._stops.matched if self._stops is not None else None
         self._pending.append(Finish(reason=reason, usage=usage, stop_sequence=matched))
 
+    def logprob(self, token: int, logprobs: Any) -> None:
+        """The chosen token's log-probability (and the top N) from its row's log-softmax."""
+        assert self.token_bytes is not None and self.logprobs is not None
+        if logprobs is None or logprobs.size == 0:
+            return
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        chosen = logprobs[token]
+        if self.logprobs > 0:
+            n = min(self.logprobs, logprobs.shape[-1])
+            ids = mx.argpartition(-logprobs, kth=n - 1)[:n]
+            values = logprobs[ids]
+            mx.eval(chosen, ids, values)
+            pairs: list[tuple[int, float]] = sorted(
+                zip(ids.tolist(), values.tolist(), strict=True),  # type: ignore[arg-type]
+                key=lambda pair: -pair[1])
+            top = tuple(_entry(self.token_bytes(t), v) for t, v in pairs)
+        text, value, raw = _entry(self.token_bytes(token), float(chosen.item()))
+        self._pending.append(LogprobsDelta((TokenLogprob(text, value, raw, top),)))
+
     def take_events(self) -> list[GenerationEvent]:
         events, self._pending = self._pending, []
         return events
@@ -97,6 +127,11 @@ class Sequence:
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _entry(raw: bytes, value: float) -> tuple[str, float, tuple[int, ...]]:
+    # A token that ends inside a UTF-8 character has no text of its own; `bytes` has it all.
+    return raw.decode("utf-8", errors="replace"), value, tuple(raw)
 
 
 def _deliver_all(batches: list[tuple[EventSink, list[GenerationEvent]]]) -> None:
@@ -123,6 +158,7 @@ class ModelBatch:
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
+        self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -134,7 +170,8 @@ class ModelBatch:
         generator = BatchGenerator(
             self._model, stop_tokens=[[t] for t in sorted(self._eos)], **self._generator_options
         )
-        use_logits_decode(generator)
+        self._logprob_uids.clear()  # a new generator holds no sequence yet
+        use_logits_decode(generator, self._logprob_uids)
         return generator
 
     def _inject(self, point: str) -> None:
@@ -186,12 +223,17 @@ class ModelBatch:
             all_tokens=[seq.prompt[: seq.cached_tokens]],
             max_tokens=[seq.max_tokens],
             samplers=[_guarded_sampler(seq)],
-            logits_processors=[[seq.fault.guard_processor(p) for p in seq.processors]],
+            # Grammar masks (`row_mask`) are applied batched by the decode step and guard
+            # themselves; wrapping them would hide them from it.
+            logits_processors=[[p if hasattr(p, "row_mask") else seq.fault.guard_processor(p)
+                                for p in seq.processors]],
             stop_sequences=[stop_tokens],
         )
         self._by_uid[seq.uid] = seq
         if len(found.rest) >= EARLY_INSERT_MIN_TOKENS and self._prefix.enabled:
             self._prefilling.add(seq.uid)
+        if seq.logprobs is not None:
+            self._logprob_uids.add(seq.uid)
 
     @property
     def prompt_cache_bytes(self) -> int:
@@ -248,6 +290,8 @@ class ModelBatch:
                 continue
             try:
                 self._inject("advance")
+                if seq.logprobs is not None and response.token not in self._eos:
+                    seq.logprob(response.token, response.logprobs)
                 finished = self._advance(seq, response.token, response.finish_reason, now)
             except Exception as error:  # this sequence's text broke: fail it alone
                 log.exception("sequence failed", request_id=seq.request_id)
@@ -335,6 +379,7 @@ class ModelBatch:
         for uid in uids:
             self._by_uid.pop(uid, None)
             self._prefilling.discard(uid)
+            self._logprob_uids.discard(uid)
         self._inject("forget")
         self._generator.remove(uids)
 

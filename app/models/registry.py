@@ -46,6 +46,8 @@ class ModelSpec:
     max_context: int | None = None  # the configured cap, if any
     pinned: bool = False
     ttl: float | None = None  # None: [residency] default_ttl; 0: never evict when idle
+    # Sampling for fields a request leaves out: [[models]] sampling over generation_config.json.
+    sampling: tuple[tuple[str, float], ...] = ()
 
     @property
     def load_path(self) -> str:
@@ -162,8 +164,10 @@ def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
     elif not (path.is_file() and path.suffix == ".gguf") and not _is_mlx_folder(path):
         warnings.append(f"model {entry.id!r}: {path} is neither an MLX folder "
                         "(config.json + *.safetensors) nor a .gguf file")
-    return _make_spec(entry.id, path, "config", aliases=tuple(entry.aliases),
+    spec = _make_spec(entry.id, path, "config", aliases=tuple(entry.aliases),
                       pinned=entry.pinned, ttl=entry.ttl, max_context=entry.max_context)
+    configured = {k: v for k, v in entry.sampling.model_dump().items() if v is not None}
+    return replace(spec, sampling=tuple({**dict(spec.sampling), **configured}.items()))
 
 
 def _demo_spec(demo_path: Path) -> ModelSpec:
@@ -185,7 +189,22 @@ def _make_spec(model_id: str, path: Path, source: Source, *, aliases: tuple[str,
         context = min(context, max_context)
     return ModelSpec(id=model_id, path=path, source=source, format=fmt, aliases=aliases,
                      weight_bytes=weights, kv_bytes_per_token=kv_per_token,
-                     context_length=context, max_context=max_context, pinned=pinned, ttl=ttl)
+                     context_length=context, max_context=max_context, pinned=pinned, ttl=ttl,
+                     sampling=_generation_defaults(path) if fmt == "mlx" else ())
+
+
+def _generation_defaults(folder: Path) -> tuple[tuple[str, float], ...]:
+    """The sampling a model's authors recommend (generation_config.json), as vLLM uses it."""
+    try:
+        config = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(config, dict):
+        return ()
+    return tuple((name, float(config[name])) for name in
+                 ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                 if isinstance(config.get(name), int | float)
+                 and not isinstance(config.get(name), bool))
 
 
 def _size(path: Path) -> int:

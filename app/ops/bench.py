@@ -378,12 +378,14 @@ async def run_probe(
     warmup: int = 1,
     request_timeout: float = 600.0,
     on_level: Callable[[LevelResult], None] | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> list[LevelResult]:
     """Run every level in turn against `base_url` and return one LevelResult per level.
 
     `warmup` requests are sent first and not counted, so a lazily loaded model is not
     billed to the first level. Connection limits are sized to the largest level so clients
     never queue inside httpx. `on_level` sees each level as soon as it ends (progress).
+    `extra_body` adds request fields (e.g. a response_format, to price constrained decoding).
     """
     if not levels or any(level < 1 for level in levels):
         raise ValueError("levels must be positive integers")
@@ -398,6 +400,7 @@ async def run_probe(
         "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra_body or {}),
     }
     limits = httpx.Limits(max_connections=max(levels) + 1, max_keepalive_connections=max(levels))
     results: list[LevelResult] = []

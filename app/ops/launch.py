@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from app.models.registry import ModelRegistry
 from app.security.keys import KeyStore, parse_token
 from app.settings import ConfigError, Settings, load_settings
@@ -177,6 +179,8 @@ def describe(plan: LaunchPlan) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The client owns stdout (its answer may be piped somewhere): our log lines go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     settings = load_settings(args.config)
     executable, package = CLIENTS[args.client]
     passthrough: list[str] = args.passthrough

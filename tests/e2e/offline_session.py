@@ -24,7 +24,8 @@ def main(workdir: Path, model_dir: Path) -> dict[str, object]:
     model = "smollm2-135m-instruct"
     server = GatewayProcess(workdir, {"auth": {"enabled": True},
                                       "engine": {"default_max_tokens": 16},
-                                      "models": [{"id": model, "path": str(model_dir)}]})
+                                      "models": [{"id": model, "path": str(model_dir),
+                                                  "sampling": {"temperature": 0}}]})
     config = str(server.config_path)
     cli = [sys.executable, "-m", "app.cli"]
     key = subprocess.run([*cli, "keys", "create", "--name", "offline", "--config", config],
@@ -44,8 +45,7 @@ def main(workdir: Path, model_dir: Path) -> dict[str, object]:
         reply = chat.chat.completions.create(model=model, temperature=0, max_tokens=16,
                                              messages=[{"role": "user", "content": "Hi"}])
         result["openai"] = reply.choices[0].message.content
-        env = {"PATH": client_path(), "HOME": str(workdir / "home"),
-               "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "48"}
+        env = {"PATH": client_path(), "HOME": str(workdir / "home")}
         launched = subprocess.run(
             [*cli, "launch", "claude", "--config", config, "--url", server.base_url, "--",
              "-p", "--bare", "--tools", ""],

@@ -30,7 +30,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
     server = GatewayProcess(workdir, {
         "auth": {"enabled": True},
         "engine": {"default_max_tokens": 64},
-        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir)}],
+        # Claude Code sends no temperature: the model's configured default decides.
+        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir),
+                    "sampling": {"temperature": 0}}],
     })
     # A first admin key, so serve does not mint one on start.
     subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name", "ops",
@@ -56,13 +58,10 @@ def test_claude_code_answers_through_launch(keyed: GatewayProcess, tmp_path: Pat
     require_client("claude")
     # --bare --tools "": Claude Code's own prompt without its ~17.8k tokens of tool
     # definitions, which cannot fit the demo model's 8k context.
-    # Claude Code sends no temperature (1.0): the small model's answer varies, so what is
-    # checked is that the real client got a real answer through the real path.
     done = _launch(keyed, "claude", tmp_path, "-p", "--bare", "--tools", "",
-                   stdin="What is the capital of France?",
-                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "48"})
+                   stdin="What is the capital of France?")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    assert "Paris" in done.stdout
     key_file = keyed.workdir / "config" / "clients" / "claude.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     token = key_file.read_text().strip()
@@ -75,7 +74,7 @@ def test_claude_code_answers_through_launch(keyed: GatewayProcess, tmp_path: Pat
     requests = [json.loads(line) for line in keyed.logs().splitlines()
                 if line.startswith("{") and '"path": "/v1/messages"' in line]
     assert requests and all(r["status"] == 200 for r in requests)
-    assert all(0 < r["completion_tokens"] <= 48 for r in requests)
+    assert all(r["completion_tokens"] > 0 for r in requests)
 
 
 def test_codex_accepts_its_profile(keyed: GatewayProcess, tmp_path: Path) -> None:
@@ -88,7 +87,7 @@ def test_codex_accepts_its_profile(keyed: GatewayProcess, tmp_path: Path) -> Non
     done = _launch(keyed, "codex", tmp_path, "debug", "prompt-input", "hi",
                    extra_env={"CODEX_HOME": str(codex_home)})
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout[done.stdout.index("["):])  # the request's input items
+    assert json.loads(done.stdout)  # the request's input items, and nothing else on stdout
     assert (codex_home / "config.toml").read_text().startswith("# the user's own")
     profile = (codex_home / "mlxgw.config.toml").read_text()
     assert 'wire_api = "responses"' in profile and "model_context_window = 8192" in profile
@@ -126,4 +125,4 @@ def test_everything_works_with_loopback_only(tmp_path: Path, demo_float32_dir: P
     assert result["openai"]
     claude = result["claude"]
     if shutil.which("claude", path=client_path()) is not None:
-        assert claude["code"] == 0 and claude["out"].strip(), claude
+        assert claude["code"] == 0 and "Paris" in claude["out"], claude

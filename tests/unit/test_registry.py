@@ -346,3 +346,26 @@ def test_hf_cache_root_above_hub_and_config_folder_with_one_gguf(tmp_path: Path)
     assert registry.resolve("one").path == gguf
     assert registry.resolve("one").format == "gguf"
     assert registry.warnings == []
+
+
+def test_sampling_defaults_from_generation_config_then_the_entry(tmp_path: Path) -> None:
+    folder = mlx_folder(tmp_path / "qwen")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": 2}))
+    plain = mlx_folder(tmp_path / "plain")
+    registry = ModelRegistry.build(settings(tmp_path, models=[
+        {"id": "qwen", "path": str(folder), "sampling": {"temperature": 0.2}},
+        {"id": "plain", "path": str(plain)}]), demo_path=None)
+    assert dict(registry.resolve("qwen").sampling) == {
+        "temperature": 0.2, "top_p": 0.95, "top_k": 20.0}
+    assert registry.resolve("plain").sampling == ()
+
+
+def test_model_defaults_fill_only_what_the_request_left_out() -> None:
+    from app.core.types import SamplingParams
+
+    asked = SamplingParams(temperature=0.9, top_k=0, unset=frozenset({"top_k", "top_p"}))
+    filled = asked.with_defaults({"temperature": 0.2, "top_k": 20.0, "top_p": 0.95})
+    assert (filled.temperature, filled.top_k, filled.top_p) == (0.9, 20, 0.95)
+    assert isinstance(filled.top_k, int)
+    assert SamplingParams().with_defaults({"temperature": 0.2}).temperature == 1.0

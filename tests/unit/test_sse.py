@@ -20,17 +20,18 @@ def test_framing() -> None:
 
 
 class _Door:
-    """Stands in for the engine's release hook: records how the stream ended."""
+    """Stands in for the engine's give-back hook: records how the stream ended."""
 
     def __init__(self) -> None:
         self.outcomes: list[object] = []
 
-    def _release(self, hold: object, outcome: object) -> None:
+    def give_back(self, hold: object, outcome: object) -> None:
         self.outcomes.append(outcome)
 
 
 def _stream(door: _Door) -> GenerationStream:
-    return GenerationStream("m", None, door, _Hold(door, None))  # type: ignore[arg-type]
+    return GenerationStream("m", None, _Hold(None, door.give_back),  # type: ignore[arg-type]
+                            wake=lambda: None)
 
 
 async def test_stream_batches_fill_silence_with_heartbeats_and_end_with_the_finish() -> None:

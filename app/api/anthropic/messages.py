@@ -30,6 +30,7 @@ from app.core.types import (
     GenerationRequest,
     ReasoningDelta,
     TextDelta,
+    ToolCallConstraint,
     ToolCallDelta,
     Usage,
 )
@@ -54,10 +55,20 @@ def _generation(body: CountTokensRequest, request: Request, **more: Any) -> Gene
             tool_choice = {"type": "function", "function": {"name": choice.name or ""}}
         else:
             tool_choice = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    tools = body.tool_specs()
+    constraint = None
+    if choice is not None and choice.type in ("any", "tool") and tools:
+        # "any" and a named tool force a call: enforced by the call grammar (app/output).
+        forced = tuple(t for t in tools if choice.type == "any" or t.name == choice.name)
+        if not forced:
+            raise InvalidRequest(f"tool_choice names tool {choice.name!r}, which is not in "
+                                 "`tools`", param="tool_choice")
+        constraint = ToolCallConstraint(tools=forced, forced=True, param="tool_choice",
+                                        parallel=not choice.disable_parallel_tool_use)
     return GenerationRequest(
         model=model, request_id=request.state.request_id,
-        messages=body.internal_messages(), tools=body.tool_specs(), tool_choice=tool_choice,
-        **more,
+        messages=body.internal_messages(), tools=tools, tool_choice=tool_choice,
+        constraint=constraint, **more,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.openai.schema import unset_fields
 from app.core.types import ChatMessage, SamplingParams, ToolCall, ToolSpec
 from app.errors import InvalidRequest
 from app.settings import DEFAULT_MODEL_TARGET
@@ -126,6 +127,7 @@ class MessagesRequest(CountTokensRequest):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0,
             top_k=self.top_k or 0,
+            unset=unset_fields(self),
         )
 
     def stop_list(self) -> list[str]:

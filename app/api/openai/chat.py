@@ -16,6 +16,7 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
+from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.schema import ChatCompletionRequest
 from app.api.openai.stream import chat_deltas, openai_chunks, usage_body
 from app.core.types import GenerationRequest
@@ -34,8 +35,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         sampling=body.sampling(),
         stop=body.stop_list(),
         tools=body.tool_specs(),
-        tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else None,
+        tool_choice=body.tool_choice_internal(),
         template_kwargs=body.template_kwargs(),
+        constraint=body.constraint(),
+        logprobs=body.logprobs_count(),
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
@@ -49,7 +52,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(
             openai_chunks(request, stream, envelope, _delta, include_usage=body.include_usage,
-                          prelude=[first], heartbeat=heartbeat, render=chat_deltas))
+                          prelude=[first], heartbeat=heartbeat, render=chat_deltas,
+                          logprobs=chat_logprobs if body.logprobs else None))
     output = await until_disconnected(request, stream.collect_output(), stream.aclose)
     finish = output.finish
     await record_finish(request, stream, finish)
@@ -74,7 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "choices": [{
             "index": 0,
             "message": message,
-            "logprobs": None,
+            "logprobs": chat_logprobs(stream.logprobs) if body.logprobs else None,
             "finish_reason": finish.reason,
         }],
         "usage": usage_body(finish.usage),

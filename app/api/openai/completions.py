@@ -15,9 +15,10 @@ from app.api.common import (
     submit,
     until_disconnected,
 )
+from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.schema import CompletionRequest
 from app.api.openai.stream import openai_chunks, usage_body
-from app.core.types import GenerationRequest
+from app.core.types import GenerationRequest, TokenLogprob
 
 router = APIRouter()
 
@@ -32,6 +33,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         max_tokens=body.max_tokens,
         sampling=body.sampling(),
         stop=body.stop_list(),
+        logprobs=body.logprobs,
     )
     stream = await submit(request, generation)
     completion_id, created = new_id("cmpl-"), int(time.time())
@@ -44,7 +46,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             openai_chunks(request, stream, envelope, _text_choice,
                           include_usage=body.include_usage,
                           prelude=[_text_choice(echo, None)] if echo else [],
-                          heartbeat=heartbeat))
+                          heartbeat=heartbeat,
+                          logprobs=_StreamedOffsets() if body.logprobs is not None else None))
     text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
     await record_finish(request, stream, finish)
     return JSONResponse({
@@ -53,7 +56,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         "created": created,
         "model": stream.model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "text": echo + text, "logprobs": None,
+        "choices": [{"index": 0, "text": echo + text,
+                     "logprobs": completion_logprobs(stream.logprobs)
+                     if body.logprobs is not None else None,
                      "finish_reason": finish.reason}],
         "usage": usage_body(finish.usage),
     })
@@ -61,3 +66,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 def _text_choice(text: str | None, finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+
+class _StreamedOffsets:
+    """Legacy logprobs per chunk, with text offsets counted across the whole stream."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        body = completion_logprobs(tokens, self.offset)
+        self.offset += sum(len(t.token) for t in tokens)
+        return body

@@ -37,6 +37,7 @@ from app.api.openai.responses_schema import (
     parse_request,
     turn_starts,
 )
+from app.api.openai.schema import unset_fields
 from app.api.sse import DONE, sse_data
 from app.core.types import (
     ChatMessage,
@@ -44,6 +45,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    LogprobsDelta,
     SamplingParams,
     TextDelta,
 )
@@ -141,6 +143,8 @@ async def create_response(request: Request) -> Response:
             tools=req.tool_specs(),
             tool_choice=req.tool_choice_internal() if req.tools else None,
             template_kwargs=req.template_kwargs(),
+            constraint=req.constraint(),
+            logprobs=req.logprobs_count(),
         )
 
     extra: dict[str, Any] = {}
@@ -197,6 +201,7 @@ def _sampling(req: ResponsesRequest) -> SamplingParams:
     return SamplingParams(
         temperature=defaults.temperature if req.temperature is None else req.temperature,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
+        unset=unset_fields(req),
     )
 
 
@@ -284,9 +289,15 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 
 def _coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
-    """Adjacent text deltas of one wake-up as one delta: one SSE event instead of several."""
-    out: list[GenerationEvent] = []
+    """Adjacent text deltas of one wake-up as one delta: one SSE event instead of several.
+
+    The wake-up's log-probabilities go first, as one event: the renderer holds them for the
+    text that follows (each token's entry comes just before its text)."""
+    tokens = tuple(t for e in events if isinstance(e, LogprobsDelta) for t in e.tokens)
+    out: list[GenerationEvent] = [LogprobsDelta(tokens)] if tokens else []
     for event in events:
+        if isinstance(event, LogprobsDelta):
+            continue
         if isinstance(event, TextDelta) and out and isinstance(out[-1], TextDelta):
             out[-1] = TextDelta(out[-1].text + event.text)
         else:

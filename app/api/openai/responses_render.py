@@ -13,13 +13,16 @@ import time
 from typing import Any
 
 from app.api.common import new_id
+from app.api.openai.logprobs import chat_entries
 from app.api.openai.responses_schema import ResponsesRequest
 from app.core.types import (
     Failed,
     Finish,
     GenerationEvent,
+    LogprobsDelta,
     ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
 )
@@ -44,7 +47,7 @@ def request_echo(req: ResponsesRequest) -> dict[str, Any]:
     return {
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
-        "max_tool_calls": None,
+        "max_tool_calls": req.max_tool_calls,
         "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": (req.reasoning or {}).get("effort"),
@@ -55,7 +58,7 @@ def request_echo(req: ResponsesRequest) -> dict[str, Any]:
         "tool_choice": req.tool_choice_echo(),
         "tools": [tool.echo() for tool in req.tools],
         "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_logprobs": 0,
+        "top_logprobs": req.top_logprobs or 0,
         "truncation": req.truncation,
         "user": req.user,
         "metadata": dict(req.metadata or {}),
@@ -109,6 +112,7 @@ class ResponseRenderer:
         self._seq = 0
         self._open: dict[str, Any] | None = None  # the output item still receiving deltas
         self._calls: dict[int, dict[str, Any]] = {}  # engine tool-call index -> its item
+        self._logprobs: list[TokenLogprob] = []  # waiting for the text they belong to
 
     # --- the object ---------------------------------------------------------------------------
 
@@ -159,6 +163,9 @@ class ResponseRenderer:
             return []
         if isinstance(event, TextDelta):
             return self._text(event.text)
+        if isinstance(event, LogprobsDelta):  # they ride on the text that follows them
+            self._logprobs.extend(event.tokens)
+            return []
         if isinstance(event, ReasoningDelta):
             return self._reasoning(event.text)
         if isinstance(event, ToolCallDelta):
@@ -189,10 +196,16 @@ class ResponseRenderer:
         assert self._open is not None
         part = self._open["content"][0]
         part["text"] += text
+        logprobs = self._take_logprobs()
+        part["logprobs"] += logprobs
         events.append(self._event(
             "response.output_text.delta", item_id=self._open["id"],
-            output_index=self._index(), content_index=0, delta=text, logprobs=[]))
+            output_index=self._index(), content_index=0, delta=text, logprobs=logprobs))
         return events
+
+    def _take_logprobs(self) -> list[dict[str, Any]]:
+        tokens, self._logprobs = self._logprobs, []
+        return chat_entries(tokens)
 
     def _reasoning(self, text: str) -> list[dict[str, Any]]:
         if not text:
@@ -271,9 +284,10 @@ class ResponseRenderer:
                                       part=copy.deepcopy(part)))
         elif item["type"] == "message":
             part = item["content"][0]
+            part["logprobs"] += self._take_logprobs()
             events.append(self._event("response.output_text.done", item_id=item["id"],
                                       output_index=index, content_index=0, text=part["text"],
-                                      logprobs=[]))
+                                      logprobs=copy.deepcopy(part["logprobs"])))
             events.append(self._event("response.content_part.done", item_id=item["id"],
                                       output_index=index, content_index=0,
                                       part=copy.deepcopy(part)))

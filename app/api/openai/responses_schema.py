@@ -14,9 +14,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.api.common import new_id
-from app.core.types import ChatMessage, Role, ToolCall, ToolSpec
+from app.core.types import (
+    ChatMessage,
+    Constraint,
+    JsonConstraint,
+    Role,
+    ToolCall,
+    ToolCallConstraint,
+    ToolSpec,
+)
 from app.errors import InvalidRequest, NotFound
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
@@ -47,6 +56,13 @@ class TextFormat(_Wire):
                 raise ValueError("json_schema format needs a `schema` object at the top of "
                                  "text.format")
         return self
+
+    def constraint(self) -> JsonConstraint | None:
+        if self.type == "json_object":
+            return JsonConstraint(schema=None, param="text.format")
+        if self.type == "json_schema":
+            return JsonConstraint(schema=self.schema_ or {}, param="text.format.schema")
+        return None
 
     def echo(self) -> dict[str, Any]:
         if self.type != "json_schema":
@@ -112,6 +128,10 @@ class ResponsesRequest(_Wire):
     parallel_tool_calls: bool = True
     reasoning: dict[str, Any] | None = None  # effort reaches the template; summary accepted
     dropped_tools: list[str] = Field(default_factory=list)  # hosted tools left out (set below)
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tool_calls: int | None = Field(None, ge=1)
+    prompt: Any = None  # a stored prompt template: refused, there are none here
     truncation: Literal["disabled", "auto"] = "disabled"
     user: str | None = None
     background: bool = False
@@ -159,10 +179,15 @@ class ResponsesRequest(_Wire):
     def _consistent(self) -> ResponsesRequest:
         if self.background:
             raise ValueError("background responses are not supported; omit `background`")
+        if self.prompt is not None:
+            raise ValueError("`prompt` (stored prompt templates) is not supported; send "
+                             "`instructions` and `input`")
         if self.conversation is not None:
             raise ValueError("`conversation` is not supported; chain turns with "
                              "previous_response_id")
         choice = self.tool_choice
+        if choice == "required" and not self.tools:
+            raise ValueError("tool_choice \"required\" forces a call but `tools` is empty")
         if isinstance(choice, ToolChoiceFunction) and choice.name not in {
             tool.name for tool in self.tools
         }:
@@ -182,11 +207,41 @@ class ResponsesRequest(_Wire):
         return "required" if isinstance(self.tool_choice, ToolChoiceFunction) else self.tool_choice
 
     def tool_specs(self) -> list[ToolSpec]:
+        """The tools the model is shown: none for tool_choice "none"."""
+        if self.tool_choice == "none":
+            return []
         tools = self.tools
         if isinstance(self.tool_choice, ToolChoiceFunction):
             tools = [tool for tool in tools if tool.name == self.tool_choice.name]
         return [ToolSpec(name=t.name, description=t.description or "",
-                         parameters=t.parameters or {}) for t in tools]
+                         parameters=t.parameters or {}, strict=bool(t.strict)) for t in tools]
+
+    def constraint(self) -> Constraint | None:
+        """What decoding must obey: a forced call, then text.format, then strict tools."""
+        tools = tuple(self.tool_specs())
+        if tools and self.tool_choice_internal() == "required":
+            return ToolCallConstraint(tools=tools, forced=True,
+                                      parallel=self.parallel_tool_calls, param="tool_choice",
+                                      max_calls=self._max_calls())
+        json_constraint = self.text.format.constraint()
+        if json_constraint is not None:
+            return json_constraint
+        if any(t.strict for t in tools) or (tools and not self.parallel_tool_calls) or (
+                tools and self._max_calls() is not None):
+            # Armed only when the model starts a call: strict arguments, and the call count.
+            return ToolCallConstraint(tools=tools, forced=False,
+                                      parallel=self.parallel_tool_calls, param="tools",
+                                      max_calls=self._max_calls())
+        return None
+
+    def _max_calls(self) -> int | None:
+        return self.max_tool_calls
+
+    def logprobs_count(self) -> int | None:
+        """Log-probabilities are asked for through `include`; top_logprobs says how many."""
+        if LOGPROBS_INCLUDE in (self.include or []):
+            return self.top_logprobs or 0
+        return None
 
 
 def parse_request(body: Any) -> ResponsesRequest:

@@ -16,8 +16,10 @@ from app.core.types import (
     Failed,
     Finish,
     GenerationEvent,
+    LogprobsDelta,
     ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
 )
@@ -25,6 +27,8 @@ from app.engine.engine import GenerationStream, gateway_error
 
 # (text or None for the final chunk, finish_reason or None) -> one entry of "choices"
 ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
+# this chunk's tokens -> the choice's "logprobs" value
+LogprobsRender = Callable[[list[TokenLogprob]], Any]
 # the events of one wake-up (no Finish / Failed) -> the "choices" entries to send, one a chunk
 EventRenderer = Callable[[list[GenerationEvent]], list[dict[str, Any]]]
 
@@ -69,7 +73,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 async def openai_chunks(request: Request, stream: GenerationStream, envelope: dict[str, Any],
                         choice: ChoiceFactory, *, include_usage: bool,
                         prelude: list[dict[str, Any]], heartbeat: float,
-                        render: EventRenderer | None = None) -> AsyncIterator[bytes]:
+                        render: EventRenderer | None = None,
+                        logprobs: LogprobsRender | None = None) -> AsyncIterator[bytes]:
     """SSE for one generation: `prelude` choices, a chunk per text delta, one chunk with the
     finish_reason, the usage chunk when asked for, then [DONE]. A failure mid-stream is sent
     as an OpenAI error payload, which the SDKs raise."""
@@ -87,13 +92,25 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
             if not events:
                 yield OPENAI_HEARTBEAT
                 continue
+            tokens = [t for e in events if isinstance(e, LogprobsDelta) for t in e.tokens]
+            if logprobs is None:
+                tokens = []
             if render is not None:
-                for entry in render([e for e in events if not isinstance(e, Finish | Failed)]):
-                    yield chunk([entry])
+                entries = render([e for e in events if not isinstance(e, Finish | Failed)])
             else:
                 text = "".join(e.text for e in events if isinstance(e, TextDelta))
-                if text:
-                    yield chunk([choice(text, None)])
+                entries = [choice(text, None)] if text else []
+            if tokens:
+                # This wake-up's log-probabilities ride on its first content entry.
+                carrier = next((e for e in entries if "content" in e.get("delta", {})
+                                or "text" in e), None)
+                if carrier is None:
+                    carrier = choice("", None)
+                    entries.append(carrier)
+                assert logprobs is not None
+                carrier["logprobs"] = logprobs(tokens)
+            for entry in entries:
+                yield chunk([entry])
             for event in events:
                 if isinstance(event, Finish):
                     await record_finish(request, stream, event)
