@@ -28,6 +28,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    JsonConstraint,
     ReasoningDelta,
     TextDelta,
     ToolCallConstraint,
@@ -190,12 +191,15 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 @router.post("/v1/messages", response_model=None)
 async def messages(body: MessagesRequest, request: Request) -> Response:
-    if body.output_config is not None and body.output_config.format is not None:
-        raise InvalidRequest("output_config.format: structured output is not available on "
-                             "/v1/messages yet; use /v1/chat/completions response_format",
-                             param="output_config.format")
     generation = _generation(body, request, max_tokens=body.max_tokens,
                              sampling=body.sampling(), stop=body.stop_list())
+    wanted = body.output_config.format if body.output_config is not None else None
+    if wanted is not None:
+        if generation.constraint is not None:
+            raise InvalidRequest("output_config.format cannot be combined with a tool_choice "
+                                 "that forces a tool call", param="output_config.format")
+        generation.constraint = JsonConstraint(schema=wanted.schema_,
+                                               param="output_config.format.schema")
     stream = await submit(request, generation)
     assembler = MessageAssembler(new_id("msg_"), stream.model, stream.prompt_tokens)
     headers = _dropped_tools_header(body)
