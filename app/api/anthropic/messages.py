@@ -73,7 +73,7 @@ def _generation(body: CountTokensRequest, request: Request, **more: Any) -> Gene
     )
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
+def message_usage(usage: Usage) -> dict[str, Any]:
     # input_tokens excludes what was read from the prefix cache, as Anthropic counts it.
     return {"input_tokens": usage.prompt_tokens - usage.cached_tokens,
             "output_tokens": usage.completion_tokens,
@@ -135,7 +135,7 @@ class MessageAssembler:
             out.append({"type": "message_delta",
                         "delta": {"stop_reason": stop_reason,
                                   "stop_sequence": event.stop_sequence},
-                        "usage": usage_body(event.usage)})
+                        "usage": message_usage(event.usage)})
             out.append({"type": "message_stop"})
             return out
         if isinstance(event, Failed):
