@@ -179,8 +179,6 @@ def describe(plan: LaunchPlan) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # The client owns stdout (its answer may be piped somewhere): our log lines go to stderr.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     settings = load_settings(args.config)
     executable, package = CLIENTS[args.client]
     passthrough: list[str] = args.passthrough
@@ -190,6 +188,9 @@ def _run(args: argparse.Namespace) -> int:
         if shutil.which(executable) is None:
             print(f"{executable} is not installed: npm install -g {package}", file=sys.stderr)
             return 127
+        # The client owns stdout (its answer may be piped on): our log lines go to stderr.
+        # This process becomes the client next, so changing logging for good is fine.
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
         model_id = target_for(settings, args.model, args.url, "").model
         key = client_key(settings, args.client, model_id)
     target = target_for(settings, args.model, args.url, key)

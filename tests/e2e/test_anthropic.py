@@ -201,3 +201,24 @@ def test_sdk_raises_typed_errors(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError, match="prompt is too long"):
         claude.messages.create(model="smollm2-short", max_tokens=4,
                                messages=[{"role": "user", "content": "word " * 200}])
+
+
+def test_output_config_format_is_enforced(claude: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "country": {"type": "string", "enum": ["France", "Germany", "Italy"]}},
+        "required": ["city", "country"], "additionalProperties": False}
+    message = claude.messages.create(
+        model=DEMO_ID, max_tokens=60, extra_body=GREEDY,
+        messages=[{"role": "user", "content": "Which city is the capital of France? JSON."}],
+        output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert message.content[0].type == "text"
+    answer = json.loads(message.content[0].text)
+    assert set(answer) == {"city", "country"} and answer["country"] in schema[
+        "properties"]["country"]["enum"]  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError, match="output_config"):
+        claude.messages.create(
+            model=DEMO_ID, max_tokens=8, messages=QUESTION,
+            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tool_choice={"type": "any"},
+            output_config={"format": {"type": "json_schema", "schema": schema}})

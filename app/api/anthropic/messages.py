@@ -28,6 +28,7 @@ from app.core.types import (
     Finish,
     GenerationEvent,
     GenerationRequest,
+    JsonConstraint,
     ReasoningDelta,
     TextDelta,
     ToolCallConstraint,
@@ -72,7 +73,7 @@ def _generation(body: CountTokensRequest, request: Request, **more: Any) -> Gene
     )
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
+def message_usage(usage: Usage) -> dict[str, Any]:
     # input_tokens excludes what was read from the prefix cache, as Anthropic counts it.
     return {"input_tokens": usage.prompt_tokens - usage.cached_tokens,
             "output_tokens": usage.completion_tokens,
@@ -134,7 +135,7 @@ class MessageAssembler:
             out.append({"type": "message_delta",
                         "delta": {"stop_reason": stop_reason,
                                   "stop_sequence": event.stop_sequence},
-                        "usage": usage_body(event.usage)})
+                        "usage": message_usage(event.usage)})
             out.append({"type": "message_stop"})
             return out
         if isinstance(event, Failed):
@@ -190,12 +191,15 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 @router.post("/v1/messages", response_model=None)
 async def messages(body: MessagesRequest, request: Request) -> Response:
-    if body.output_config is not None and body.output_config.format is not None:
-        raise InvalidRequest("output_config.format: structured output is not available on "
-                             "/v1/messages yet; use /v1/chat/completions response_format",
-                             param="output_config.format")
     generation = _generation(body, request, max_tokens=body.max_tokens,
                              sampling=body.sampling(), stop=body.stop_list())
+    wanted = body.output_config.format if body.output_config is not None else None
+    if wanted is not None:
+        if generation.constraint is not None:
+            raise InvalidRequest("output_config.format cannot be combined with a tool_choice "
+                                 "that forces a tool call", param="output_config.format")
+        generation.constraint = JsonConstraint(schema=wanted.schema_,
+                                               param="output_config.format.schema")
     stream = await submit(request, generation)
     assembler = MessageAssembler(new_id("msg_"), stream.model, stream.prompt_tokens)
     headers = _dropped_tools_header(body)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from app.api.common import (
-    EventStreamResponse,
-    new_id,
-    record_finish,
-    submit,
-    until_disconnected,
-)
 from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.schema import CompletionRequest
-from app.api.openai.stream import openai_chunks, usage_body
-from app.core.types import GenerationRequest, TokenLogprob
+from app.api.openai.stream import CompletionFlow, respond
+from app.core.types import Finish, GenerationRequest, TokenLogprob
+from app.engine.engine import GenerationStream
 
 router = APIRouter()
 
@@ -35,33 +28,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         stop=body.stop_list(),
         logprobs=body.logprobs,
     )
-    stream = await submit(request, generation)
-    completion_id, created = new_id("cmpl-"), int(time.time())
     echo = prompt if body.echo else ""
-    if body.stream:
-        envelope = {"id": completion_id, "object": "text_completion", "created": created,
-                    "model": stream.model, "system_fingerprint": None}
-        heartbeat = request.app.state.settings.server.heartbeat_seconds
-        return EventStreamResponse(
-            openai_chunks(request, stream, envelope, _text_choice,
-                          include_usage=body.include_usage,
-                          prelude=[_text_choice(echo, None)] if echo else [],
-                          heartbeat=heartbeat,
-                          logprobs=_StreamedOffsets() if body.logprobs is not None else None))
-    text, finish = await until_disconnected(request, stream.collect(), stream.aclose)
-    await record_finish(request, stream, finish)
-    return JSONResponse({
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": stream.model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": echo + text,
-                     "logprobs": completion_logprobs(stream.logprobs)
-                     if body.logprobs is not None else None,
-                     "finish_reason": finish.reason}],
-        "usage": usage_body(finish.usage),
-    })
+
+    async def whole(stream: GenerationStream) -> tuple[dict[str, Any], Finish]:
+        text, finish = await stream.collect()
+        return {"index": 0, "text": echo + text,
+                "logprobs": completion_logprobs(stream.logprobs)
+                if body.logprobs is not None else None,
+                "finish_reason": finish.reason}, finish
+
+    flow = CompletionFlow(
+        id_prefix="cmpl-", object="text_completion", chunk_object="text_completion",
+        choice=_text_choice, whole=whole,
+        prelude=[_text_choice(echo, None)] if echo else [],
+        logprobs=_StreamedOffsets() if body.logprobs is not None else None)
+    return await respond(request, generation, flow, streaming=body.stream,
+                         include_usage=body.include_usage)
 
 
 def _text_choice(text: str | None, finish_reason: str | None) -> dict[str, Any]:

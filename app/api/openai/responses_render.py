@@ -29,7 +29,7 @@ from app.core.types import (
 from app.errors import GatewayError, InvalidRequest, RateLimited
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
+def response_usage(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
         # cache_write_tokens: newer SDKs require it; nothing is written to a paid cache here.
@@ -309,7 +309,7 @@ class ResponseRenderer:
             # clients expect one message even when nothing (or only reasoning) was generated
             events += self._open_message()
         events += self._close("incomplete" if truncated else "completed")
-        self.usage = usage_body(finish.usage)
+        self.usage = response_usage(finish.usage)
         self.completed_at = int(time.time())
         if truncated:
             self.status = "incomplete"

@@ -1,21 +1,33 @@
-"""The OpenAI streaming loop shared by chat and text completions: events -> chunks -> [DONE].
+"""The flow chat and text completions share: submit, then either the streaming loop (events ->
+chunks -> [DONE]) or one JSON answer, in the same envelope.
 
-The two routes differ only in the shape of a choice and what comes before the first token.
+The two routes differ only in their ids and object names, the shape of a choice, what comes
+before the first token, and how a whole answer becomes one choice (`CompletionFlow`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
-from app.api.common import record_finish
+from app.api.common import (
+    EventStreamResponse,
+    new_id,
+    record_finish,
+    submit,
+    until_disconnected,
+)
 from app.api.sse import DONE, OPENAI_HEARTBEAT, sse_data
 from app.core.types import (
     Failed,
     Finish,
     GenerationEvent,
+    GenerationRequest,
     LogprobsDelta,
     ReasoningDelta,
     TextDelta,
@@ -31,6 +43,35 @@ ChoiceFactory = Callable[[str | None, str | None], dict[str, Any]]
 LogprobsRender = Callable[[list[TokenLogprob]], Any]
 # the events of one wake-up (no Finish / Failed) -> the "choices" entries to send, one a chunk
 EventRenderer = Callable[[list[GenerationEvent]], list[dict[str, Any]]]
+
+
+@dataclass
+class CompletionFlow:
+    id_prefix: str  # "chatcmpl-" / "cmpl-"
+    object: str  # of the whole answer
+    chunk_object: str  # of each streamed chunk
+    choice: ChoiceFactory
+    # the whole answer -> its one choice, and how it finished
+    whole: Callable[[GenerationStream], Awaitable[tuple[dict[str, Any], Finish]]]
+    prelude: list[dict[str, Any]] = field(default_factory=list)
+    render: EventRenderer | None = None
+    logprobs: LogprobsRender | None = None
+
+
+async def respond(request: Request, generation: GenerationRequest, flow: CompletionFlow, *,
+                  streaming: bool, include_usage: bool) -> Response:
+    stream = await submit(request, generation)
+    envelope = {"id": new_id(flow.id_prefix), "object": flow.object, "created": int(time.time()),
+                "model": stream.model, "system_fingerprint": None}
+    if streaming:
+        heartbeat = request.app.state.settings.server.heartbeat_seconds
+        return EventStreamResponse(openai_chunks(
+            request, stream, {**envelope, "object": flow.chunk_object}, flow.choice,
+            include_usage=include_usage, prelude=flow.prelude, heartbeat=heartbeat,
+            render=flow.render, logprobs=flow.logprobs))
+    choice, finish = await until_disconnected(request, flow.whole(stream), stream.aclose)
+    await record_finish(request, stream, finish)
+    return JSONResponse({**envelope, "choices": [choice], "usage": completion_usage(finish.usage)})
 
 
 def chat_deltas(events: list[GenerationEvent]) -> list[dict[str, Any]]:
@@ -61,7 +102,7 @@ def chat_deltas(events: list[GenerationEvent]) -> list[dict[str, Any]]:
             for delta in deltas]
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
+def completion_usage(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -82,7 +123,7 @@ async def openai_chunks(request: Request, stream: GenerationStream, envelope: di
     def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
         payload = {**envelope, "choices": choices}
         if include_usage:
-            payload["usage"] = usage_body(usage) if usage else None
+            payload["usage"] = completion_usage(usage) if usage else None
         return sse_data(payload)
 
     try:
