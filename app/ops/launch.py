@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from app.models.registry import ModelRegistry
+from app.ops.doctor import local_url
 from app.security.keys import KeyStore, parse_token
 from app.settings import ConfigError, Settings, load_settings
 
@@ -138,10 +139,7 @@ def target_for(settings: Settings, model: str | None, url: str | None, key: str)
     if name is None:
         raise ConfigError("config error: no models configured; pass --model or add [[models]]")
     spec = registry.resolve(name)
-    host = settings.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a client address)
-    base = (url or f"http://{host}:{settings.server.port}").rstrip("/")
-    base = base.removesuffix("/v1")
+    base = (url or local_url(settings)).rstrip("/").removesuffix("/v1")
     context = spec.context_length
     return Target(base, spec.id, context, max(256, context // 4), key)
 
