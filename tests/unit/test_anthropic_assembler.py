@@ -93,3 +93,22 @@ def test_translation_of_blocks() -> None:
     assert [m.tool_call_id for m in messages[3:]] == ["t1", "t2"]
     assert [t.name for t in body.tool_specs()] == ["f"]
     assert body.dropped_tools() == ["web_search"]
+
+
+def test_thinking_block_gets_a_signature_and_the_switch_reaches_the_template() -> None:
+    from app.core.types import ReasoningDelta
+
+    usage = Usage(prompt_tokens=3, completion_tokens=4)
+    events = _run([ReasoningDelta("Let me think"), ReasoningDelta("."), TextDelta("Paris."),
+                   Finish("stop", usage)])
+    deltas = [e["delta"]["type"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas == ["thinking_delta", "thinking_delta", "signature_delta", "text_delta"]
+    message = fold(events)
+    thinking, text = message["content"]
+    assert thinking["thinking"] == "Let me think." and thinking["signature"].startswith("mlxgw-")
+    assert text == {"type": "text", "text": "Paris."}
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "q"}]}
+    for kind, expected in (("enabled", {"enable_thinking": True}),
+                           ("disabled", {"enable_thinking": False}), ("adaptive", {})):
+        request = MessagesRequest.model_validate({**body, "thinking": {"type": kind}})
+        assert request.template_kwargs() == expected

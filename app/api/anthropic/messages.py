@@ -6,6 +6,7 @@ answer is those same events folded into a message, so the two can never disagree
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -69,6 +70,7 @@ def _generation(body: CountTokensRequest, request: Request, **more: Any) -> Gene
     return GenerationRequest(
         model=model, request_id=request.state.request_id,
         messages=body.internal_messages(), tools=tools, tool_choice=tool_choice,
+        template_kwargs=body.template_kwargs(),
         constraint=constraint, **more,
     )
 
@@ -91,6 +93,7 @@ class MessageAssembler:
         self._index = -1
         self._open: str | None = None  # the type of the block being written
         self._tool_ids: dict[int, int] = {}  # tool call index -> block index
+        self._thinking = hashlib.sha256()  # of the open thinking block, for its signature
 
     def start(self) -> dict[str, Any]:
         return {"type": "message_start", "message": {
@@ -112,6 +115,7 @@ class MessageAssembler:
                 return []
             out = self._open_block("thinking", {"type": "thinking", "thinking": "",
                                                 "signature": ""})
+            self._thinking.update(event.text.encode())
             out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
             return out
         if isinstance(event, ToolCallDelta):
@@ -155,8 +159,15 @@ class MessageAssembler:
     def _close_block(self) -> list[dict[str, Any]]:
         if self._open is None:
             return []
+        out = []
+        if self._open == "thinking":
+            # Clients keep a thinking block's signature and send it back; nothing verifies it
+            # here (history thinking is dropped), so it only names what was thought.
+            signature = "mlxgw-" + self._thinking.hexdigest()[:32]
+            self._thinking = hashlib.sha256()
+            out.append(self._delta({"type": "signature_delta", "signature": signature}))
         self._open = None
-        return [{"type": "content_block_stop", "index": self._index}]
+        return [*out, {"type": "content_block_stop", "index": self._index}]
 
     def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         return {"type": "content_block_delta", "index": self._index, "delta": delta}
@@ -178,6 +189,8 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
                 block["text"] += delta["text"]
             elif delta["type"] == "thinking_delta":
                 block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
             elif delta["type"] == "input_json_delta":
                 partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
         elif kind == "content_block_stop" and event["index"] in partial:

@@ -107,6 +107,13 @@ class CountTokensRequest(_Lenient):
             return []
         return [ToolSpec(t.name, t.description, t.input_schema) for t in self.client_tools()]
 
+    def template_kwargs(self) -> dict[str, Any]:
+        """`thinking` as the chat template's switch (Qwen3-style `enable_thinking`); adaptive
+        and between_tools leave the model's own default."""
+        if self.thinking is None or self.thinking.type not in ("enabled", "disabled"):
+            return {}
+        return {"enable_thinking": self.thinking.type == "enabled"}
+
     def dropped_tools(self) -> list[str]:
         """Server-side tools (web search, code execution, ...) this gateway cannot run."""
         return [t.name for t in self.tools or [] if t.type not in (None, "custom")]
