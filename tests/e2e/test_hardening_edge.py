@@ -107,7 +107,11 @@ def test_client_mistakes_that_were_500s_are_400s(gateway: GatewayProcess) -> Non
                     ("/v1/completions", f'{{"model": "{DEMO_ID}", "prompt": {nested}}}')):
                 response = http.post(path, content=body,
                                      headers={"content-type": "application/json"})
-                assert response.status_code == 400, (path, depth, response.text[:200])
+                # Too deep to parse is a 400; 900 levels parse, and then either a route
+                # refuses them (400) or, where nothing walks them recursively, serves the
+                # request (chat renders non-strict tool parameters flat). Never a 5xx.
+                allowed = {400} if depth > 1000 else {200, 400}
+                assert response.status_code in allowed, (path, depth, response.text[:200])
 
 
 def test_chunked_bodies_over_the_limit_are_413(gateway: GatewayProcess) -> None:
