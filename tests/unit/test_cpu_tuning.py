@@ -173,3 +173,34 @@ def test_logits_decode_replaces_only_an_empty_batch() -> None:
     with pytest.raises(RuntimeError):
         use_logits_decode(generator)
     generator.close()
+
+
+def test_each_engine_thread_splits_on_its_own_side_stream() -> None:
+    """MLX streams are thread-local: a second engine thread in the process (tests, a restart)
+    must not be handed the first thread's side stream."""
+    import threading
+
+    from app.engine.cpu.tuning import on_two_streams
+
+    rows = mx.arange(8, dtype=mx.float32).reshape(4, 2)
+    mx.eval(rows)  # made here, used in the threads below: no lazy work tied to this thread
+
+    def split() -> list[float]:
+        out = on_two_streams(4, lambda part: rows[part] * 2)
+        mx.eval(out)
+        return [float(v) for v in out.reshape(-1)]
+
+    expected = [2.0 * v for v in range(8)]
+    results: list[object] = []
+    for _ in range(2):  # two threads one after the other, each with fresh streams
+        def run() -> None:
+            with mx.stream(mx.new_stream(mx.cpu)):
+                try:
+                    results.append(split())
+                except Exception as error:  # reported below, not lost in the thread
+                    results.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert results == [expected, expected]

@@ -31,6 +31,7 @@ the same RoPE and RMSNorm functions.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -187,14 +188,17 @@ def batch_parts(batch: int) -> list[slice]:
     return [slice(0, half), slice(half, batch)] if batch > 1 else [slice(0, batch)]
 
 
-_SIDE_STREAM: list[Any] = []
+# MLX streams belong to the thread that made them: one side stream per engine thread, or a
+# second engine in the process (tests; a restarted thread) fails with "no Stream in thread".
+_SIDE_STREAM = threading.local()
 
 
 def _side_stream() -> Any:
-    """The second CPU stream of `on_two_streams` (made once, on first use)."""
-    if not _SIDE_STREAM:
-        _SIDE_STREAM.append(mx.new_stream(mx.cpu))
-    return _SIDE_STREAM[0]
+    """This thread's second CPU stream for `on_two_streams` (made on first use)."""
+    stream = getattr(_SIDE_STREAM, "stream", None)
+    if stream is None:
+        stream = _SIDE_STREAM.stream = mx.new_stream(mx.cpu)
+    return stream
 
 
 def _grouped_mask(mask: Any, heads: int, kv_heads: int) -> Any:
