@@ -126,3 +126,32 @@ def test_everything_works_with_loopback_only(tmp_path: Path, demo_float32_dir: P
     claude = result["claude"]
     if shutil.which("claude", path=client_path()) is not None:
         assert claude["code"] == 0 and "Paris" in claude["out"], claude
+
+
+def test_one_key_never_reuses_another_keys_cached_prefix(keyed: GatewayProcess) -> None:
+    """Issue 13, item 7, through the HTTP stack: the prefix cache is per key, so `cached_tokens`
+    cannot tell one key what another key sent."""
+    import openai
+
+    def key(name: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", "create", "--name", name, "--config",
+             str(keyed.config_path)], cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.splitlines()[-1]
+
+    document = " ".join(f"Clause {i}: the tenant keeps the garden tidy." for i in range(40))
+    messages = [{"role": "system", "content": document},
+                {"role": "user", "content": "Summarize in one word."}]
+
+    def cached(token: str) -> int:
+        client = openai.OpenAI(base_url=keyed.base_url + "/v1", api_key=token, max_retries=0)
+        reply = client.chat.completions.create(model=DEMO_ID, messages=messages,  # type: ignore[arg-type]
+                                               max_tokens=2, temperature=0)
+        assert reply.usage is not None and reply.usage.prompt_tokens > 300
+        details = reply.usage.prompt_tokens_details
+        return details.cached_tokens or 0 if details is not None else 0
+
+    alice, bob = key("alice"), key("bob")
+    assert cached(alice) == 0
+    assert cached(bob) == 0  # alice's document is not visible to bob
+    assert cached(alice) > 300  # alice reuses her own
