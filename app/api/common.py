@@ -35,6 +35,12 @@ def check_message_count(request: Request, count: int, param: str) -> None:
         raise InvalidRequest(f"{param}: at most {limit} per request (got {count})", param=param)
 
 
+def authorize(request: Request, model: str) -> None:
+    """404 for a model nobody configured, 403 for one outside the caller's key scope."""
+    spec = request.app.state.registry.resolve(model)
+    authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
+
+
 def engine_of(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
@@ -43,9 +49,8 @@ def engine_of(request: Request) -> Engine:
 async def submit(request: Request, generation: GenerationRequest) -> GenerationStream:
     """Hand the request to the engine; errors here still become a proper HTTP status."""
     request.state.log_fields = {"model": generation.model}
-    spec = request.app.state.registry.resolve(generation.model)
+    authorize(request, generation.model)
     principal = getattr(request.state, "principal", None)
-    authorize_model(principal, spec.id, *spec.aliases)
     if principal is not None and principal.key_id is not None:
         generation.owner = principal.key_id  # per-key in-flight cap; prefix-cache owner
     limits = getattr(request.state, "limits", None)

@@ -17,7 +17,9 @@ from fastapi.responses import JSONResponse, Response
 from app.api.anthropic.schema import CountTokensRequest, MessagesRequest, resolve_model
 from app.api.common import (
     EventStreamResponse,
+    authorize,
     check_message_count,
+    engine_of,
     new_id,
     record_finish,
     submit,
@@ -38,7 +40,6 @@ from app.core.types import (
 )
 from app.engine.engine import GenerationStream, gateway_error
 from app.errors import InvalidRequest
-from app.security.auth import authorize_model
 
 router = APIRouter()
 
@@ -276,7 +277,6 @@ def _dropped_tools_header(body: CountTokensRequest) -> dict[str, str]:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     generation = _generation(body, request)
-    spec = request.app.state.registry.resolve(generation.model)
-    authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
-    count = await request.app.state.engine.count_prompt_tokens(generation)
+    authorize(request, generation.model)
+    count = await engine_of(request).count_prompt_tokens(generation)
     return {"input_tokens": count}
