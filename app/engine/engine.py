@@ -194,15 +194,8 @@ class GenerationStream:
 
     async def collect(self) -> tuple[str, Finish]:
         """Run to the end; the whole text and the Finish. A Failed event is raised."""
-        parts: list[str] = []
-        async for event in self:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finish):
-                return "".join(parts), event
-            elif isinstance(event, Failed):
-                raise event.error
-        raise RuntimeError("generation ended without a finish event")
+        output = await self.collect_output()
+        return output.text, output.finish
 
     async def collect_output(self) -> Output:
         """Run to the end; content, reasoning and calls merged. A Failed event is raised."""
