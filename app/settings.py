@@ -58,6 +58,9 @@ class _Section(BaseModel):
 
 
 DEFAULT_MODEL_TARGET = "@default"
+# What to do with a prompt bigger than the model's context (issue 19): refuse it in the words
+# each client recognises, or pack it (oldest turns out, long tool outputs and descriptions cut).
+Overflow = Literal["error", "pack"]
 
 
 class ServerSettings(_Section):
@@ -105,6 +108,12 @@ class ModelEntry(_Section):
     pinned: bool = Field(False, description="Load at start and never evict.")
     ttl: float | None = Field(None, ge=0, description="Idle seconds before eviction; 0 = never.")
     max_context: int | None = Field(None, ge=16, description="Cap the context length.")
+    overflow: Overflow | None = Field(
+        None, description="A prompt that does not fit: 'error' or 'pack'; unset = [engine] "
+        "overflow.")
+    answer_reserve_tokens: int | None = Field(
+        None, ge=0, description="Room kept free for the answer; unset = [engine] "
+        "answer_reserve_tokens.")
     sampling: SamplingDefaults = Field(
         default_factory=SamplingDefaults,
         description="Sampling for fields a request leaves out; over the model's "
@@ -161,6 +170,17 @@ class EngineSettings(_Section):
     strict_max_tokens: bool = Field(
         False, description="Refuse (400) a max_tokens larger than the context leaves room for; "
         "by default it is capped to the room left and the answer ends with finish_reason length."
+    )
+    overflow: Overflow = Field(
+        "pack", description="A prompt that does not fit the context: 'pack' keeps the "
+        "system prompt, the tools and the newest turns, drops the oldest turns, then shortens "
+        "long tool outputs and tool descriptions (header x-mlxgw-packed-tokens); 'error' "
+        "answers 400 (context_length_exceeded / 'prompt is too long'). Per model: [[models]] "
+        "overflow."
+    )
+    answer_reserve_tokens: int = Field(
+        1024, ge=0, description="Room kept free for the answer: a prompt must leave this much "
+        "(or the request's max_tokens, or a quarter of the context, if smaller)."
     )
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "

@@ -110,6 +110,9 @@ class GenerationRequest:
     # reuse never crosses owners (`cached_tokens` would reveal what another key sent); every
     # keyless (loopback) client is one owner.
     owner: str | None = None
+    # A prompt bigger than the context: "error" or "pack"; None = the model's policy. Set by a
+    # request that says so (Responses truncation "disabled") or, later, by a route.
+    overflow: Literal["error", "pack"] | None = None
 
 
 @dataclass(frozen=True)

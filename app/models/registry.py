@@ -44,6 +44,9 @@ class ModelSpec:
     kv_bytes_per_token: int = 0
     context_length: int = DEFAULT_CONTEXT  # the model's own, capped by max_context
     max_context: int | None = None  # the configured cap, if any
+    # Issue 19: this model's overflow policy and answer reserve; None = the [engine] default.
+    overflow: str | None = None
+    answer_reserve_tokens: int | None = None
     pinned: bool = False
     ttl: float | None = None  # None: [residency] default_ttl; 0: never evict when idle
     # Sampling for fields a request leaves out: [[models]] sampling over generation_config.json.
@@ -52,6 +55,12 @@ class ModelSpec:
     @property
     def load_path(self) -> str:
         return str(self.path)
+
+    @property
+    def max_output_tokens(self) -> int:
+        """The longest answer clients are told to ask for: a quarter of the context (at least
+        256), so a client keeps most of the window for its conversation."""
+        return min(self.context_length, max(256, self.context_length // 4))
 
     @property
     def estimated_bytes(self) -> int:
@@ -167,7 +176,8 @@ def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
     spec = _make_spec(entry.id, path, "config", aliases=tuple(entry.aliases),
                       pinned=entry.pinned, ttl=entry.ttl, max_context=entry.max_context)
     configured = {k: v for k, v in entry.sampling.model_dump().items() if v is not None}
-    return replace(spec, sampling=tuple({**dict(spec.sampling), **configured}.items()))
+    return replace(spec, sampling=tuple({**dict(spec.sampling), **configured}.items()),
+                   overflow=entry.overflow, answer_reserve_tokens=entry.answer_reserve_tokens)
 
 
 def _demo_spec(demo_path: Path) -> ModelSpec:

@@ -1,8 +1,9 @@
 """The gateway's own tool format, for models whose chat template has no tool support.
 
-The tool definitions go compactly into the system prompt, and the model is told to answer with
-one `<tool_call>{"name": "...", "arguments": {...}}</tool_call>` block per call (Hermes style,
-which many small models have seen in training). The parser reads exactly this format
+The tool definitions go compactly into the system prompt (`render_tool`: schema keywords the
+model does not need dropped, no JSON whitespace, descriptions as plain text), and the model is
+told to answer with one `<tool_call>{"name": "...", "arguments": {...}}</tool_call>` block per
+call (Hermes style, which many small models have seen in training). The parser reads exactly this format
 (`formats.FORMATS["generic"]`), and constrained decoding of a forced call builds its grammar on
 these markers.
 """
@@ -20,21 +21,66 @@ TOOL_RESPONSE_START = "<tool_response>"
 TOOL_RESPONSE_END = "</tool_response>"
 
 
-def _signature(tool: ToolSpec) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": tool.name}
-    if tool.description:
-        spec["description"] = tool.description
-    spec["parameters"] = tool.parameters or {"type": "object", "properties": {}}
-    return spec
+# Schema keywords that change nothing about what the model should write: annotations
+# (`$schema`, `title`, `examples`, `$comment`...) and `additionalProperties: false/true`
+# (the listed properties already say what to write). Everything else is kept.
+_UNNEEDED = frozenset({"$schema", "$id", "$comment", "title", "examples", "readOnly",
+                       "writeOnly", "strict"})
+# Maps whose keys are names chosen by the tool's author, never keywords.
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                    "dependentSchemas"})
+
+
+def compact_schema(schema: Any) -> Any:
+    """`schema` without the keywords a model does not need to write valid arguments."""
+    if isinstance(schema, list):
+        return [compact_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _UNNEEDED or (key == "additionalProperties" and isinstance(value, bool)):
+            continue
+        if key in _NAMED and isinstance(value, dict):
+            out[key] = {name: compact_schema(sub) for name, sub in value.items()}
+        else:
+            out[key] = compact_schema(value)
+    return out
+
+
+def arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A tool's arguments as shown to the model: compact, without the top-level
+    `"type":"object"` every tool repeats (arguments are always an object)."""
+    schema = compact_schema(parameters or {})
+    if schema.get("type") == "object":
+        schema.pop("type")
+    return schema or {"properties": {}}
+
+
+def tidy_text(text: str) -> str:
+    """A description without trailing spaces and blank lines: same words, fewer tokens."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
+def render_tool(tool: ToolSpec) -> str:
+    """One tool: a header line with its name and the JSON Schema of its arguments (one line,
+    no whitespace), then its description as plain text (no JSON escaping of its newlines and
+    quotes, which costs tokens)."""
+    schema = json.dumps(arguments_schema(tool.parameters), ensure_ascii=False,
+                        separators=(",", ":"))
+    head = f"<tool name={json.dumps(tool.name, ensure_ascii=False)}>{schema}"
+    description = tidy_text(tool.description)
+    return f"{head}\n{description}\n</tool>" if description else f"{head}</tool>"
 
 
 def render_tools_prompt(tools: list[ToolSpec], *, required: bool = False,
                         name: str | None = None) -> str:
     """The system-prompt text that offers `tools` to a model without a tool template."""
     lines = [
-        "You can call these tools (JSON Schema of each tool's arguments):",
-        *(json.dumps(_signature(tool), ensure_ascii=False, separators=(",", ":"))
-          for tool in tools),
+        "You can call these tools. Each is <tool name=NAME>, the JSON Schema of its "
+        "arguments, then what it does:",
+        *(render_tool(tool) for tool in tools),
         "",
         "To call a tool, answer with exactly this and nothing after it:",
         f'{TOOL_CALL_START}{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}'

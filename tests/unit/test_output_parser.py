@@ -117,6 +117,6 @@ def test_generic_tools_prompt_names_every_tool_and_the_markers() -> None:
     tools = [ToolSpec("get_weather", "Weather now", {"type": "object", "properties": {
         "city": {"type": "string"}}, "required": ["city"]}), ToolSpec("get_time")]
     prompt = render_tools_prompt(tools)
-    assert '"name":"get_weather"' in prompt and '"name":"get_time"' in prompt
+    assert '<tool name="get_weather">' in prompt and '<tool name="get_time">' in prompt
     assert TOOL_CALL_START in prompt and TOOL_CALL_END in prompt
     assert "must call" in render_tools_prompt(tools, required=True)
