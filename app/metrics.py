@@ -117,3 +117,11 @@ TOOL_CALL_PARSE_FAILURES = Counter(
     "Tool-call blocks the model wrote that could not be parsed; their text went to content.",
     ["format"],
 )
+
+# --- overflow packing (issue 19) -------------------------------------------------------------
+PACKED_REQUESTS = Counter(
+    "mlxgw_packed_requests_total", "Prompts packed to fit the model's context.", ["model"]
+)
+PACKED_TOKENS = Counter(
+    "mlxgw_packed_tokens_total", "Prompt tokens removed by packing.", ["model"]
+)

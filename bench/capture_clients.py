@@ -11,6 +11,7 @@ and its tool list, exactly as sent over the wire, to `<client>.tools.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -27,24 +28,22 @@ TOOLS_BIN = ROOT / ".tools" / "node_modules" / ".bin"
 class _Recorder(BaseHTTPRequestHandler):
     bodies: list[dict[str, Any]] = []
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_HEAD(self) -> None:  # noqa: N802 (stdlib's name)
+    def do_HEAD(self) -> None:
         self.send_response(200)
         self.end_headers()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = json.dumps({"object": "list", "data": []}).encode()
         self._answer(200, body)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length)
-        try:
+        with contextlib.suppress(ValueError):
             self.bodies.append({"path": self.path, "body": json.loads(raw)})
-        except ValueError:
-            pass
         error = {"type": "error", "error": {"type": "invalid_request_error",
                                             "message": "captured"}}
         self._answer(400, json.dumps(error).encode())

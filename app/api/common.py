@@ -21,6 +21,7 @@ from app.errors import ClientDisconnected, InvalidRequest
 from app.security.auth import authorize_model
 
 T = TypeVar("T")
+PACKED_HEADER = "x-mlxgw-packed-tokens"  # prompt tokens packing removed (overflow = "pack")
 log = structlog.get_logger(__name__)
 
 
@@ -58,6 +59,10 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     stream = await engine_of(request).submit(
         generation, admit=limits.reserve if limits is not None else None)
     request.state.log_fields["model"] = stream.model
+    if stream.packed_tokens:
+        # Said once for every protocol: the edge adds these to whatever response goes out.
+        request.state.log_fields["packed_tokens"] = stream.packed_tokens
+        request.state.response_headers = {PACKED_HEADER: str(stream.packed_tokens)}
     return stream
 
 

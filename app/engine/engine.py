@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from app import metrics
 from app.core.types import (
     Failed,
     Finish,
@@ -32,7 +33,7 @@ from app.core.types import (
     ToolCall,
     ToolCallDelta,
 )
-from app.engine.prompt import Prompt, prompt_tokens, render
+from app.engine.prompt import Prompt, packed_render, prompt_tokens, render
 from app.engine.residency.pool import LoadedModel, ModelPool
 from app.engine.sampling import check_sampling, make_sequence_processors, make_sequence_sampler
 from app.engine.scheduler import Sequence
@@ -117,6 +118,7 @@ class GenerationStream:
         self._finished = False
         self._parser = parser
         self.logprobs: list[TokenLogprob] = []  # every token's, for requests that asked
+        self.packed_tokens = 0  # prompt tokens packing removed to fit the context (issue 19)
 
     @property
     def prompt_tokens(self) -> int:
@@ -315,6 +317,7 @@ class Engine:
         check_sampling(sampling, loaded.batch.vocab_size)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._tokenize, render, loaded.tokenizer, request)
+        prompt, packed_tokens = await self._fit(request, loaded, prompt)
         tokens = prompt.ids
         max_tokens = self._max_tokens(request, len(tokens), loaded.context_length)
         processors = make_sequence_processors(sampling)
@@ -343,8 +346,52 @@ class Engine:
         )
         stream = GenerationStream(loaded.id, seq, hold, self._thread.wake,
                                   output_parser(request, prompt, loaded.id))
+        stream.packed_tokens = packed_tokens
         self._thread.add_sequence(loaded.id, seq)
         return stream
+
+    def _reserve(self, request: GenerationRequest, loaded: LoadedModel) -> int:
+        """Room a prompt must leave for the answer: the configured reserve, or what the answer
+        may use if that is less, and never more than a quarter of the context."""
+        spec = loaded.spec
+        configured = (spec.answer_reserve_tokens if spec.answer_reserve_tokens is not None
+                      else self.settings.answer_reserve_tokens)
+        wanted = (request.max_tokens if request.max_tokens is not None
+                  else self.settings.default_max_tokens)
+        return max(0, min(configured, wanted, loaded.context_length // 4))
+
+    async def _fit(self, request: GenerationRequest, loaded: LoadedModel,
+                   prompt: Prompt) -> tuple[Prompt, int]:
+        """The prompt if it fits with the answer's reserve; else, with overflow "pack", the
+        packed one and how many tokens packing removed; else ContextLengthExceeded."""
+        context = loaded.context_length
+        reserve = self._reserve(request, loaded)
+        limit = context - reserve
+        if len(prompt.ids) <= limit:
+            return prompt, 0
+        policy = request.overflow or loaded.spec.overflow or self.settings.overflow
+        if policy == "pack" and request.messages is not None:
+            packed = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, packed_render, loaded.tokenizer, request, limit)
+            if packed is not None:
+                fitted, report = packed
+                removed = len(prompt.ids) - len(fitted.ids)
+                metrics.PACKED_REQUESTS.labels(loaded.id).inc()
+                metrics.PACKED_TOKENS.labels(loaded.id).inc(removed)
+                log.info("prompt packed", model=loaded.id, prompt_tokens=len(prompt.ids),
+                         packed_tokens=removed, kept_tokens=len(fitted.ids), limit=limit,
+                         dropped_messages=report.dropped_messages,
+                         cut_tool_outputs=report.cut_outputs,
+                         cut_descriptions=report.cut_descriptions)
+                return fitted, removed
+        room = f", and {reserve} are kept free for the answer" if reserve else ""
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but the prompt has "
+            f"{len(prompt.ids)} tokens{room}: at most {limit} fit. Shorten the prompt or the "
+            "conversation.",
+            param="messages" if request.messages is not None else "prompt",
+            prompt_tokens=len(prompt.ids), maximum=limit,
+        )
 
     def _max_tokens(self, request: GenerationRequest, prompt_len: int, context: int) -> int:
         room = context - prompt_len

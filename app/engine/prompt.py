@@ -6,13 +6,15 @@ gateway's generic tool format in the system prompt instead (app/output/generic_t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
-from app.core.types import ChatMessage, GenerationRequest, ToolCall
+from app.core.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
+from app.engine.pack import Packed, Tokens, pack
 from app.errors import InvalidRequest
 from app.output.detect import ModelOutput, model_output
 from app.output.generic_tools import history_for_generic, render_tools_prompt
@@ -132,3 +134,24 @@ def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return Prompt(ids=ids, text=text, output=output)
+
+
+def packed_render(tokenizer: Any, request: GenerationRequest,
+                  limit: int) -> tuple[Prompt, Packed] | None:
+    """The chat request packed to at most `limit` prompt tokens (app/engine/pack.py), or None
+    when even the system prompt, the tools and the newest turn do not fit."""
+    if request.messages is None:
+        return None
+
+    def count(messages: list[ChatMessage], tools: list[ToolSpec]) -> int:
+        return len(render(tokenizer, dataclasses.replace(
+            request, messages=messages, tools=tools)).ids)
+
+    tokens = Tokens(encode=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+                    decode=lambda ids: str(tokenizer.decode(ids)))
+    packed = pack(list(request.messages), list(request.tools), limit, count, tokens)
+    if packed is None:
+        return None
+    prompt = render(tokenizer, dataclasses.replace(
+        request, messages=packed.messages, tools=packed.tools))
+    return prompt, packed

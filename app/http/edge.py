@@ -44,7 +44,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                extra = state.get("response_headers") or {}  # set by a route (e.g. packing)
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode()),
+                                      *((k.encode(), v.encode()) for k, v in extra.items())]
             await send(message)
 
         try:

@@ -3,9 +3,9 @@
 The tool definitions go compactly into the system prompt (`render_tool`: schema keywords the
 model does not need dropped, no JSON whitespace, descriptions as plain text), and the model is
 told to answer with one `<tool_call>{"name": "...", "arguments": {...}}</tool_call>` block per
-call (Hermes style, which many small models have seen in training). The parser reads exactly this format
-(`formats.FORMATS["generic"]`), and constrained decoding of a forced call builds its grammar on
-these markers.
+call (Hermes style, which many small models have seen in training). The parser reads exactly
+this format (`formats.FORMATS["generic"]`), and constrained decoding of a forced call builds its
+grammar on these markers.
 """
 
 from __future__ import annotations

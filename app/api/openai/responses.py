@@ -145,6 +145,10 @@ async def create_response(request: Request) -> Response:
             template_kwargs=req.template_kwargs(),
             constraint=req.constraint(),
             logprobs=req.logprobs_count(),
+            # A client that chose `truncation` gets OpenAI's meaning of it ("disabled": a 400;
+            # "auto": whole turns dropped below, reported in truncation_details); one that did
+            # not (Codex) gets the model's overflow policy.
+            overflow="error" if "truncation" in req.model_fields_set else None,
         )
 
     extra: dict[str, Any] = {}
