@@ -15,6 +15,15 @@ from app.security.auth import may_use, require_admin
 router = APIRouter()
 
 
+def window_fields(context_length: int, max_output_tokens: int) -> dict[str, int]:
+    """A model's (or route's) window under the names clients read from /v1/models, so they
+    manage their own history: `context_length` (OpenRouter, and the clients that read its
+    list), `max_model_len` (vLLM), `max_context_length` (LM Studio), and the longest answer
+    they should ask for."""
+    return {"context_length": context_length, "max_model_len": context_length,
+            "max_context_length": context_length, "max_output_tokens": max_output_tokens}
+
+
 def _model_object(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
     resident = engine.pool.policy.get(spec.id)
     loaded = spec.id in engine.loaded_models()
@@ -27,6 +36,7 @@ def _model_object(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "mlx-gateway",
+        **window_fields(spec.context_length, spec.max_output_tokens),
         # Extra fields (clients ignore them): where the model stands in memory.
         "loaded": loaded,
         "size_bytes": engine.pool.footprint(spec),

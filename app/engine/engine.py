@@ -351,7 +351,7 @@ class Engine:
         return stream
 
     def _reserve(self, request: GenerationRequest, loaded: LoadedModel) -> int:
-        """Room a prompt must leave for the answer: the configured reserve, or what the answer
+        """Room packing keeps free for the answer: the configured reserve, or what the answer
         may use if that is less, and never more than a quarter of the context."""
         spec = loaded.spec
         configured = (spec.answer_reserve_tokens if spec.answer_reserve_tokens is not None
@@ -362,36 +362,26 @@ class Engine:
 
     async def _fit(self, request: GenerationRequest, loaded: LoadedModel,
                    prompt: Prompt) -> tuple[Prompt, int]:
-        """The prompt if it fits with the answer's reserve; else, with overflow "pack", the
-        packed one and how many tokens packing removed; else ContextLengthExceeded."""
-        context = loaded.context_length
-        reserve = self._reserve(request, loaded)
-        limit = context - reserve
-        if len(prompt.ids) <= limit:
-            return prompt, 0
+        """With overflow "pack", a prompt that leaves less than the answer's reserve is packed
+        (and how many tokens that removed); with "error", or when packing cannot make it
+        fit, the prompt as it is (`_max_tokens` refuses one that leaves no room at all)."""
         policy = request.overflow or loaded.spec.overflow or self.settings.overflow
-        if policy == "pack" and request.messages is not None:
-            packed = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize, packed_render, loaded.tokenizer, request, limit)
-            if packed is not None:
-                fitted, report = packed
-                removed = len(prompt.ids) - len(fitted.ids)
-                metrics.PACKED_REQUESTS.labels(loaded.id).inc()
-                metrics.PACKED_TOKENS.labels(loaded.id).inc(removed)
-                log.info("prompt packed", model=loaded.id, prompt_tokens=len(prompt.ids),
-                         packed_tokens=removed, kept_tokens=len(fitted.ids), limit=limit,
-                         dropped_messages=report.dropped_messages,
-                         cut_tool_outputs=report.cut_outputs,
-                         cut_descriptions=report.cut_descriptions)
-                return fitted, removed
-        room = f", and {reserve} are kept free for the answer" if reserve else ""
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens, but the prompt has "
-            f"{len(prompt.ids)} tokens{room}: at most {limit} fit. Shorten the prompt or the "
-            "conversation.",
-            param="messages" if request.messages is not None else "prompt",
-            prompt_tokens=len(prompt.ids), maximum=limit,
-        )
+        limit = loaded.context_length - self._reserve(request, loaded)
+        if policy != "pack" or len(prompt.ids) <= limit or request.messages is None:
+            return prompt, 0
+        packed = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, packed_render, loaded.tokenizer, request, limit)
+        if packed is None:
+            return prompt, 0
+        fitted, report = packed
+        removed = len(prompt.ids) - len(fitted.ids)
+        metrics.PACKED_REQUESTS.labels(loaded.id).inc()
+        metrics.PACKED_TOKENS.labels(loaded.id).inc(removed)
+        log.info("prompt packed", model=loaded.id, prompt_tokens=len(prompt.ids),
+                 packed_tokens=removed, kept_tokens=len(fitted.ids), limit=limit,
+                 dropped_messages=report.dropped_messages, cut_tool_outputs=report.cut_outputs,
+                 cut_descriptions=report.cut_descriptions)
+        return fitted, removed
 
     def _max_tokens(self, request: GenerationRequest, prompt_len: int, context: int) -> int:
         room = context - prompt_len

@@ -67,8 +67,9 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         }
         sizes = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(target.max_output),
+                 # Read only with DISABLE_COMPACT set; then it is the window Claude Code uses.
                  "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
-                 "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(target.context)}
+                 **_claude_compaction(target)}
         return LaunchPlan([executable, *args], env, secret=target.key, defaults=sizes)
     if client == "codex":
         codex_home = Path(os.environ.get("CODEX_HOME") or home / ".codex")
@@ -82,6 +83,24 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
                       {path: _opencode_config(target)}, secret=target.key)
 
 
+# Claude Code 2.1 raises CLAUDE_CODE_AUTO_COMPACT_WINDOW to at least this, and caps it at the
+# window it assumes for a model it does not know.
+CLAUDE_MIN_COMPACT_WINDOW = 100_000
+CLAUDE_DEFAULT_WINDOW = 200_000
+
+
+def _claude_compaction(target: Target) -> dict[str, str]:
+    """Claude Code's auto-compaction at the model's real size. It compacts when the
+    conversation reaches AUTOCOMPACT_PCT_OVERRIDE percent of its window, and that window is
+    never below 100k: for a smaller model the percentage carries the real size (an 8k model
+    answering up to 2,048: compact at 6,144 tokens of a 100k window = 6.144%)."""
+    window = min(CLAUDE_DEFAULT_WINDOW, max(CLAUDE_MIN_COMPACT_WINDOW, target.context))
+    threshold = max(1, target.context - target.max_output)
+    percent = round(100 * threshold / window, 3)
+    return {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(target.context),
+            "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": f"{percent:g}"}
+
+
 def _codex_profile(target: Target) -> str:
     """A Codex profile file: Codex 0.171 reads `<CODEX_HOME>/<profile>.config.toml` for
     `--profile <profile>` on top of the user's config.toml, which stays untouched."""
@@ -90,6 +109,9 @@ def _codex_profile(target: Target) -> str:
         f"model = {json.dumps(target.model)}",
         f'model_provider = "{PROVIDER_ID}"',
         f"model_context_window = {target.context}",
+        # Codex 0.171 has no output-size setting (model_max_output_tokens is gone); it compacts
+        # its history at this many tokens, which leaves `max_output` for the answer.
+        f"model_auto_compact_token_limit = {max(1, target.context - target.max_output)}",
         "",
         f"[model_providers.{PROVIDER_ID}]",
         'name = "mlx-gateway"',
@@ -140,8 +162,7 @@ def target_for(settings: Settings, model: str | None, url: str | None, key: str)
         raise ConfigError("config error: no models configured; pass --model or add [[models]]")
     spec = registry.resolve(name)
     base = (url or local_url(settings)).rstrip("/").removesuffix("/v1")
-    context = spec.context_length
-    return Target(base, spec.id, context, max(256, context // 4), key)
+    return Target(base, spec.id, spec.context_length, spec.max_output_tokens, key)
 
 
 def apply(plan: LaunchPlan) -> dict[str, str]:

@@ -28,6 +28,20 @@ def test_claude_gets_environment_only(tmp_path: Path) -> None:
     assert plan.defaults["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
 
 
+def test_claude_compacts_at_the_models_real_window(tmp_path: Path) -> None:
+    """Claude Code never takes a compaction window under 100k: the percentage of it at which
+    it compacts carries the real size, leaving the answer's room free."""
+    def percent(context: int, output: int) -> float:
+        plan = plan_for("claude", Target("http://x", "m", context, output, TOKEN), args=[],
+                        home=tmp_path, clients_dir=tmp_path)
+        return float(plan.defaults["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"])
+
+    assert percent(8192, 2048) == 6.144  # 6,144 tokens of a 100k window
+    assert percent(32768, 8192) == 24.576
+    assert percent(131072, 32768) == 75.0  # 98,304 of a 131,072 window
+    assert percent(262144, 65536) == 98.304  # Claude Code caps its window at 200k
+
+
 def test_user_settings_win_over_size_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "100")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
@@ -49,6 +63,7 @@ def test_codex_profile_file_names_the_variable_not_the_key(
     assert path == tmp_path / "codex" / "mlxgw.config.toml"
     profile = tomllib.loads(content)
     assert profile["model"] == "qwen3" and profile["model_context_window"] == 32768
+    assert profile["model_auto_compact_token_limit"] == 32768 - 8192
     assert profile["model_providers"]["mlxgw"] == {
         "name": "mlx-gateway", "base_url": "http://127.0.0.1:8000/v1",
         "env_key": "MLXGW_API_KEY", "wire_api": "responses"}

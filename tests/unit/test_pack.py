@@ -156,3 +156,45 @@ def tokenizer() -> Any:
     if not (folder / "tokenizer.json").is_file():
         pytest.skip("demo model not converted (mlx-gateway models demo)")
     return load(Path(folder))
+
+
+def test_the_policy_comes_from_the_request_then_the_model_then_the_engine(
+        tokenizer: Any, tmp_path: Path) -> None:
+    """[[models]] overflow = "error" leaves a too-long prompt alone (the engine refuses it
+    later); the engine default packs it; a request's own choice wins over both."""
+    import asyncio
+    import dataclasses
+    from types import SimpleNamespace
+
+    from app.engine.engine import Engine
+    from app.engine.prompt import render
+    from app.models.demo import demo_model_dir
+    from app.models.registry import ModelRegistry
+    from app.settings import Settings
+
+    folder = demo_model_dir(Settings().cache_dir)
+    settings = Settings(models=[  # type: ignore[list-item]
+        {"id": "strict", "path": str(folder), "overflow": "error"},
+        {"id": "packs", "path": str(folder), "answer_reserve_tokens": 8}],
+        cache_dir=tmp_path)
+    registry = ModelRegistry.from_settings(settings, log_warnings=False)
+    assert registry.resolve("strict").overflow == "error"
+    engine = Engine(settings, registry)
+    history = [ChatMessage(role="user", content="Tell me about Paris and its museums."),
+               ChatMessage(role="assistant", content="The Louvre and the Orsay."),
+               ChatMessage(role="user", content="Capital of France?")]
+    request = GenerationRequest(model="m", request_id="r", messages=history)
+    prompt = render(tokenizer, request)
+
+    def fit(model: str, request: GenerationRequest) -> int:
+        # A context 4 tokens short of the whole prompt: it fits only without the first turn.
+        loaded = SimpleNamespace(spec=registry.resolve(model), tokenizer=tokenizer, id=model,
+                                 context_length=len(prompt.ids) + 8 - 4)
+        fitted, removed = asyncio.run(engine._fit(request, loaded, prompt))  # type: ignore[arg-type]
+        assert removed == len(prompt.ids) - len(fitted.ids)
+        return removed
+
+    assert fit("strict", request) == 0
+    assert fit("packs", request) > 0
+    assert fit("packs", dataclasses.replace(request, overflow="error")) == 0
+    assert fit("strict", dataclasses.replace(request, overflow="pack")) > 0
