@@ -10,7 +10,11 @@ Responses and Anthropic messages are packed the same way. In order, until the pr
    newest exchange;
 2. shorten the middle of long tool outputs (head and tail kept, a marker between): the
    longest are cut first, to one common cap;
-3. shorten tool descriptions and their arguments' descriptions (the beginning kept).
+3. shorten tool descriptions and their arguments' descriptions (the beginning kept), to one
+   common cap.
+
+Caps move in steps (OUTPUT_STEP, DESCRIPTION_STEP) so that consecutive turns of a conversation
+keep the same cuts, and so the same prompt prefix for the prefix cache.
 
 The tools themselves are never dropped, and the system prompt is never cut: what the client
 set up stays. If all that is not enough, the caller answers "too long" as with `error`.
@@ -29,6 +33,10 @@ from app.core.types import ChatMessage, ToolSpec
 OUTPUT_MARKER = "\n[... {n} tokens of this output cut by the gateway to fit the context ...]\n"
 DESCRIPTION_MARKER = " [...]"
 MIN_OUTPUT_TOKENS = 32  # a tool output is never cut shorter than this (head + tail)
+# Caps move in steps, not to the last token: the next turn of the same conversation then
+# mostly gets the same cuts, so the same prompt prefix, and the prefix cache still serves it.
+OUTPUT_STEP = 64
+DESCRIPTION_STEP = 16
 
 # The prompt's token count for these messages and tools (the model's template rendered).
 Count = Callable[[list[ChatMessage], list[ToolSpec]], int]
@@ -175,8 +183,11 @@ def pack(messages: list[ChatMessage], tools: list[ToolSpec], limit: int, count: 
 
     cap = None
     if longest > MIN_OUTPUT_TOKENS:
-        cap = _largest_fitting(MIN_OUTPUT_TOKENS, longest - 1,
-                               lambda c: count(capped(c), tools) <= limit)
+        steps = _largest_fitting(1, (longest - 1) // OUTPUT_STEP,
+                                 lambda k: count(capped(k * OUTPUT_STEP), tools) <= limit)
+        cap = steps * OUTPUT_STEP if steps is not None else None
+        if cap is None and count(capped(MIN_OUTPUT_TOKENS), tools) <= limit:
+            cap = MIN_OUTPUT_TOKENS
         chosen = cap if cap is not None else MIN_OUTPUT_TOKENS
         kept_messages = capped(chosen)
         cut_outputs = sum(1 for n in lengths.values() if n > chosen)
@@ -200,10 +211,11 @@ def pack(messages: list[ChatMessage], tools: list[ToolSpec], limit: int, count: 
     longest = max(longest, _longest_schema_description(tools, tokens))
     if longest == 0:
         return None
-    desc_cap = _largest_fitting(0, longest - 1,
-                                lambda c: count(kept_messages, described(c)) <= limit)
-    if desc_cap is None:
+    steps = _largest_fitting(0, (longest - 1) // DESCRIPTION_STEP, lambda k: count(
+        kept_messages, described(k * DESCRIPTION_STEP)) <= limit)
+    if steps is None:
         return None
+    desc_cap = steps * DESCRIPTION_STEP
     packed_tools = described(desc_cap)
     cut_descriptions = sum(1 for before, after in zip(tools, packed_tools, strict=True)
                            if before != after)

@@ -15,7 +15,9 @@ import pytest
 from app.core.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from app.engine.pack import (
     DESCRIPTION_MARKER,
+    DESCRIPTION_STEP,
     OUTPUT_MARKER,
+    OUTPUT_STEP,
     Tokens,
     droppable_units,
     pack,
@@ -94,9 +96,9 @@ def test_then_long_tool_outputs_lose_their_middle_with_a_marker() -> None:
     assert packed.messages[:3] == conversation[:3] and packed.tools == [TOOL]
     cut = packed.messages[3]
     assert cut.role == "tool" and cut.tool_call_id == "id-run"
-    # The largest cap that fits: head and tail halves of it, and the count of what went.
+    # The largest cap (in steps) that fits: head and tail halves of it, and what went.
     marker_len = len(OUTPUT_MARKER.format(n=100))  # what is cut has 3 digits
-    cap = 900 - 600 - marker_len
+    cap = (900 - 600 - marker_len) // OUTPUT_STEP * OUTPUT_STEP
     expected = output[:cap // 2] + OUTPUT_MARKER.format(n=900 - cap) + output[-(cap - cap // 2):]
     assert cut.content == expected
     assert packed.prompt_tokens <= limit
@@ -112,8 +114,11 @@ def test_then_tool_descriptions_are_shortened_and_the_system_prompt_never() -> N
     assert packed is not None and packed.messages == conversation
     assert packed.cut_descriptions == 1
     edit = packed.tools[0]
-    cap = len(edit.description) - len(DESCRIPTION_MARKER)
-    assert edit.description == ("Edits a file. " * 20)[:cap].rstrip() + DESCRIPTION_MARKER
+    # One cap, a whole number of steps, for the tool's and its argument's description.
+    cap = next(c for c in range(DESCRIPTION_STEP, 300, DESCRIPTION_STEP)
+               if edit.description == ("Edits a file. " * 20)[:c].rstrip() + DESCRIPTION_MARKER)
+    path = edit.parameters["properties"]["path"]["description"]
+    assert path == ("The file to edit, absolute. " * 5)[:cap].rstrip() + DESCRIPTION_MARKER
     assert packed.tools[1] == TOOL  # short enough already
     assert edit.parameters["properties"]["path"]["type"] == "string"
     assert packed.prompt_tokens <= full - 300
