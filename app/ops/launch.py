@@ -69,7 +69,11 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
         sizes = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(target.max_output),
                  # Read only with DISABLE_COMPACT set; then it is the window Claude Code uses.
                  "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
-                 **_claude_compaction(target)}
+                 **_claude_compaction(target),
+                 # Claude Code drops a stream that sends no message event for 5 minutes (pings
+                 # do not count) and sends it again: a long prompt's prefill on a local model
+                 # can take that long, and each retry starts it over.
+                 "CLAUDE_STREAM_IDLE_TIMEOUT_MS": str(CLAUDE_STREAM_IDLE_MS)}
         return LaunchPlan([executable, *args], env, secret=target.key, defaults=sizes)
     if client == "codex":
         codex_home = Path(os.environ.get("CODEX_HOME") or home / ".codex")
@@ -87,6 +91,7 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
 # window it assumes for a model it does not know.
 CLAUDE_MIN_COMPACT_WINDOW = 100_000
 CLAUDE_DEFAULT_WINDOW = 200_000
+CLAUDE_STREAM_IDLE_MS = 1_800_000
 
 
 def _claude_compaction(target: Target) -> dict[str, str]:

@@ -77,6 +77,76 @@ def test_claude_code_answers_through_launch(keyed: GatewayProcess, tmp_path: Pat
     assert all(r["completion_tokens"] > 0 for r in requests)
 
 
+# Issue 19: the real clients with their default tools and prompts, which do not fit the demo
+# model: Claude Code's first request is ~18k tokens, Codex's ~9k. The window is capped to 6,144
+# tokens (above the ~4.9k / ~5.5k that packing can bring them down to) and answers are short,
+# because prefilling a packed prompt of that size takes minutes on a loaded 2-core CPU.
+SMALL_WINDOW = 6144
+
+
+@pytest.fixture(scope="module")
+def small_window(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
+                 ) -> Iterator[GatewayProcess]:
+    workdir = tmp_path_factory.mktemp("small-window")
+    server = GatewayProcess(workdir, {
+        "auth": {"enabled": True},
+        "engine": {"default_max_tokens": 16, "overflow": "pack"},
+        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir), "max_context": SMALL_WINDOW,
+                    "sampling": {"temperature": 0}}],
+    })
+    subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name", "ops",
+                    "--admin", "--config", str(server.config_path)],
+                   cwd=ROOT, check=True, capture_output=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _packed_requests(server: GatewayProcess, path: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == "request" and e.get("path") == path]
+
+
+@pytest.mark.timeout(1200)
+def test_claude_code_with_its_default_tools_answers_through_launch_and_pack(
+        small_window: GatewayProcess, tmp_path: Path) -> None:
+    require_client("claude")
+    # Its own prompt and all its tools; only the answer is kept short (the user's setting wins
+    # over what launch suggests).
+    done = _launch(small_window, "claude", tmp_path, "-p", "--max-turns", "1",
+                   stdin="What is the capital of France?",
+                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "16"})
+    requests = _packed_requests(small_window, "/v1/messages")
+    answered = [r for r in requests if r["status"] == 200 and "completion_tokens" in r]
+    assert answered, (done.stderr, requests)
+    first = answered[0]
+    assert int(str(first["packed_tokens"])) > 10_000  # ~18k tokens of prompt and tools in
+    assert int(str(first["prompt_tokens"])) <= SMALL_WINDOW - 16
+    assert int(str(first["completion_tokens"])) > 0
+    assert len(requests) == len(answered)  # none dropped by the client and sent again
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+@pytest.mark.timeout(1200)
+def test_codex_with_its_default_tools_answers_through_launch_and_pack(
+        small_window: GatewayProcess, tmp_path: Path) -> None:
+    require_client("codex")
+    codex_home = tmp_path / "codex-home"
+    codex_home.mkdir()
+    done = _launch(small_window, "codex", tmp_path, "exec", "--skip-git-repo-check",
+                   "What is the capital of France?", extra_env={"CODEX_HOME": str(codex_home)})
+    requests = _packed_requests(small_window, "/v1/responses")
+    answered = [r for r in requests if r["status"] == 200 and "completion_tokens" in r]
+    assert answered, (done.stderr, requests)
+    assert int(str(answered[0]["packed_tokens"])) > 0
+    assert int(str(answered[0]["prompt_tokens"])) <= SMALL_WINDOW - 16
+    profile = (codex_home / "mlxgw.config.toml").read_text()
+    assert f"model_context_window = {SMALL_WINDOW}" in profile
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
 def test_codex_accepts_its_profile(keyed: GatewayProcess, tmp_path: Path) -> None:
     require_client("codex")
     codex_home = tmp_path / "codex-home"

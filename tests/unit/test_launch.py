@@ -26,6 +26,7 @@ def test_claude_gets_environment_only(tmp_path: Path) -> None:
     assert plan.env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "qwen3"
     assert plan.defaults["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768"
     assert plan.defaults["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "8192"
+    assert int(plan.defaults["CLAUDE_STREAM_IDLE_TIMEOUT_MS"]) > 300_000  # long prefills
 
 
 def test_claude_compacts_at_the_models_real_window(tmp_path: Path) -> None:
