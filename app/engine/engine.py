@@ -372,6 +372,10 @@ class Engine:
         packed = await asyncio.get_running_loop().run_in_executor(
             self._tokenize, packed_render, loaded.tokenizer, request, limit)
         if packed is None:
+            # The caller refuses it; say what was there (roles only, never content).
+            log.info("prompt does not fit even packed", model=loaded.id,
+                     prompt_tokens=len(prompt.ids), limit=limit, tools=len(request.tools),
+                     roles="".join(m.role[0] for m in request.messages))
             return prompt, 0
         fitted, report = packed
         removed = len(prompt.ids) - len(fitted.ids)

@@ -64,6 +64,9 @@ class RequestContextMiddleware:
                     scope["path"], status[0], reason=reason, message=message,
                     key_name=principal.name if getattr(principal, "key_id", None) else None,
                     client_ip=getattr(principal, "client_ip", None))
+            refusal = state.get("refusal")
+            if refusal:  # its code only: messages may quote what the client sent
+                fields = {**fields, "error": refusal[0]}
             log.info(
                 "request", method=scope["method"], path=scope["path"], status=status[0],
                 duration_ms=round(duration * 1000, 1),

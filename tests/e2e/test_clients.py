@@ -112,18 +112,19 @@ def test_claude_code_with_its_default_tools_answers_through_launch_and_pack(
         small_window: GatewayProcess, tmp_path: Path) -> None:
     require_client("claude")
     # Its own prompt and all its tools; only the answer is kept short (the user's setting wins
-    # over what launch suggests).
+    # over what launch suggests), yet long enough to end by itself: an answer cut at
+    # max_tokens makes Claude Code ask again ("Output token limit hit. Resume directly").
     done = _launch(small_window, "claude", tmp_path, "-p", "--max-turns", "1",
                    stdin="What is the capital of France?",
-                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "16"})
+                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "128"})
     requests = _packed_requests(small_window, "/v1/messages")
     answered = [r for r in requests if r["status"] == 200 and "completion_tokens" in r]
     assert answered, (done.stderr, requests)
     first = answered[0]
     assert int(str(first["packed_tokens"])) > 10_000  # ~18k tokens of prompt and tools in
-    assert int(str(first["prompt_tokens"])) <= SMALL_WINDOW - 16
+    assert int(str(first["prompt_tokens"])) <= SMALL_WINDOW - 128
     assert int(str(first["completion_tokens"])) > 0
-    assert len(requests) == len(answered)  # none dropped by the client and sent again
+    assert all(r["status"] != 499 for r in requests)  # none dropped by the client, sent again
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
 
