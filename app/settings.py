@@ -155,6 +155,15 @@ class EngineSettings(_Section):
     prompt_cache_bytes: int = Field(
         512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
     )
+    disk_cache_bytes: int = Field(
+        10_000_000_000, ge=0, description="Bytes of prompt KV kept on disk, under "
+        "<cache_dir>/prefix-cache, for every model together (LRU; never exceeded): long "
+        "prefixes survive restarts and model evictions. 0 = off; needs prompt_cache_bytes > 0."
+    )
+    disk_cache_min_tokens: int = Field(
+        1024, ge=64, description="Shortest prefix (tokens) written to the disk cache; "
+        "shorter ones are cheaper to prefill again than to store."
+    )
     default_max_tokens: int = Field(
         4096, ge=1, description="Completion cap when a request names none."
     )
@@ -168,7 +177,7 @@ class EngineSettings(_Section):
         "decode, same outputs); no effect on a GPU."
     )
 
-    @field_validator("prompt_cache_bytes", mode="before")
+    @field_validator("prompt_cache_bytes", "disk_cache_bytes", mode="before")
     @classmethod
     def _size(cls, value: int | str) -> int:
         return parse_bytes(value)
@@ -264,7 +273,7 @@ class Settings(BaseSettings):
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
-        description="Converted models (the demo model among them).",
+        description="Converted models (the demo model among them) and the disk prefix cache.",
     )
     config_dir: Path = Field(
         default_factory=lambda: _home(".config", "mlx-gateway"), description="Keys file."
