@@ -414,7 +414,7 @@ class ModelDisk:
         if not self.enabled or len(tokens) < self.store.min_tokens or not kvfile.supported(layers):
             return False
         blocks = self.blocks(owner, tokens)
-        if len(tokens) - self.store.covered(blocks) < MIN_NEW_TOKENS:
+        if len(tokens) - self.store.covered(blocks) < min(MIN_NEW_TOKENS, self.store.min_tokens):
             return False
         blob = kvfile.encode(tokens, layers)
         entry = Entry(model=self.model, fingerprint=self.fingerprint,

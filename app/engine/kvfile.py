@@ -59,6 +59,10 @@ def encode(tokens: list[int], layers: list[Any]) -> Blob:
     for index, layer in enumerate(layers):
         arrays += [(f"{index}.keys", layer.keys), (f"{index}.values", layer.values)]
     mx.eval([array for _, array in arrays])
+    # The prefix cache's arrays are its own contiguous copies; anything else is made so.
+    arrays = [(name, array if memoryview(array).c_contiguous else mx.contiguous(array))
+              for name, array in arrays]
+    mx.eval([array for _, array in arrays])
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "layers": str(len(layers)),
                                                "tokens": str(len(tokens))}}
     views, offset = [], 0
