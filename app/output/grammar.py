@@ -181,7 +181,7 @@ def compiler_for(tokenizer: Any) -> GrammarCompiler:
 
 # --- on the MLX thread: mask the logits --------------------------------------------------------
 
-def _last_token(context: mx.array) -> int:
+def last_token(context: mx.array) -> int:
     token = context[-1].item()
     assert isinstance(token, int)
     return token
@@ -207,7 +207,7 @@ class GrammarProcessor:
         self._failed = False
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
-        allowed = self.row_mask(_last_token(context) if self._started else -1, logits.shape[-1])
+        allowed = self.row_mask(last_token(context) if self._started else -1, logits.shape[-1])
         if allowed is None:
             return logits
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
