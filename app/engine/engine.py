@@ -342,6 +342,7 @@ class Engine:
             processors=processors,
             logprobs=request.logprobs,
             token_bytes=compiler.token_bytes if request.logprobs is not None else None,
+            keep_leading_space=request.prompt is not None,
             stop=list(request.stop),
             owner=request.owner or "anonymous",  # prefix-cache namespace
             deliver=lambda events: stream.deliver(events),
