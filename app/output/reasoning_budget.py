@@ -5,24 +5,22 @@ budget is spent it forces the block's closing tag, token by token, and the model
 answer. Outside a think block, and for models that never open one, it costs one short string
 append per token and masks nothing.
 
-It speaks the same two ways in as the grammar processors (app/output/grammar.py): `row_mask`
-for the batched decode step and the mlx-lm logits-processor call for a sequence's first token.
+It is a row mask like the grammars (app/output/row_mask.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from app.output.detect import ModelOutput, starts_in_reasoning
-from app.output.grammar import last_token
+from app.output.row_mask import RowMaskProcessor
 
 _TAIL = 64  # characters of recent output kept to spot an opening or closing tag
 
 
-class ReasoningBudget:
+class ReasoningBudget(RowMaskProcessor):
     def __init__(self, tokenizer: Any, *, budget: int, think: tuple[str, str],
                  start_in_reasoning: bool) -> None:
         self._decode = tokenizer.decode
@@ -33,14 +31,7 @@ class ReasoningBudget:
         self._spent = 0  # tokens written inside think blocks, over the whole answer
         self._forcing: list[int] = []  # what is left of the closing tag being forced
         self._tail = ""
-        self._started = False
         self._closing = False
-
-    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
-        allowed = self.row_mask(last_token(context) if self._started else -1, logits.shape[-1])
-        if allowed is None:
-            return logits
-        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
     def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
         """None (any token) unless the budget is spent inside a think block: then only the
