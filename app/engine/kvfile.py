@@ -122,14 +122,17 @@ def read(path: Path, *, size: int, digest: str) -> tuple[list[int], list[Any]]:
         raise KVFileError(f"{actual} bytes, expected {size} (truncated or replaced)")
     with path.open("rb") as handle:
         header_bytes, header = _read_header(handle, size)
-    names = sorted((k for k in header if k != "__metadata__"),
-                   key=lambda k: header[k]["data_offsets"][0])
-    expected_end = 0
-    for name in names:
-        start, end = header[name]["data_offsets"]
-        if start != expected_end:
-            raise KVFileError("tensors are not laid out back to back")
-        expected_end = end
+    try:
+        names = sorted((k for k in header if k != "__metadata__"),
+                       key=lambda k: int(header[k]["data_offsets"][0]))
+        expected_end = 0
+        for name in names:
+            start, end = header[name]["data_offsets"]
+            if start != expected_end:
+                raise KVFileError("tensors are not laid out back to back")
+            expected_end = end
+    except (KeyError, TypeError, ValueError, IndexError) as error:  # parses, yet is not ours
+        raise KVFileError(f"malformed header: {error!r}") from None
     if len(header_bytes) + expected_end != size:
         raise KVFileError("the tensors do not fill the file")
     try:

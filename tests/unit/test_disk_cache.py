@@ -236,3 +236,20 @@ def test_one_process_per_directory(store: DiskCache) -> None:
         second = DiskCache(store.root, 10_000_000)
     assert not second.enabled and any("another process" in e["event"] for e in logs)
     assert not second.bind(MODEL, FP).save("alice", prompt(300), kv(prompt(300)))
+
+
+def test_a_well_formed_but_foreign_header_is_ignored(store: DiskCache) -> None:
+    tokens = prompt(300)
+    save(store.bind(MODEL, FP), "alice", tokens)
+    (path,) = files(store.root)
+    data = path.read_bytes()
+    header = data[8:8 + int.from_bytes(data[:8], "little")]
+    # Same length, still JSON, still our format: one tensor's offsets renamed away.
+    forged = header.replace(b'"data_offsets"', b'"data_offsetz"', 1)
+    path.write_bytes(data[:8] + forged + data[8 + len(header):])
+    with capture_logs() as logs:
+        found = PrefixCache(10_000_000, model_id=MODEL,
+                            disk=store.bind(MODEL, FP)).lookup("alice", tokens)
+    assert found.cached_tokens == 0
+    assert any(e["log_level"] == "warning" and "unsound" in e["event"] for e in logs), logs
+    assert not path.exists()
