@@ -271,7 +271,7 @@ class DiskCache:
         started = time.perf_counter()
         try:
             loaded = kvfile.read(self._file(key), size=entry.size, digest=entry.digest)
-        except (kvfile.KVFileError, OSError) as error:
+        except Exception as error:  # KVFileError, OSError, or MLX refusing what it read
             log.warning("disk prefix cache entry unsound: ignored and deleted",
                         file=self._file(key).name, error=str(error))
             metrics.DISK_CACHE_LOOKUPS.labels("invalid").inc()
