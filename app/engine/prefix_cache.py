@@ -117,8 +117,8 @@ class PrefixCache:
     def _from_disk(self, owner: str, prompt: list[int], cached: int) -> bool:
         """Bring the disk's best entry for `prompt` into memory when it beats `cached` by
         enough; True when it is there."""
-        if self.disk is None or not self.disk.enabled:
-            return False
+        if self.disk is None or not self.disk.enabled or len(prompt) - cached < DISK_MIN_GAIN:
+            return False  # (a short remainder: nothing on disk could spare enough of it)
         try:
             found = self.disk.find(owner, prompt)
             if found is None or found.matched - cached < DISK_MIN_GAIN:
