@@ -349,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         restart_text = ""
         if args.restart_tokens > 0 and args.only in (None, "gateway"):
             try:
+                command = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
                 restart_text, _ = restart.run(model_dir, workdir / "restart",
-                                              args.restart_tokens, 1, "make bench")
+                                              args.restart_tokens, 1, command)
             except RuntimeError as error:
                 log.error("bench.restart_failed", error=str(error))
     sys.stdout.write(report(args, model_dir, rounds) + "\n")
