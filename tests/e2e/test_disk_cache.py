@@ -29,7 +29,7 @@ DISK = {"prompt_cache_bytes": "256MB", "disk_cache_bytes": "1GB", "disk_cache_mi
 
 
 def conversation() -> list[ChatMessage]:
-    """~300 tokens nobody sent before (a fresh nonce)."""
+    """~400 tokens nobody sent before (a fresh nonce)."""
     nonce = uuid.uuid4().hex[:8]
     messages = [ChatMessage("system", f"Session {nonce}. You keep a logbook of animals.")]
     for i in range(10):
