@@ -75,9 +75,10 @@ class Candidate:
     matched: int  # tokens known equal (whole blocks); the file may share more
 
 
-def weights_fingerprint(path: Path, model: Any = None) -> str:
-    """Identity of the weights at `path` (a folder or a file), without reading them."""
-    digest = hashlib.sha256()
+def weights_fingerprint(path: Path, model: Any = None, extra: str = "") -> str:
+    """Identity of the weights at `path` (a folder or a file), without reading them; `extra`
+    names anything else that shapes the computed KV (e.g. the CPU layout switch)."""
+    digest = hashlib.sha256(extra.encode())
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     for file in files:
         stat = file.stat()

@@ -273,7 +273,9 @@ class ModelPool:
         if not self._disk.enabled:
             return None
         try:
-            fingerprint = weights_fingerprint(Path(spec.load_path), model)
+            # KV computed with and without the CPU layouts may differ in the last bits.
+            fingerprint = weights_fingerprint(Path(spec.load_path), model,
+                                              f"cpu_tuning={engine.cpu_tuning}")
         except OSError as error:
             log.warning("disk prefix cache off for a model whose files cannot be read",
                         model=spec.id, error=repr(error))
