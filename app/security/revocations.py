@@ -77,6 +77,8 @@ class SharedRevocations:
                     self._last_warning = now
                     log.warning("redis unreachable: revocations made on other gateways are "
                                 "not seen until it returns", error=type(error).__name__)
+            except Exception:  # a bug here must not stop the watching for good
+                log.exception("reading shared revocations failed")
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
