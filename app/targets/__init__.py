@@ -1,0 +1,8 @@
+"""Where a request can run: the local engine (the in-process API stack) or an upstream
+OpenAI-compatible server, and the routes that chain them with fallback.
+
+config.py (the `[[upstreams]]` / `[[routes]]` tables), upstream.py (one pooled httpx client,
+health, breaker and in-flight cap per upstream), resolve.py (a client's model name -> an
+ordered chain), relay.py (SSE / JSON passthrough that renames `model` and reads usage),
+middleware.py (the chain walk: fallback only before the first byte went to the client).
+"""
