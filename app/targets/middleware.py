@@ -20,6 +20,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -27,7 +28,7 @@ import structlog
 
 from app import metrics
 from app.api.anthropic.schema import resolve_model
-from app.errors import GatewayError, PermissionDenied
+from app.errors import GatewayError, InvalidRequest, PermissionDenied
 from app.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, state
 from app.limits.breaker import BreakerState, CircuitBreaker
 from app.security.auth import may_use
@@ -42,6 +43,7 @@ T = TypeVar("T")
 # Path -> the upstream path relative to its base URL (which ends in /v1).
 PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions",
          "/v1/responses": "responses", "/v1/messages": "messages"}
+COUNT_TOKENS = "/v1/messages/count_tokens"
 SERVED_BY = "x-mlxgw-served-by"
 # A local 5xx with these codes (from the error handler's note in the request state).
 _LOAD_FAILED = {"model_load_failed", "insufficient_memory"}
@@ -70,14 +72,16 @@ class TargetMiddleware:
         self.breaker = breaker  # the local engine's: tells breaker_open from overloaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        path = scope.get("path", "")
+        kind = PATHS.get(path, "count" if path == COUNT_TOKENS else None) \
+            if scope["type"] == "http" else None
         if kind is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
         payload = _json_object(body)
         name = payload.get("model") if payload is not None else None
-        if isinstance(name, str) and kind == "messages":
+        if isinstance(name, str) and kind in ("messages", "count"):
             name = resolve_model(name, self.settings.anthropic.models,
                                  self.targets.registry.default_id)
         chain = self.targets.resolve(name) if isinstance(name, str) else None
@@ -89,9 +93,30 @@ class TargetMiddleware:
             await send_error(scope, send, PermissionDenied(
                 f"This key may not use model '{name}'.", param="model"))
             return
+        if kind == "count":
+            await self._count_tokens(scope, receive, send, payload, name, chain)
+            return
         walk = _Walk(self, scope, receive, send, kind, payload, name, chain)
         with contextlib.suppress(_ClientGone):
             await walk.run()
+
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send,
+                            payload: dict[str, Any], name: str, chain: list[Target]) -> None:
+        """Counted with the first local model of the chain: the tokenizer is here, and
+        upstreams have no count route in the OpenAI wire."""
+        local = next((t for t in chain if t.upstream is None), None)
+        if local is None:
+            await send_error(scope, send, InvalidRequest(
+                f"'{name}' has no local model to count tokens with.", param="model"))
+            return
+        body = json.dumps({**payload, "model": local.model}).encode()
+        state(scope)["granted_model"] = local.model
+        try:
+            await self.app({**scope, "headers": _content_length(scope["headers"], len(body))},
+                           _replay(body, receive), send)
+        finally:
+            state(scope).pop("granted_model", None)
 
 
 class _Walk:
@@ -215,6 +240,7 @@ class _Walk:
             upstream.admit()
         except Unavailable as unavailable:
             return unavailable
+        self.scope.setdefault("route", _RouteLabel(self.scope["path"]))
         outcome = "neutral"
         try:
             payload, strip_usage = self._upstream_payload(target)
@@ -323,6 +349,13 @@ class _Walk:
         limits = self.state.get("limits")
         if limits is not None:
             await limits.charge_tokens(meter.total)
+
+
+@dataclass(frozen=True)
+class _RouteLabel:
+    """What the access log reads its route label from when no local route ran."""
+
+    path: str
 
 
 async def _read_body(receive: Receive) -> bytes:
