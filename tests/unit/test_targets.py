@@ -9,9 +9,12 @@ import pytest
 
 from app.limits.window import InProcessLimiter
 from app.models.registry import ModelRegistry
+from app.ops.doctor import check_upstreams, format_results
 from app.settings import ConfigError, Settings, load_settings
 from app.targets.relay import SSERewriter, UsageMeter, rewrite_json, stream_error
 from app.targets.resolve import Targets
+from tests.local_server import free_port, serving
+from tests.misbehaving_upstream import Misbehaving
 
 
 def _settings(tmp_path: Path, **extra: object) -> Settings:
@@ -133,3 +136,24 @@ def test_stream_errors_speak_the_callers_protocol() -> None:
     assert anthropic.startswith(b"event: error\n") and b'"api_error"' in anthropic
     responses = stream_error("responses", "gone", 4)
     assert json.loads(responses.split(b"data: ")[1])["sequence_number"] == 5
+
+
+def test_doctor_checks_every_upstream_and_never_shows_its_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOOD_UPSTREAM_KEY", "sk-do-not-print-me")
+    monkeypatch.delenv("UNSET_UPSTREAM_KEY", raising=False)
+    with serving(Misbehaving()) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        settings = _settings(tmp_path, upstreams=[
+            {"id": "good", "base_url": url, "api_key_env": "GOOD_UPSTREAM_KEY",
+             "models": ["echo"]},
+            {"id": "stale", "base_url": url, "models": ["echo", "gone-model"]},
+            {"id": "nokey", "base_url": url, "api_key_env": "UNSET_UPSTREAM_KEY"},
+            {"id": "down", "base_url": f"http://127.0.0.1:{free_port()}/v1"}])
+        results = {r.name: r for r in check_upstreams(settings)}
+    assert {name: r.status for name, r in results.items()} == {
+        "upstream good": "ok", "upstream stale": "warn", "upstream nokey": "fail",
+        "upstream down": "fail"}
+    assert "gone-model" in results["upstream stale"].detail
+    assert "UNSET_UPSTREAM_KEY" in results["upstream nokey"].detail
+    assert "sk-do-not-print-me" not in format_results(results.values())
