@@ -128,7 +128,8 @@ TARGET_REQUESTS = Counter(
 TARGET_FALLBACKS = Counter(
     "mlxgw_target_fallbacks_total",
     "Times a target was passed over for the next one of its chain, by reason: overloaded, "
-    "load_failed, unreachable, timeout, 5xx, 429, breaker_open, protocol (no /v1/messages).",
+    "load_failed, unreachable, timeout, 5xx, 429, auth (it refused the gateway's key), "
+    "breaker_open, protocol (no /v1/messages).",
     ["target", "reason"],
 )
 TARGET_LATENCY = Histogram(

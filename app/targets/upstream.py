@@ -161,7 +161,8 @@ class Upstream:
 
     async def open(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         """POST `path` (relative to base_url); the answer with its body still unread. Statuses
-        another target may do better on (5xx, 429) and transport failures raise Unavailable."""
+        another target may do better on (5xx, 429, 401/403 for our key) and transport
+        failures raise Unavailable."""
         request = self.client.build_request(
             "POST", path, content=body,
             headers={"content-type": "application/json", **headers})
@@ -171,11 +172,14 @@ class Upstream:
             raise Unavailable("timeout", _describe(error)) from None
         except httpx.HTTPError as error:
             raise Unavailable("unreachable", _describe(error)) from None
-        if response.status_code >= 500 or response.status_code == 429:
+        status = response.status_code
+        if status >= 500 or status in (401, 403, 429):
             retry_after = _retry_after(response)
             await response.aclose()
-            reason = "429" if response.status_code == 429 else "5xx"
-            raise Unavailable(reason, f"answered {response.status_code}", retry_after)
+            # 401/403: the upstream refused *our* key (the operator's to fix), never the
+            # client's fault, and never relayed (the client would think its own key bad).
+            reason = {429: "429", 401: "auth", 403: "auth"}.get(status, "5xx")
+            raise Unavailable(reason, f"answered {status}", retry_after)
         return response
 
 
