@@ -102,6 +102,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
                  "health_interval": 0, "breaker_failures": 1, "breaker_cooldown": 600},
                 {"id": "slow", "base_url": bad_url, "models": ["hang"], "timeout": 1.0,
                  "health_interval": 0},
+                {"id": "impostor", "base_url": remote.base_url + "/v1",
+                 "api_key_env": "IMPOSTOR_KEY", "models": [DEMO_ID], "health_interval": 0},
                 {"id": "closed", "base_url": f"http://127.0.0.1:{closed_port}/v1",
                  "models": ["any"], "health_interval": 0, "connect_timeout": 1.0},
             ],
@@ -114,8 +116,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
                 {"name": "fragile", "chain": ["fragile:fail500", REMOTE]},
                 {"name": "claude", "chain": ["flaky:echo", DEMO_ID]},
                 {"name": "to-remote", "chain": [REMOTE]},
+                {"name": "impostor-first", "chain": [f"impostor:{DEMO_ID}", REMOTE]},
             ],
-        }, env={"REMOTE_KEY": remote_token, "FLAKY_KEY": FLAKY_SECRET})
+        }, env={"REMOTE_KEY": remote_token, "FLAKY_KEY": FLAKY_SECRET,
+                "IMPOSTOR_KEY": "not-a-key-of-the-remote"})
         try:
             gateway.start()
             yield Rig(gateway, remote, bad, caller_key, small_key)
@@ -247,6 +251,12 @@ def test_breaker_opens_and_client_errors_do_not_fall_back(rig: Rig) -> None:
     assert rig.metric("mlxgw_target_fallbacks_total", target="fragile:fail500",
                       reason="breaker_open") == 1
     assert rig.metric("mlxgw_upstream_breaker_state", upstream="fragile") == 2
+    # The remote refusing the gateway's own key is not the client's fault: next target.
+    served = client.chat.completions.with_raw_response.create(
+        model="impostor-first", messages=HELLO, max_tokens=4)
+    assert served.headers["x-mlxgw-served-by"] == REMOTE
+    assert rig.metric("mlxgw_target_fallbacks_total", target=f"impostor:{DEMO_ID}",
+                      reason="auth") == 1
     # A request the remote refuses as the client's fault comes back as it is.
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="to-remote", messages=HELLO, max_tokens=4,
