@@ -55,6 +55,8 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     principal = getattr(request.state, "principal", None)
     if principal is not None and principal.key_id is not None:
         generation.owner = principal.key_id  # per-key in-flight cap; prefix-cache owner
+    # A route's local target waits this long for a slot, then the next target is tried.
+    generation.queue_wait = getattr(request.state, "queue_wait", None)
     limits = getattr(request.state, "limits", None)
     # A token budget reserves prompt + max_tokens once the prompt's length is known.
     stream = await engine_of(request).submit(

@@ -81,6 +81,9 @@ class RouteEntry(BaseModel):
     chain: list[str] = Field(
         min_length=1, description="Targets tried in order: a local model id or alias, or "
         "'UPSTREAM:MODEL'.")
+    queue_wait: float = Field(
+        0.0, ge=0, description="Seconds a local target (not the last of the chain) waits for "
+        "a free generation slot before the next target is tried; the last one queues as usual.")
 
     @field_validator("name")
     @classmethod

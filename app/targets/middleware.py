@@ -188,11 +188,14 @@ class _Walk:
 
         # The key may use the route; that covers the local models of its chain.
         self.state["granted_model"] = target.model
+        if not last:  # a busy engine passes the request on rather than queueing it
+            self.state["queue_wait"] = self.owner.targets.queue_wait.get(self.name, 0.0)
         self.state.pop("refusal", None)
         try:
             await self.owner.app(scope, _replay(body, self.receive), intercept)
         finally:
             self.state.pop("granted_model", None)
+            self.state.pop("queue_wait", None)
             if "route" in scope:  # the access log's route label
                 self.scope["route"] = scope["route"]
         if not held:

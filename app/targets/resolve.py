@@ -31,8 +31,10 @@ class Targets:
         self.registry = registry
         self.upstreams = upstreams
         self.routes: dict[str, list[Target]] = {}
+        self.queue_wait: dict[str, float] = {}
         for route in settings.routes:
             self.routes[route.name] = [self._target(route.name, entry) for entry in route.chain]
+            self.queue_wait[route.name] = route.queue_wait
 
     def _target(self, route: str, entry: str) -> Target:
         upstream = self._upstream_of(entry)

@@ -32,12 +32,13 @@ FLAKY_SECRET = "flaky-secret-" + "9" * 24
 
 class Rig:
     def __init__(self, gateway: GatewayProcess, remote: GatewayProcess, bad: Misbehaving,
-                 caller_key: str, small_key: str) -> None:
+                 caller_key: str, small_key: str, remote_key: str) -> None:
         self.gateway = gateway
         self.remote = remote
         self.bad = bad
         self.caller_key = caller_key
         self.small_key = small_key
+        self.remote_key = remote_key
 
     def openai(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.gateway.base_url + "/v1",
@@ -79,6 +80,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
     with serving(bad) as bad_port:
         remote = GatewayProcess(remote_dir, {
             "engine": {"default_max_tokens": 16},
+            "metrics": {"require_admin": False},  # the test reads it with A's key
             "limits": {"per_ip_rpm": 0, "per_key_rpm": 0},
             "models": [{"id": DEMO_ID, "path": str(demo_float32_dir)}],
         }).start()
@@ -86,8 +88,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
         gateway = GatewayProcess(work, {
             "server": {"heartbeat_seconds": 0.5},
             "engine": {"default_max_tokens": 16},
-            # One local generation at a time and no queue: a second one is "overloaded".
-            "limits": {"per_ip_rpm": 0, "per_key_rpm": 0, "max_inflight": 1, "max_queue": 0},
+            # One local generation at a time; a route's local target does not queue behind it
+            # (queue_wait 0) but passes the request on.
+            "limits": {"per_ip_rpm": 0, "per_key_rpm": 0, "max_inflight": 1},
             "models": [{"id": DEMO_ID, "path": str(demo_float32_dir)},
                        {"id": "broken", "path": str(broken)}],
             "anthropic": {"models": {"claude-remote*": "to-remote", "claude-*": "claude"}},
@@ -122,7 +125,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
                 "IMPOSTOR_KEY": "not-a-key-of-the-remote"})
         try:
             gateway.start()
-            yield Rig(gateway, remote, bad, caller_key, small_key)
+            yield Rig(gateway, remote, bad, caller_key, small_key, remote_token)
         finally:
             gateway.stop()
             remote.stop()
@@ -154,6 +157,16 @@ def test_a_route_falls_through_its_chain_in_order_to_the_remote_mac(rig: Rig) ->
 
 def test_streams_pass_through_and_usage_is_counted(rig: Rig) -> None:
     client = rig.openai()
+    # Unbuffered: the first content chunk is here while the remote still generates the rest.
+    with rig.http() as http, http.stream("POST", "/v1/chat/completions", json={
+            "model": REMOTE, "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 64, "stream": True}) as response:
+        assert response.headers["x-mlxgw-served-by"] == REMOTE
+        next(line for line in response.iter_lines() if '"content":"' in line
+             and '"content":""' not in line)
+        remote_metrics = httpx.get(rig.remote.base_url + "/metrics", headers={
+            "authorization": f"Bearer {rig.remote_key}"}).text
+        assert re.search(r"^mlxgw_inflight_requests 1\.0$", remote_metrics, re.M)
     tokens_before = rig.metric("mlxgw_completion_tokens_total", model=REMOTE)
     chunks = list(client.chat.completions.create(
         model=REMOTE, messages=HELLO, max_tokens=6, temperature=0, stream=True))
