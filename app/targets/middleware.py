@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,6 +61,10 @@ class NoTargetAvailable(GatewayError):
 
 class _ClientGone(Exception):
     pass
+
+
+class _MidStreamFailure(Exception):
+    """The upstream broke off after the answer began (the client got an error event)."""
 
 
 class TargetMiddleware:
@@ -191,8 +195,19 @@ class _Walk:
         if not last:  # a busy engine passes the request on rather than queueing it
             self.state["queue_wait"] = self.owner.targets.queue_wait.get(self.name, 0.0)
         self.state.pop("refusal", None)
+        sent = [False]
+
+        async def tracked(message: Message) -> None:
+            await intercept(message)
+            sent[0] = sent[0] or not held
+
         try:
-            await self.owner.app(scope, _replay(body, self.receive), intercept)
+            await self.owner.app(scope, _replay(body, self.receive), tracked)
+        except Exception as error:
+            if sent[0] or last:
+                raise  # the client has part of an answer, or nobody is left to ask
+            log.exception("local target raised", target=target.name)
+            return Unavailable("5xx", f"raised {type(error).__name__}")
         finally:
             self.state.pop("granted_model", None)
             self.state.pop("queue_wait", None)
@@ -313,6 +328,23 @@ class _Walk:
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         outcome = "success" if response.status_code < 400 else "neutral"
+        try:
+            await self._relay_body(target, first, chunks, is_sse, strip_usage, meter)
+        except TimeoutError:
+            # Nothing moves the answer to a client that stopped reading: cut it, as the local
+            # streams are cut, and let the upstream go.
+            metrics.STALLED_STREAMS.inc()
+            log.warning("client stopped reading: stream cut", target=target.name)
+            outcome = "neutral"
+        except _MidStreamFailure:
+            outcome = "failure"
+        await self._count(target, meter)
+        return outcome
+
+    async def _relay_body(self, target: Target, first: bytes,
+                          chunks: AsyncIterator[bytes], is_sse: bool, strip_usage: bool,
+                          meter: UsageMeter) -> None:
+        send = self._send_with_timeout
         if not is_sse:
             await send({"type": "http.response.body", "body": first})
         else:
@@ -327,14 +359,13 @@ class _Walk:
                 out += rewriter.flush()
             except httpx.HTTPError as error:
                 # Mid-stream: the client has part of an answer; no other target may add to it.
-                outcome = "failure"
                 log.warning("upstream broke off mid-stream", target=target.name,
                             error=type(error).__name__)
                 out += stream_error(self.kind, f"The upstream {target.name} broke off the "
                                     "answer.", rewriter.sequence_number)
+                await send({"type": "http.response.body", "body": out})
+                raise _MidStreamFailure from None
             await send({"type": "http.response.body", "body": out})
-        await self._count(target, meter)
-        return outcome
 
     async def _send_with_timeout(self, message: Message) -> None:
         """A client that stopped reading does not hold the upstream forever."""
