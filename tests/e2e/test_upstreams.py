@@ -53,8 +53,8 @@ class Rig:
                          headers={"authorization": f"Bearer {self.caller_key}"}).text
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line
-                                                   for k, v in labels.items()):
+            if line.startswith((name + "{", name + " ")) and all(
+                    f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -96,7 +96,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Ite
             "anthropic": {"models": {"claude-remote*": "to-remote", "claude-*": "claude"}},
             "upstreams": [
                 {"id": "remote", "base_url": remote.base_url + "/v1",
-                 "api_key_env": "REMOTE_KEY", "models": [DEMO_ID], "anthropic": True,
+                 "api_key_env": "REMOTE_KEY", "models": "*", "anthropic": True,
                  "health_interval": 2},
                 {"id": "flaky", "base_url": bad_url, "api_key_env": "FLAKY_KEY",
                  "models": ["fail500", "busy429", "die", "drip", "echo"],
@@ -162,8 +162,9 @@ def test_streams_pass_through_and_usage_is_counted(rig: Rig) -> None:
             "model": REMOTE, "messages": [{"role": "user", "content": "Tell a long story."}],
             "max_tokens": 64, "stream": True}) as response:
         assert response.headers["x-mlxgw-served-by"] == REMOTE
-        next(line for line in response.iter_lines() if '"content":"' in line
-             and '"content":""' not in line)
+        # Kept in a name: a discarded line iterator may close the response when collected.
+        lines = response.iter_lines()
+        next(line for line in lines if '"content":"' in line and '"content":""' not in line)
         remote_metrics = httpx.get(rig.remote.base_url + "/metrics", headers={
             "authorization": f"Bearer {rig.remote_key}"}).text
         assert re.search(r"^mlxgw_inflight_requests 1\.0$", remote_metrics, re.M)
@@ -235,12 +236,14 @@ def test_local_first_falls_back_when_local_is_busy_or_broken(rig: Rig) -> None:
         model="local-first", messages=HELLO, max_tokens=4)
     assert idle.headers["x-mlxgw-served-by"] == DEMO_ID and idle.parse().model == DEMO_ID
     overloaded = rig.metric("mlxgw_target_fallbacks_total", target=DEMO_ID, reason="overloaded")
-    # Hold the one local slot with a long stream, then ask the route again.
+    # Hold the one local slot with a long stream (end-of-text tokens banned, so it cannot
+    # finish early), then ask the route again.
     with rig.http() as http, http.stream("POST", "/v1/chat/completions", json={
             "model": DEMO_ID, "messages": [{"role": "user", "content": "Tell a long story."}],
-            "max_tokens": 400, "stream": True}) as long:
-        next(line for line in long.iter_lines() if '"content":"' in line
-             and '"content":""' not in line)
+            "max_tokens": 400, "stream": True, "logit_bias": {"0": -100, "2": -100}}) as long:
+        lines = long.iter_lines()
+        next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+        assert rig.metric("mlxgw_admission_inflight") == 1  # the one slot is taken
         busy = client.chat.completions.with_raw_response.create(
             model="local-first", messages=HELLO, max_tokens=4)
     assert busy.headers["x-mlxgw-served-by"] == REMOTE and busy.parse().model == REMOTE
@@ -294,7 +297,8 @@ def test_anthropic_requests_skip_openai_only_upstreams(rig: Rig) -> None:
 def test_models_lists_upstreams_and_routes_and_logs_hold_no_key(rig: Rig) -> None:
     with rig.http() as http:
         listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
-        assert listed[REMOTE]["owned_by"] == "remote"
+        assert listed[REMOTE]["owned_by"] == "remote"  # listed by the remote's /v1/models
+        assert f"impostor:{DEMO_ID}" in listed  # configured, whatever it answers
         assert listed["cascade"]["owned_by"] == "route"
         assert listed["cascade"]["chain"][-1] == REMOTE
         assert http.get("/v1/models/cascade").json()["id"] == "cascade"
