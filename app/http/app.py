@@ -103,7 +103,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],  # SDKs send authorization, x-api-key and many x-stainless-*
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-limit-requests",
-                            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+                            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                            "x-mlxgw-served-by"],
             max_age=600,
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)

@@ -289,6 +289,9 @@ def test_anthropic_requests_skip_openai_only_upstreams(rig: Rig) -> None:
     assert raw.headers["x-mlxgw-served-by"] == DEMO_ID and raw.parse().model == DEMO_ID
     assert rig.metric("mlxgw_target_fallbacks_total", target="flaky:echo",
                       reason="protocol") == skipped + 1
+    # count_tokens on a route counts with the chain's first local model.
+    counted = client.messages.count_tokens(model="claude-3-5-haiku-latest", messages=HELLO)
+    assert counted.input_tokens > 0
     with client.messages.stream(model="claude-remote", max_tokens=4, messages=HELLO) as stream:
         message = stream.get_final_message()
     assert message.model == REMOTE and message.usage.output_tokens > 0

@@ -11,8 +11,10 @@ from app.limits.window import InProcessLimiter
 from app.models.registry import ModelRegistry
 from app.ops.doctor import check_upstreams, format_results
 from app.settings import ConfigError, Settings, load_settings
+from app.targets.config import UpstreamEntry
 from app.targets.relay import SSERewriter, UsageMeter, rewrite_json, stream_error
 from app.targets.resolve import Targets
+from app.targets.upstream import Unavailable, Upstream
 from tests.local_server import free_port, serving
 from tests.misbehaving_upstream import Misbehaving
 
@@ -157,3 +159,17 @@ def test_doctor_checks_every_upstream_and_never_shows_its_key(
     assert "gone-model" in results["upstream stale"].detail
     assert "UNSET_UPSTREAM_KEY" in results["upstream nokey"].detail
     assert "sk-do-not-print-me" not in format_results(results.values())
+
+
+def test_in_flight_cap_and_breaker_pass_a_request_on(tmp_path: Path) -> None:
+    upstream = Upstream(UpstreamEntry(id="u", base_url="http://127.0.0.1:9/v1", max_inflight=1,
+                                      breaker_failures=1, breaker_cooldown=600),
+                        InProcessLimiter())
+    upstream.admit()
+    with pytest.raises(Unavailable) as full:
+        upstream.admit()
+    assert full.value.reason == "overloaded"
+    upstream.done("failure")  # one failure opens this breaker
+    with pytest.raises(Unavailable) as broken:
+        upstream.admit()
+    assert broken.value.reason == "breaker_open" and upstream.inflight == 0
