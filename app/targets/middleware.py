@@ -76,9 +76,8 @@ class TargetMiddleware:
         self.breaker = breaker  # the local engine's: tells breaker_open from overloaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        kind = PATHS.get(path, "count" if path == COUNT_TOKENS else None) \
-            if scope["type"] == "http" else None
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        kind = "count" if path == COUNT_TOKENS else PATHS.get(path)
         if kind is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
@@ -103,7 +102,6 @@ class TargetMiddleware:
         walk = _Walk(self, scope, receive, send, kind, payload, name, chain)
         with contextlib.suppress(_ClientGone):
             await walk.run()
-
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send,
                             payload: dict[str, Any], name: str, chain: list[Target]) -> None:
