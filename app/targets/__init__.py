@@ -3,6 +3,7 @@ OpenAI-compatible server, and the routes that chain them with fallback.
 
 config.py (the `[[upstreams]]` / `[[routes]]` tables), upstream.py (one pooled httpx client,
 health, breaker and in-flight cap per upstream), resolve.py (a client's model name -> an
-ordered chain), relay.py (SSE / JSON passthrough that renames `model` and reads usage),
-middleware.py (the chain walk: fallback only before the first byte went to the client).
+ordered chain), forward.py (one request to one upstream, its answer relayed), relay.py (the
+SSE / JSON rewriting on the way: `model` renamed, usage read), middleware.py (the chain walk:
+fallback only before the first byte went to the client; local targets).
 """
