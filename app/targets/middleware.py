@@ -209,7 +209,9 @@ class _Walk:
                 self.scope["route"] = scope["route"]
         if not held:
             return None
-        code = str((self.state.get("refusal") or ("",))[0])
+        # Read, then forgotten: the request goes on, and the console should not list it as
+        # refused when the next target serves it.
+        code = str((self.state.pop("refusal", None) or ("",))[0])
         status = held[0]["status"]
         if code in _LOAD_FAILED or status == 507:
             reason = "load_failed"
