@@ -145,3 +145,33 @@ TOOL_CALL_PARSE_FAILURES = Counter(
     "Tool-call blocks the model wrote that could not be parsed; their text went to content.",
     ["format"],
 )
+
+# --- targets: local engine and upstreams (app/targets) ----------------------------------------
+TARGET_REQUESTS = Counter(
+    "mlxgw_target_requests_total",
+    "Requests a route or 'upstream:model' name sent to a target, by outcome: served (its "
+    "answer went to the client), fallback (the next target was tried), failed (the last one).",
+    ["target", "outcome"],
+)
+TARGET_FALLBACKS = Counter(
+    "mlxgw_target_fallbacks_total",
+    "Times a target was passed over for the next one of its chain, by reason: overloaded, "
+    "load_failed, unreachable, timeout, 5xx, 429, auth (it refused the gateway's key), "
+    "breaker_open, protocol (no /v1/messages).",
+    ["target", "reason"],
+)
+TARGET_LATENCY = Histogram(
+    "mlxgw_target_latency_seconds",
+    "Time from sending a request to a target until its answer began (first body byte).",
+    ["target"], buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_BREAKER_STATE = Gauge(
+    "mlxgw_upstream_breaker_state", "Per-upstream breaker: 0 closed, 1 half-open, 2 open.",
+    ["upstream"],
+)
+UPSTREAM_UP = Gauge(
+    "mlxgw_upstream_up", "1 if the upstream's last health check (GET /v1/models) answered.",
+    ["upstream"],
+)
+UPSTREAM_INFLIGHT = Gauge("mlxgw_upstream_inflight", "Requests open to an upstream.",
+                          ["upstream"])

@@ -12,13 +12,22 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from app.targets.config import RouteEntry, UpstreamEntry, check_references
 
 DEMO_MODEL_ID = "smollm2-135m-instruct"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -276,6 +285,9 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
+    # Other servers and fallback chains (app/targets/).
+    upstreams: list[UpstreamEntry] = Field(default_factory=list)
+    routes: list[RouteEntry] = Field(default_factory=list)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
         description="Converted models (the demo model among them) and the disk prefix cache.",
@@ -292,6 +304,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _targets_agree(self) -> Settings:
+        check_references(self.upstreams, self.routes)
+        return self
 
     @property
     def keys_file(self) -> Path:
