@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.engine.engine import Engine
+from app.errors import ModelNotFound
 from app.models.registry import ModelRegistry, ModelSpec
 from app.security.auth import may_use, require_admin
 
@@ -57,12 +58,41 @@ def _visible(request: Request) -> Callable[[ModelSpec], bool]:
     return lambda spec: may_use(principal, spec.id, *spec.aliases)
 
 
+def _target_objects(request: Request) -> list[dict[str, Any]]:
+    """Upstream models (`owned_by` the upstream's id) and routes (`owned_by` "route", with
+    their chain), from app/targets when configured."""
+    targets = getattr(request.app.state, "targets", None)
+    if targets is None:
+        return []
+    principal = getattr(request.state, "principal", None)
+    registry: ModelRegistry = request.app.state.registry
+    return [{"id": name, "object": "model", "created": 0, "owned_by": owner, "chain": chain,
+             **_chain_window(registry, chain)}
+            for name, owner, chain in targets.names() if may_use(principal, name)]
+
+
+def _chain_window(registry: ModelRegistry, chain: list[str]) -> dict[str, int]:
+    """A route's window: the smallest of its local models' (any of them may answer). An
+    upstream's window is not known here, so an upstream alone gets none."""
+    specs = []
+    for name in chain:
+        try:
+            specs.append(registry.resolve(name))
+        except ModelNotFound:
+            continue
+    if not specs:
+        return {}
+    return window_fields(min(s.context_length for s in specs),
+                         min(s.max_output_tokens for s in specs))
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
     visible = _visible(request)
     return {"object": "list",
-            "data": [_model_object(s, engine) for s in registry if visible(s)]}
+            "data": [*(_model_object(s, engine) for s in registry if visible(s)),
+                     *_target_objects(request)]}
 
 
 @router.post("/v1/models/{model_id:path}/load")
@@ -85,4 +115,7 @@ async def unload_model(model_id: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
+    for listed in _target_objects(request):
+        if listed["id"] == model_id:
+            return listed
     return _model_object(registry.resolve(model_id, _visible(request)), engine)
