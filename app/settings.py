@@ -162,6 +162,11 @@ class EngineSettings(_Section):
         False, description="Refuse (400) a max_tokens larger than the context leaves room for; "
         "by default it is capped to the room left and the answer ends with finish_reason length."
     )
+    speculative: Literal["auto", "off"] = Field(
+        "auto", description="Speculative decoding: draft tokens by prompt lookup (what followed "
+        "the last tokens earlier in the prompt or output) and verify them in the batched decode "
+        "step, where the batch and the acceptance rate make it pay (auto), or never (off). "
+        "Same output either way; a request can opt out with `speculative: \"off\"`.")
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
         "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "

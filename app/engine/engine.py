@@ -335,6 +335,7 @@ class Engine:
             sampler=make_sequence_sampler(sampling),
             processors=processors,
             logprobs=request.logprobs,
+            speculative=sampling.speculative,
             token_bytes=compiler.token_bytes if request.logprobs is not None else None,
             stop=list(request.stop),
             owner=request.owner or "anonymous",  # prefix-cache namespace

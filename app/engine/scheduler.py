@@ -40,6 +40,7 @@ from app.core.types import (
 from app.engine.decode import use_logits_decode
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
+from app.engine.speculative import SpeculationPolicy, use_speculative_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure, InvalidRequest
 
@@ -69,6 +70,7 @@ class Sequence:
     owner: str = "anonymous"  # whose prefix cache namespace this prompt reads and feeds
     logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
     token_bytes: Callable[[int], bytes] | None = None
+    speculative: bool = True  # may verify prompt-lookup drafts (the engine's setting permitting)
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -145,6 +147,7 @@ class ModelBatch:
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
+        speculation: SpeculationPolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
@@ -159,6 +162,8 @@ class ModelBatch:
             stream=stream,
         )
         self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
+        self._spec_uids: set[int] = set()  # sequences that may speculate
+        self._speculation = speculation  # None: speculative decoding off for this model
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -171,7 +176,12 @@ class ModelBatch:
             self._model, stop_tokens=[[t] for t in sorted(self._eos)], **self._generator_options
         )
         self._logprob_uids.clear()  # a new generator holds no sequence yet
-        use_logits_decode(generator, self._logprob_uids)
+        self._spec_uids.clear()
+        if self._speculation is not None:
+            use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
+                                   self._speculation)
+        else:
+            use_logits_decode(generator, self._logprob_uids)
         return generator
 
     def _inject(self, point: str) -> None:
@@ -234,6 +244,8 @@ class ModelBatch:
             self._prefilling.add(seq.uid)
         if seq.logprobs is not None:
             self._logprob_uids.add(seq.uid)
+        if seq.speculative:
+            self._spec_uids.add(seq.uid)
 
     @property
     def prompt_cache_bytes(self) -> int:
@@ -283,10 +295,11 @@ class ModelBatch:
         metrics.ENGINE_STEP.observe(time.perf_counter() - started)
         metrics.STEP_SEQUENCES.observe(len(self._by_uid))
         done: list[int] = []
+        ended: set[int] = set()  # finished this step: later tokens of theirs are not theirs
         now = time.monotonic()
-        for response in responses:
+        for response in responses:  # a speculating sequence may get several tokens in a step
             seq = self._by_uid.get(response.uid)
-            if seq is None or seq.fault.error is not None:
+            if seq is None or seq.fault.error is not None or seq.uid in ended:
                 continue
             try:
                 self._inject("advance")
@@ -298,9 +311,11 @@ class ModelBatch:
                 metrics.ENGINE_FAILURES.inc()
                 seq.fail(EngineFailure(f"generation failed in the engine: {error!r}"))
                 done.append(seq.uid)
+                ended.add(seq.uid)
                 continue
             if finished:
                 done.append(seq.uid)
+                ended.add(seq.uid)
                 if response.finish_reason is not None and response.prompt_cache is not None:
                     self._keep(seq, list(response.all_tokens or []),
                                partial(list, response.prompt_cache), "finished")
@@ -380,6 +395,7 @@ class ModelBatch:
             self._by_uid.pop(uid, None)
             self._prefilling.discard(uid)
             self._logprob_uids.discard(uid)
+            self._spec_uids.discard(uid)
         self._inject("forget")
         self._generator.remove(uids)
 

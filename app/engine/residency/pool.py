@@ -23,6 +23,7 @@ from app import metrics
 from app.engine.cpu.tuning import tune_for_cpu
 from app.engine.residency.policy import EvictReason, ResidencyPolicy
 from app.engine.scheduler import ModelBatch
+from app.engine.speculative import SpeculationPolicy
 from app.engine.thread import EngineThread
 from app.errors import (
     Conflict,
@@ -248,7 +249,9 @@ class ModelPool:
         batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
                            prefill_chunk=engine.prefill_chunk,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
-                           stream=self._thread.stream, model_id=spec.id)
+                           stream=self._thread.stream, model_id=spec.id,
+                           speculation=SpeculationPolicy()
+                           if engine.speculative == "auto" else None)
         self._thread.attach(spec.id, batch)
         _publish_memory()
         log.info("model load finished", model=spec.id, context_length=context,
