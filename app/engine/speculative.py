@@ -140,6 +140,8 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         self.policy = policy
         self.spec_uids = spec_uids
         self._rows = []
+        self.drafted = 0  # draft tokens verified, and accepted, over this batch's life
+        self.accepted = 0
 
     # --- keeping per-row state aligned with mlx-lm's lists --------------------------------
 
@@ -275,6 +277,8 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
             self._rows[i].stats.update(len(draft), accepted[i])
         drafted = sum(len(d) for d in drafts)
         if drafted:
+            self.drafted += drafted
+            self.accepted += sum(accepted)
             metrics.SPEC_STEPS.inc()
             metrics.SPEC_DRAFTED.inc(drafted)
             metrics.SPEC_ACCEPTED.inc(sum(accepted))
