@@ -19,8 +19,9 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import greedy_sampler
 
-from app.core.types import Finish, GenerationEvent, TextDelta
+from app.core.types import Finish, GenerationEvent, SamplingParams, TextDelta
 from app.engine.decode import use_logits_decode
+from app.engine.sampling import TemperatureSampler
 from app.engine.scheduler import ModelBatch, Sequence
 from app.engine.speculative import (
     NgramDrafter,
@@ -66,7 +67,8 @@ def prompts_of(tokenizer: Any) -> list[list[int]]:
 
 
 def generate(demo: tuple[Any, Any], *, spec_rows: list[int] | None,
-             policy: SpeculationPolicy = EAGER) -> tuple[list[list[int]], Any]:
+             policy: SpeculationPolicy = EAGER, samplers: list[Any] | None = None,
+             ) -> tuple[list[list[int]], Any]:
     """Greedy outputs of every prompt, decoded together in one batch; spec_rows None: plain."""
     model, tokenizer = demo
     generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8,
@@ -77,7 +79,8 @@ def generate(demo: tuple[Any, Any], *, spec_rows: list[int] | None,
     else:
         batch = use_speculative_decode(generator, set(), allowed, policy)
     prompts = prompts_of(tokenizer)
-    uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts))
+    uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts),
+                            samplers=samplers)
     allowed.update(uids[i] for i in spec_rows or [])
     got: dict[int, list[int]] = {uid: [] for uid in uids}
     finished: set[int] = set()
@@ -104,6 +107,20 @@ def test_greedy_speculation_writes_what_plain_decoding_writes(demo: tuple[Any, A
     every, batch = generate(demo, spec_rows=[0, 1, 2, 3], policy=SpeculationPolicy())
     assert batch.drafted > 0
     assert every == plain
+
+
+def test_sampled_rows_verify_drafts_by_rejection_sampling(demo: tuple[Any, Any]) -> None:
+    """Temperature > 0 through the real model: drafts are accepted at a low temperature and the
+    sampled answer still quotes the prompt; a seeded row is reproducible. (That the rule keeps the distribution: tests/unit/test_speculative.py.)"""
+    def samplers() -> list[Any]:
+        return [TemperatureSampler(SamplingParams(temperature=0.3, seed=5 + i))
+                for i in range(len(QUESTIONS))]
+
+    first, batch = generate(demo, spec_rows=[0, 1, 2, 3], samplers=samplers())
+    assert batch.accepted > 0
+    assert "def area(" in demo[1].decode(first[0])
+    again, _ = generate(demo, spec_rows=[0, 1, 2, 3], samplers=samplers())
+    assert again == first
 
 
 class FixedDrafter(NgramDrafter):
