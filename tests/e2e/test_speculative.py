@@ -111,7 +111,8 @@ def test_greedy_speculation_writes_what_plain_decoding_writes(demo: tuple[Any, A
 
 def test_sampled_rows_verify_drafts_by_rejection_sampling(demo: tuple[Any, Any]) -> None:
     """Temperature > 0 through the real model: drafts are accepted at a low temperature and the
-    sampled answer still quotes the prompt; a seeded row is reproducible. (That the rule keeps the distribution: tests/unit/test_speculative.py.)"""
+    sampled answer still quotes the prompt; a seeded row is reproducible. (That the rule
+    keeps the distribution: tests/unit/test_speculative.py.)"""
     def samplers() -> list[Any]:
         return [TemperatureSampler(SamplingParams(temperature=0.3, seed=5 + i))
                 for i in range(len(QUESTIONS))]
