@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -29,6 +30,9 @@ from app.engine.speculative import (
     SpeculativeGenerationBatch,
     use_speculative_decode,
 )
+from tests.e2e.conftest import DEMO_ID
+from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.test_operations import metric
 
 pytestmark = pytest.mark.e2e
 
@@ -273,3 +277,27 @@ def test_cancelling_a_sequence_mid_draft_is_clean(demo: tuple[Any, Any]) -> None
     assert text_of(again) == expected[0]
     batch.close()
     loop.close()
+
+
+def test_through_http_speculation_is_invisible_but_counted(gateway: GatewayProcess) -> None:
+    """The gateway speculates by default: the same greedy answer as a request that opts out,
+    drafts counted in /metrics only for the one that speculated; a bad value is a 400."""
+    url = gateway.base_url + "/v1/chat/completions"
+    body = {"model": DEMO_ID, "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "max_tokens": MAX_TOKENS, "temperature": 0}
+    texts = {}
+    drafted = {}
+    for mode in ("off", "auto"):
+        before = metric(httpx.get(gateway.base_url + "/metrics").text,
+                        "mlxgw_speculative_drafted_tokens_total")
+        response = httpx.post(url, json={**body, "speculative": mode}, timeout=300)
+        assert response.status_code == 200, response.text
+        texts[mode] = response.json()["choices"][0]["message"]["content"]
+        drafted[mode] = metric(httpx.get(gateway.base_url + "/metrics").text,
+                               "mlxgw_speculative_drafted_tokens_total") - before
+    assert texts["auto"] == texts["off"]
+    assert drafted["off"] == 0 and drafted["auto"] > 0
+
+    refused = httpx.post(url, json={**body, "speculative": "always"}, timeout=60)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "speculative"
