@@ -31,7 +31,7 @@ import structlog
 
 from app.ops.bench import DEFAULT_PROMPT, LevelResult, _levels, render_table, run_probe
 from app.ops.system_blas import OPENBLAS
-from bench import servers
+from bench import edit, servers
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
 from bench.variants import make_float_variant
 
@@ -309,6 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the gateway gives itself; defaults: the preload only, as a user "
                              "runs it.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
+    parser.add_argument("--edit", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run the edit level (bench.edit): speculation on vs off vs "
+                             "mlx_lm.server, 1 client re-emitting a file.")
+    edit.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -343,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                         log.error("bench.server_failed", server=key, error=str(error))
             rounds.append(runs)
     sys.stdout.write(report(args, model_dir, rounds) + "\n")
+    if args.edit and args.only is None:
+        sys.stdout.write(edit.run(model_dir, args) + "\n")
     if args.json_out:
         raw = [{key: None if run is None else {
             "settings": run.settings, "command": run.command,
