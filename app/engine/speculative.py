@@ -24,8 +24,9 @@ code (`LogitsGenerationBatch._choose`), so their semantics do not change. When n
 worthwhile draft, the step is the plain pipelined decode step.
 
 Because the trim is uniform, a batch advances at the pace of its slowest row: a row that
-accepts drafts while another cannot advance only runs ahead by its pending tokens. So by
-default drafts are verified only when every row can advance (`SpeculationPolicy.mixed`).
+accepts drafts while another cannot advance only runs ahead by its pending tokens. So the
+policy weighs the expected advance of the whole batch (`SpeculationPolicy.draft_length`): a
+row without a draft, or many rows that rarely all accept together, mean no drafting.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ class RowStats:
         self.tried = 0.97 * self.tried + 0.03 * 2.0
 
 
+@dataclass(frozen=True)
+class RowOutlook:
+    """What a row brings to a step: its acceptance rate, its pending tokens (the carried ones
+    plus the last sampled), and how many draft tokens it has (0: it cannot draft)."""
+
+    rate: float
+    pending: int
+    available: int
+
+    def reaches(self, k: int, draft: int) -> float:
+        """Chance its valid KV this step is at least 1 + k tokens, drafting `draft` tokens."""
+        if k <= self.pending - 1:
+            return 1.0
+        beyond = k - self.pending + 1  # drafts that must all be accepted
+        return min(self.rate, 0.98) ** beyond if beyond <= min(draft, self.available) else 0.0
+
+
 @dataclass
 class SpeculationPolicy:
     max_draft: int = 12
@@ -105,22 +123,36 @@ class SpeculationPolicy:
     # weights are read once per step either way; measured on the CPU backend).
     row_cost_tokens: float = 16.0
     max_step_tokens: int = 96  # B * L at most: verification must stay about one step's cost
-    min_gain: float = 1.1  # expected tokens per unit of cost vs a plain step (covers the sync)
-    mixed: bool = False  # verify drafts even when some row cannot advance (tests use it)
+    min_gain: float = 1.1  # expected advance per unit of cost vs no drafts (covers the sync)
 
-    def draft_length(self, rate: float, rows: int) -> int:
-        """The draft length with the best expected tokens per cost, 0 if none beats a plain step
-        by `min_gain`: with per-token acceptance r, d drafts yield 1 + r + ... + r^d tokens."""
-        rate = min(rate, 0.98)
-        plain = 1.0 / (1.0 + rows / self.row_cost_tokens)
-        best, best_value = 0, plain * self.min_gain
-        for d in range(1, self.max_draft + 1):
-            if rows * (1 + d) > self.max_step_tokens:
+    def draft_length(self, rows: list[RowOutlook]) -> int:
+        """Draft tokens a row (each row up to its own `available`) for the best expected KV
+        advance per cost; 0 when none beats not drafting by `min_gain`.
+
+        The batch's KV advances by the smallest row's valid tokens (a uniform trim), so the
+        expected advance is 1 + sum over k of P(every row reaches 1 + k): one row that cannot
+        draft holds it at its pending tokens, and many rows rarely all accept together."""
+        count = len(rows)
+
+        def value(draft: int) -> float:
+            width = max(r.pending + min(draft, r.available) for r in rows)
+            advance = 1.0
+            for k in range(1, width):
+                chance = 1.0
+                for row in rows:
+                    chance *= row.reaches(k, draft)
+                    if chance == 0.0:
+                        break
+                advance += chance
+            return advance / (1.0 + count * width / self.row_cost_tokens)
+
+        best, best_value = 0, value(0) * self.min_gain
+        for draft in range(1, self.max_draft + 1):
+            if count * (1 + draft) > self.max_step_tokens:
                 break
-            tokens = (1 - rate ** (d + 1)) / (1 - rate)
-            value = tokens / (1.0 + rows * (1 + d) / self.row_cost_tokens)
-            if value > best_value:
-                best, best_value = d, value
+            candidate = value(draft)
+            if candidate > best_value:
+                best, best_value = draft, candidate
         return best
 
 
@@ -182,16 +214,18 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
 
     def _worth_syncing(self, eligible: list[int]) -> bool:
         """Without reading the pending tokens back (which would stall the pipelined step):
-        could any row draft? A row with carried tokens must feed them anyway."""
+        would the policy draft, judging by the drafts the rows have one token earlier? A row
+        with carried tokens must feed them anyway."""
         if any(state.carry for state in self._rows):
             return True
-        rows = len(self.uids)
+        outlook = [RowOutlook(0.0, 1, 0) for _ in self.uids]
         for i in eligible:
-            state = self._rows[i]
-            if self.policy.draft_length(state.stats.rate, rows) == 0:
-                state.stats.recover()
-            elif self._drafter(i, None).propose(1):
-                return True
+            available = len(self._drafter(i, None).propose(self.policy.max_draft))
+            outlook[i] = RowOutlook(self._rows[i].stats.rate, 1, available)
+        if self.policy.draft_length(outlook) > 0:
+            return True
+        for i in eligible:
+            self._rows[i].stats.recover()
         return False
 
     def next(self) -> list[Any]:
@@ -210,26 +244,20 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
 
     def _plan(self, eligible: list[int], last: list[int]) -> list[list[int]]:
         rows = len(self.uids)
-        policy = self.policy
-        room = max(1, policy.max_step_tokens // rows)  # L at most (pending always fits)
-        drafts: list[list[int]] = [[] for _ in range(rows)]
+        room = max(1, self.policy.max_step_tokens // rows)  # L at most (pending always fits)
+        proposals: list[list[int]] = [[] for _ in range(rows)]
         for i in eligible:
             state = self._rows[i]
-            want = min(policy.draft_length(state.stats.rate, rows),
-                       room - len(state.carry) - 1,
-                       self.max_tokens[i] - self._num_tokens[i] - 1)
-            drafter = self._drafter(i, last[i])
-            if want > 0:
-                drafts[i] = drafter.propose(want)
-            else:
-                state.stats.recover()
-        pending = [len(state.carry) + 1 for state in self._rows]
-        if not policy.mixed and not all(d or p > 1 for d, p in zip(drafts, pending, strict=True)):
-            # A row that cannot advance holds the whole batch's KV to one token: drafts only
-            # where the pending tokens make the step wide anyway.
-            width = max(pending)
-            drafts = [d[: width - p] for d, p in zip(drafts, pending, strict=True)]
-        return drafts
+            cap = min(self.policy.max_draft, room - len(state.carry) - 1,
+                      self.max_tokens[i] - self._num_tokens[i] - 1)
+            proposals[i] = self._drafter(i, last[i]).propose(cap)
+        outlook = [RowOutlook(state.stats.rate, len(state.carry) + 1, len(proposal))
+                   for state, proposal in zip(self._rows, proposals, strict=True)]
+        draft = self.policy.draft_length(outlook)
+        if draft == 0:
+            for i in eligible:
+                self._rows[i].stats.recover()
+        return [proposal[:draft] for proposal in proposals]
 
     def _verify(self, last: list[int], drafts: list[list[int]]
                 ) -> tuple[list[list[int]], list[int], list[Any]]:

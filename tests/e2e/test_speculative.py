@@ -26,6 +26,7 @@ from app.engine.sampling import TemperatureSampler
 from app.engine.scheduler import ModelBatch, Sequence
 from app.engine.speculative import (
     NgramDrafter,
+    RowOutlook,
     SpeculationPolicy,
     SpeculativeGenerationBatch,
     use_speculative_decode,
@@ -52,11 +53,11 @@ class Eager(SpeculationPolicy):
     """Drafts as long as it may whenever there is a draft (the default policy waits for every
     row to have one, and weighs the expected gain): these tests are about correctness."""
 
-    def draft_length(self, rate: float, rows: int) -> int:
-        return self.max_draft
+    def draft_length(self, rows: list[RowOutlook]) -> int:
+        return self.max_draft if any(row.available for row in rows) else 0
 
 
-EAGER = Eager(mixed=True)
+EAGER = Eager()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def prompts_of(tokenizer: Any) -> list[list[int]]:
 
 def generate(demo: tuple[Any, Any], *, spec_rows: list[int] | None,
              policy: SpeculationPolicy = EAGER, samplers: list[Any] | None = None,
-             ) -> tuple[list[list[int]], Any]:
+             count: int = len(QUESTIONS)) -> tuple[list[list[int]], Any]:
     """Greedy outputs of every prompt, decoded together in one batch; spec_rows None: plain."""
     model, tokenizer = demo
     generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8,
@@ -82,7 +83,7 @@ def generate(demo: tuple[Any, Any], *, spec_rows: list[int] | None,
         batch: Any = use_logits_decode(generator)
     else:
         batch = use_speculative_decode(generator, set(), allowed, policy)
-    prompts = prompts_of(tokenizer)
+    prompts = prompts_of(tokenizer)[:count]
     uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts),
                             samplers=samplers)
     allowed.update(uids[i] for i in spec_rows or [])
@@ -107,10 +108,12 @@ def test_greedy_speculation_writes_what_plain_decoding_writes(demo: tuple[Any, A
     assert batch.accepted > 0 and batch.drafted > batch.accepted
     assert mixed == plain
 
-    # Every row speculating, under the default policy.
-    every, batch = generate(demo, spec_rows=[0, 1, 2, 3], policy=SpeculationPolicy())
-    assert batch.drafted > 0
+    # Every row allowed to, under the default policy (which drafts when the batch gains).
+    every, _ = generate(demo, spec_rows=[0, 1, 2, 3], policy=SpeculationPolicy())
     assert every == plain
+    alone, batch = generate(demo, spec_rows=[0], policy=SpeculationPolicy(), count=1)
+    assert batch.drafted > 0
+    assert alone == plain[:1]
 
 
 def test_sampled_rows_verify_drafts_by_rejection_sampling(demo: tuple[Any, Any]) -> None:
@@ -174,10 +177,12 @@ def test_rejected_drafts_leave_the_cache_as_if_never_fed(demo: tuple[Any, Any]) 
     _, plain, _ = prefilled(demo, spec=False)
     _, spec, _ = prefilled(demo, spec=True)
     assert isinstance(spec, SpeculativeGenerationBatch)
-    # Step 1 plain; step 2 drafts the model will not pick (ids of rare pieces) in both rows.
-    at = [len(tokens) + 2 for tokens in spec.tokens]
+    assert [r.token for r in spec.next()] == [r.token for r in plain.next()]
+    # The next step drafts what the model will not pick (ids of rare pieces) in both rows.
+    at = [len(tokens) + 1 for tokens in spec.tokens]
     spec._rows[0].drafter = FixedDrafter({at[0]: [9001, 9002, 9003]})
     spec._rows[1].drafter = FixedDrafter({at[1]: [9004, 9005]})
+    spec.drafted = 0
     for _ in range(3):
         assert [r.token for r in spec.next()] == [r.token for r in plain.next()]
         assert spec.tokens == plain.tokens
@@ -192,13 +197,14 @@ def test_accepted_drafts_fill_the_cache_as_plain_steps_do(demo: tuple[Any, Any])
     written = [[r.token for r in reference.next()] for _ in range(10)]  # ten plain steps
     _, plain, _ = prefilled(demo, spec=False)
     _, spec, _ = prefilled(demo, spec=True)
-    at = [len(tokens) + 2 for tokens in spec.tokens]
+    spec.next()  # the first token of each row
+    spec.drafted = spec.accepted = 0
+    at = [len(tokens) + 1 for tokens in spec.tokens]
     # Step 2 drafts: row 0 the next four tokens plain decoding wrote (all accepted), row 1 two
     # right then a wrong one: the batch's KV advances 3 (row 1's pending + 2) and row 0 carries
     # the two tokens beyond that (emitted, KV not kept).
     spec._rows[0].drafter = FixedDrafter({at[0]: [written[k][0] for k in range(2, 6)]})
     spec._rows[1].drafter = FixedDrafter({at[1]: [written[2][1], written[3][1], 9001]})
-    spec.next()  # the first token of each row, plain
     out = spec.next()
     assert spec.drafted == 7 and spec.accepted == 6
     by_row: dict[int, list[int]] = {}

@@ -13,6 +13,7 @@ from app.core.types import SamplingParams
 from app.engine.sampling import TemperatureSampler
 from app.engine.speculative import (
     NgramDrafter,
+    RowOutlook,
     RowStats,
     SpeculationPolicy,
     rejection_inputs,
@@ -41,11 +42,30 @@ def test_lookup_never_matches_the_suffix_itself() -> None:
 
 def test_draft_length_follows_the_acceptance_rate_and_the_batch() -> None:
     policy = SpeculationPolicy()
-    lengths = [policy.draft_length(rate, 1) for rate in (0.05, 0.3, 0.6, 0.9, 1.0)]
+
+    def alone(rate: float) -> int:
+        return policy.draft_length([RowOutlook(rate, 1, 20)])
+
+    lengths = [alone(rate) for rate in (0.05, 0.3, 0.6, 0.9, 1.0)]
     assert lengths[0] == 0  # drafts that are rarely right cost more than they give
     assert lengths == sorted(lengths) and lengths[-1] == policy.max_draft
-    assert policy.draft_length(0.9, 16) < policy.draft_length(0.9, 1)  # rows cost tokens
-    assert policy.draft_length(0.9, 64) == 0  # B * (1 + d) over max_step_tokens
+    assert policy.draft_length([RowOutlook(0.9, 1, 3)]) > 0  # a short draft is still worth it
+    assert policy.draft_length([RowOutlook(0.9, 1, 0)]) == 0  # nothing to draft
+
+
+def test_draft_length_weighs_the_whole_batch() -> None:
+    policy = SpeculationPolicy()
+    sure = RowOutlook(0.95, 1, 20)
+    assert policy.draft_length([sure, sure]) > 0
+    # A row that cannot draft holds the batch's KV to one token: drafting would only cost.
+    assert policy.draft_length([sure, RowOutlook(0.0, 1, 0)]) == 0
+    assert policy.draft_length([sure, RowOutlook(0.95, 1, 0)]) == 0
+    # Ten rows that each accept 60% of the time rarely all accept together.
+    assert policy.draft_length([RowOutlook(0.6, 1, 20)] * 10) == 0
+    assert policy.draft_length([sure] * 8) < policy.draft_length([sure])
+    assert policy.draft_length([sure] * 64) == 0  # B * (1 + d) over max_step_tokens
+    # Carried tokens count as already valid: the others' drafts decide.
+    assert policy.draft_length([RowOutlook(0.9, 4, 0), sure]) > 0
 
 
 def test_acceptance_rate_tracks_recent_drafts_and_recovers() -> None:
