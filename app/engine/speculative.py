@@ -80,8 +80,10 @@ class NgramDrafter:
 class RowStats:
     """Decayed counts of accepted draft tokens: the row's per-token acceptance rate."""
 
-    accepted: float = 1.2
-    tried: float = 2.0  # prior: 0.6, so a fresh row tries a few drafts
+    # Prior 0.85: a fresh row tries drafts (the policy drafts above about 0.72 on a CPU), and
+    # one whose drafts failed drifts back to it and tries again after some 40 plain steps.
+    accepted: float = 1.7
+    tried: float = 2.0
 
     @property
     def rate(self) -> float:
@@ -95,7 +97,7 @@ class RowStats:
     def recover(self) -> None:
         """A step without drafting drifts the rate back toward the prior, so a row whose
         drafts failed once tries again later (what it repeats may change)."""
-        self.accepted = 0.97 * self.accepted + 0.03 * 1.2
+        self.accepted = 0.97 * self.accepted + 0.03 * 1.7
         self.tried = 0.97 * self.tried + 0.03 * 2.0
 
 
@@ -116,12 +118,25 @@ class RowOutlook:
         return min(self.rate, 0.98) ** beyond if beyond <= min(draft, self.available) else 0.0
 
 
+def _wide_step_cost() -> float:
+    # On MLX's CPU backend a forward of 2+ tokens a row costs 2-3 tuned plain steps however
+    # wide (measured here, loaded: 1 token 75-120 ms, 2 tokens ~217 ms, 16 tokens ~300 ms: the
+    # tuned single-token path of app/engine/cpu gives way to the generic forward). But copy
+    # runs are bursty (long runs accepted, then a miss), and on the edit bench charging the
+    # full 2.0 drafted too little (in process: 10.3/8.5 tok/s at 2.0 vs 11.5/10.0 at 0): 0.5
+    # keeps drafts that rarely land (rate below ~0.6) off. On a GPU the weights are read once
+    # either way; what is left is the lost pipelining.
+    return 0.5 if mx.default_device() == mx.cpu else 0.25
+
+
 @dataclass
 class SpeculationPolicy:
     max_draft: int = 12
     # A forward over one more row costs about as much as this many more tokens in a row (the
-    # weights are read once per step either way; measured on the CPU backend).
+    # weights are read once per step either way).
     row_cost_tokens: float = 16.0
+    # What any step wider than one token a row costs on top, in plain steps.
+    wide_step_cost: float = field(default_factory=_wide_step_cost)
     max_step_tokens: int = 96  # B * L at most: verification must stay about one step's cost
     min_gain: float = 1.1  # expected advance per unit of cost vs no drafts (covers the sync)
 
@@ -144,7 +159,8 @@ class SpeculationPolicy:
                     if chance == 0.0:
                         break
                 advance += chance
-            return advance / (1.0 + count * width / self.row_cost_tokens)
+            wide = self.wide_step_cost if width > 1 else 0.0
+            return advance / (1.0 + wide + count * width / self.row_cost_tokens)
 
         best, best_value = 0, value(0) * self.min_gain
         for draft in range(1, self.max_draft + 1):

@@ -41,7 +41,7 @@ def test_lookup_never_matches_the_suffix_itself() -> None:
 
 
 def test_draft_length_follows_the_acceptance_rate_and_the_batch() -> None:
-    policy = SpeculationPolicy()
+    policy = SpeculationPolicy(wide_step_cost=0.0)
 
     def alone(rate: float) -> int:
         return policy.draft_length([RowOutlook(rate, 1, 20)])
@@ -54,7 +54,7 @@ def test_draft_length_follows_the_acceptance_rate_and_the_batch() -> None:
 
 
 def test_draft_length_weighs_the_whole_batch() -> None:
-    policy = SpeculationPolicy()
+    policy = SpeculationPolicy(wide_step_cost=0.0)
     sure = RowOutlook(0.95, 1, 20)
     assert policy.draft_length([sure, sure]) > 0
     # A row that cannot draft holds the batch's KV to one token: drafting would only cost.
@@ -66,6 +66,14 @@ def test_draft_length_weighs_the_whole_batch() -> None:
     assert policy.draft_length([sure] * 64) == 0  # B * (1 + d) over max_step_tokens
     # Carried tokens count as already valid: the others' drafts decide.
     assert policy.draft_length([RowOutlook(0.9, 4, 0), sure]) > 0
+
+
+def test_a_costly_wide_step_needs_drafts_that_land() -> None:
+    cpu = SpeculationPolicy(wide_step_cost=2.0)  # any wide step: 3 plain steps
+    assert cpu.draft_length([RowOutlook(0.6, 1, 20)]) == 0
+    assert SpeculationPolicy(wide_step_cost=0.0).draft_length([RowOutlook(0.6, 1, 20)]) > 0
+    assert cpu.draft_length([RowOutlook(0.95, 1, 20)]) == cpu.max_draft  # then: draft long
+    assert cpu.draft_length([RowOutlook(0.95, 1, 2)]) == 0  # too short to pay for the step
 
 
 def test_acceptance_rate_tracks_recent_drafts_and_recovers() -> None:
