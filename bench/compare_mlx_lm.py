@@ -2,7 +2,7 @@
 
     python -m bench.compare_mlx_lm --model-dir PATH [--levels 1,5,10] [--requests 3]
         [--max-tokens 128] [--rounds 1] [--only gateway|mlx_lm] [--dtype float32|as-is]
-        [--mlx-lm-blas same|defaults]
+        [--mlx-lm-blas same|defaults] [--restart-tokens 4000]
 
 Both servers get the same environment (OpenBLAS preloaded when present, with the gateway's
 thread timeout unless `--mlx-lm-blas defaults`), the same prompts and temperature 0, and are
@@ -31,7 +31,7 @@ import structlog
 
 from app.ops.bench import DEFAULT_PROMPT, LevelResult, _levels, render_table, run_probe
 from app.ops.system_blas import OPENBLAS
-from bench import edit, servers
+from bench import edit, restart, servers
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
 from bench.variants import make_float_variant
 
@@ -308,6 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="same (default): mlx_lm.server gets the OpenBLAS thread timeout "
                              "the gateway gives itself; defaults: the preload only, as a user "
                              "runs it.")
+    parser.add_argument("--restart-tokens", type=int, default=4000,
+                        help="The restart level's prompt size (TTFT cold vs after a gateway "
+                             "restart with the disk prefix cache, the gateway alone, after "
+                             "the rounds); 0 skips it.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
     parser.add_argument("--edit", action=argparse.BooleanOptionalAction, default=True,
                         help="Also run the edit level (bench.edit): speculation on vs off vs "
@@ -346,7 +350,17 @@ def main(argv: list[str] | None = None) -> int:
                     except RuntimeError as error:
                         log.error("bench.server_failed", server=key, error=str(error))
             rounds.append(runs)
+        restart_text = ""
+        if args.restart_tokens > 0 and args.only in (None, "gateway"):
+            try:
+                command = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
+                restart_text, _ = restart.run(model_dir, workdir / "restart",
+                                              args.restart_tokens, 1, command)
+            except RuntimeError as error:
+                log.error("bench.restart_failed", error=str(error))
     sys.stdout.write(report(args, model_dir, rounds) + "\n")
+    if restart_text:
+        sys.stdout.write(restart_text + "\n")
     if args.edit and args.only is None:
         sys.stdout.write(edit.run(model_dir, args) + "\n")
     if args.json_out:

@@ -109,10 +109,15 @@ class GenerationRequest:
     # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
     # is how the Responses/chat `reasoning.effort` reaches templates that read it.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_budget: int | None = None  # most tokens a chat answer may spend thinking
     # The key it runs for (None: no key): the per-key in-flight cap counts by it, and prefix-cache
     # reuse never crosses owners (`cached_tokens` would reveal what another key sent); every
     # keyless (loopback) client is one owner.
     owner: str | None = None
+    # Seconds it may wait for an admission slot before Overloaded (None: as long as the queue
+    # allows). A route's local target sets it, so a saturated engine passes the request on to
+    # the next target instead of queueing it (app/targets).
+    queue_wait: float | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from app.core.types import (
     Usage,
 )
 from app.engine.decode import use_logits_decode
+from app.engine.disk_cache import ModelDisk
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.speculative import SpeculationPolicy, use_speculative_decode
@@ -71,6 +72,9 @@ class Sequence:
     logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
     token_bytes: Callable[[int], bytes] | None = None
     speculative: bool = True  # may verify prompt-lookup drafts (the engine's setting permitting)
+    # Raw completions continue the prompt's text: " Paris" after "…France is" keeps its space,
+    # which mlx-lm's detokenizers trim from an answer's first token (right for chat).
+    keep_leading_space: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -147,12 +151,14 @@ class ModelBatch:
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
+        disk: ModelDisk | None = None,
         speculation: SpeculationPolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
-        # same owner that starts the same way prefills only what is new.
-        self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id)
+        # same owner that starts the same way prefills only what is new. Long prefixes also
+        # go to `disk`, which outlives this batch and the process.
+        self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id, disk=disk)
         self._eos = set(tokenizer.eos_token_ids)
         self._model = model
         self._generator_options: dict[str, Any] = dict(
@@ -195,6 +201,8 @@ class ModelBatch:
         """Start `seq`; an exception leaves the batch as it was (the caller fails `seq`)."""
         self._inject("add")
         seq._detokenizer = self.tokenizer.detokenizer
+        if seq.keep_leading_space:
+            _keep_leading_space(seq._detokenizer)
         seq._stops = StopStringMatcher(seq.stop)
         self._drop_cancelled()  # a turn the client just stopped: its KV goes in before lookup
         if not self._wait_for_shared_prefill(seq):
@@ -443,6 +451,14 @@ class ModelBatch:
         self._prefix.clear()
         self._generator.close()
         mx.clear_cache()
+
+
+def _keep_leading_space(detokenizer: Any) -> None:
+    """Turn off the first-token space trim of mlx-lm's SPM and BPE streaming detokenizers."""
+    if hasattr(detokenizer, "trim_space"):  # SPM has a switch for it
+        detokenizer.trim_space = False
+    elif hasattr(detokenizer, "_maybe_trim_space"):  # BPE trims in a method of its own
+        detokenizer._maybe_trim_space = lambda text: text
 
 
 def _guarded_sampler(seq: Sequence) -> Any:

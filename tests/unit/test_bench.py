@@ -377,3 +377,18 @@ def test_bench_env_can_leave_mlx_lm_openblas_defaults(monkeypatch: pytest.Monkey
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "16")
     assert servers.bench_env()["OPENBLAS_THREAD_TIMEOUT"] == "16"
     assert "OPENBLAS_THREAD_TIMEOUT" not in servers.bench_env(blas_settings=False)
+
+
+# ---------------------------------------------------------------- bench/restart
+
+
+def test_restart_section_judges_each_round_against_the_target() -> None:
+    from bench.restart import RestartRound, section
+
+    rounds = [RestartRound(4000, 100.0, 5.0, 3999, True), RestartRound(4000, 100.0, 30.0, 0, False)]
+    text = section(rounds, {"load + verify (engine thread)": 0.5, "file MB": 184.0}, 4000, "cmd")
+    lines = text.splitlines()
+    assert "| 1 | 4000 | 100.00 | 5.00 | 3999 | yes | 0.050 | yes |" in lines
+    assert "| 2 | 4000 | 100.00 | 30.00 | 0 | **no** | 0.300 | **no** |" in lines
+    assert "| median | | | | | | 0.175 | yes |" in lines
+    assert "| load + verify (engine thread) | 500 |" in lines and "184 MB" in text
