@@ -307,3 +307,42 @@ def test_through_http_speculation_is_invisible_but_counted(gateway: GatewayProce
     refused = httpx.post(url, json={**body, "speculative": "always"}, timeout=60)
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "speculative"
+
+
+def test_stop_strings_and_max_tokens_cut_inside_an_accepted_run(demo: tuple[Any, Any]) -> None:
+    """Accepted drafts reach the stop-string matcher and the max_tokens count one by one: a
+    speculating sequence ends exactly where a plain one does."""
+    model, tokenizer = demo
+    loop = asyncio.new_event_loop()
+    stream = mx.default_stream(mx.default_device())
+    prompt = prompts_of(tokenizer)[0]
+
+    accepted = []
+
+    def answer(speculation: SpeculationPolicy | None, stop: list[str], max_tokens: int
+               ) -> tuple[str, list[Finish]]:
+        batch = ModelBatch(model, tokenizer, max_batch_size=4, prefill_chunk=512,
+                           prompt_cache_bytes=0, stream=stream, speculation=speculation)
+        sink: list[GenerationEvent] = []
+        seq = sequence("s", prompt, loop, sink)
+        seq.stop, seq.max_tokens = stop, max_tokens
+        batch.add(seq)
+        while len(batch):
+            batch.step()
+            loop.run_until_complete(asyncio.sleep(0))
+        if speculation is not None:
+            accepted.append(batch._generator._generation_batch.accepted)
+        batch.close()
+        return text_of(sink), [e for e in sink if isinstance(e, Finish)]
+
+    full, _ = answer(None, [], MAX_TOKENS)
+    lines = [line for line in full.split("\n")[:-1] if len(line) >= 4]
+    stop = lines[-1][-4:]  # four characters from late in the answer
+    for stops, limit in (([stop], MAX_TOKENS), ([], MAX_TOKENS - 7)):
+        plain_text, plain_finish = answer(None, stops, limit)
+        spec_text, spec_finish = answer(EAGER, stops, limit)
+        assert spec_text == plain_text and len(plain_text) < len(full)
+        assert [(f.reason, f.usage.completion_tokens) for f in spec_finish] == \
+            [(f.reason, f.usage.completion_tokens) for f in plain_finish]
+    assert all(accepted)  # drafts were accepted on the way to both ends
+    loop.close()
