@@ -29,11 +29,11 @@ from typing import Any
 
 import structlog
 
+from app.models.variants import make_float_variant
 from app.ops.bench import DEFAULT_PROMPT, LevelResult, _levels, render_table, run_probe
 from app.ops.system_blas import OPENBLAS
 from bench import servers
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
-from bench.variants import make_float_variant
 
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 log = structlog.get_logger("bench.compare")

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--budgets", default="0,1,2")
+    parser.add_argument("--verbose", action="store_true", help="Print every prefill step.")
     args = parser.parse_args(argv)
     model, tokenizer = load(str(args.model_dir))[:2]
     tune_for_cpu(model)
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         run = run_mixed(model, tokenizer, budget=budget, streams=args.streams,
                         long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk)
         print(run.summary(), flush=True)
+        if args.verbose:
+            for i, r in enumerate(run.during):
+                print(f"  step {i}: {r.seconds * 1000:.0f} ms, chunk {r.chunk}, "
+                      f"prefilled {r.prompt_tokens}, tokens to streams {r.decoded}")
     return 0
 
 
