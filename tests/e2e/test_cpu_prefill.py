@@ -1,0 +1,75 @@
+"""Prefill on the CPU backend with the real demo model, in process.
+
+- While a long prompt prefills, the running streams keep getting a token every step: the budget
+  splits it into chunks that start small and at most double (with the budget off, one chunk).
+- The 4-bit demo model and its float32 copy (what `cpu_dequantize` serves) answer the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from app.engine.prefill_budget import FIRST_CHUNK
+from bench.prefill_stalls import run_mixed
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")]
+
+STREAMS = 2
+LONG = 900  # tokens: more than FIRST_CHUNK * (2 + 4), so at least three chunks with the budget
+CHUNK = 1024  # prefill_chunk: the whole long prompt in one step without the budget
+
+
+@pytest.fixture(scope="module")
+def float32_model(demo_float32_dir: Path) -> tuple[object, object]:
+    model, tokenizer = load(str(demo_float32_dir))[:2]
+    return model, tokenizer
+
+
+def test_running_streams_get_tokens_while_a_long_prompt_prefills(
+        float32_model: tuple[object, object]) -> None:
+    model, tokenizer = float32_model
+    run = run_mixed(model, tokenizer, budget=1.0, streams=STREAMS, long_tokens=LONG,
+                    prefill_chunk=CHUNK, warm_steps=2)
+    chunks = [r.chunk for r in run.during if r.prompt_tokens]
+    assert sum(r.prompt_tokens for r in run.during) >= LONG - 1
+    # Small first, never more than doubling: the running streams never wait for a big chunk.
+    assert chunks[0] <= 2 * FIRST_CHUNK
+    assert all(b <= 2 * a for a, b in itertools.pairwise(chunks))
+    assert len(chunks) >= 3
+    # Every step of the prefill gave every running stream its token.
+    assert all(r.decoded == STREAMS for r in run.during)
+    between_first_and_last_chunk = sum(r.decoded for r in run.during[1:len(chunks)])
+    assert between_first_and_last_chunk >= STREAMS * (len(chunks) - 1)
+
+    # The same scenario without the budget: one chunk, the streams wait for all of it.
+    off = run_mixed(model, tokenizer, budget=0.0, streams=STREAMS, long_tokens=LONG,
+                    prefill_chunk=CHUNK, warm_steps=2)
+    assert [r.chunk for r in off.during if r.prompt_tokens] == [CHUNK]
+
+
+def greedy(model: object, prompt: list[int], n: int) -> list[int]:
+    return [int(token) for token, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+
+
+def test_the_float32_copy_answers_as_the_4bit_model(demo_model_dir: Path,
+                                                    float32_model: tuple[object, object]) -> None:
+    """Same weights, float32 arithmetic instead of the 4-bit kernels' float16: logits agree to
+    float16 rounding, and greedy answers to short prompts are the same tokens."""
+    float32, tokenizer = float32_model
+    quantized = load(str(demo_model_dir))[0]
+    for question in ("What is the capital of France?", "Name three primary colors.",
+                     "Write a haiku about the sea."):
+        prompt = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": question}], add_generation_prompt=True)
+        ours = float32(mx.array([prompt]))[0, -1]  # type: ignore[operator]
+        theirs = quantized(mx.array([prompt]))[0, -1].astype(mx.float32)
+        spread = float(mx.max(theirs) - mx.min(theirs))
+        assert float(mx.max(mx.abs(ours - theirs))) <= 0.02 * spread
+        assert greedy(float32, prompt, 16) == greedy(quantized, prompt, 16), question
