@@ -117,17 +117,17 @@ MIXED_STREAMS = 8
 def long_document(count: TokenCounter, tokens: int, nonce: str) -> list[dict[str, Any]]:
     """A user message of about `tokens` prompt tokens that no server has seen (the nonce)."""
     lines = [f"Document {nonce}."]
-    step = 40
-    while True:
-        base = len(lines)
-        lines.extend(f"Entry {base + i}: crate {(base + i) * 7 % 997} went to bay "
-                     f"{(base + i) % 13}, checked by inspector {(base + i) % 29}."
-                     for i in range(step))
-        messages = [{"role": "user", "content": "\n".join(lines) + "\nWhich bay got most?"}]
-        have = count(messages)
-        if have >= tokens:
-            return messages
-        step = max(1, min(200, (tokens - have) // 20))
+
+    def messages() -> list[dict[str, Any]]:
+        return [{"role": "user", "content": "\n".join(lines) + "\nWhich bay got most?"}]
+
+    while (have := count(messages())) < tokens:
+        # About 25 tokens a line: add nine tenths of what is missing, then measure again.
+        for _ in range(max(1, (tokens - have) * 9 // 250)):
+            n = len(lines)
+            lines.append(f"Entry {n}: crate {n * 7 % 997} went to bay {n % 13}, checked by "
+                         f"inspector {n % 29}.")
+    return messages()
 
 
 async def _stream_times(client: httpx.AsyncClient, url: str, body: dict[str, Any],

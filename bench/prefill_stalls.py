@@ -88,9 +88,9 @@ def long_prompt(tokenizer: Any, tokens: int) -> list[int]:
 
 
 def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
-              prefill_chunk: int, warm_steps: int = 6) -> MixedRun:
+              prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0) -> MixedRun:
     batch = ModelBatch(model, tokenizer, max_batch_size=max(16, streams + 1),
-                       prefill_chunk=prefill_chunk, prompt_cache_bytes=0,
+                       prefill_chunk=prefill_chunk, prompt_cache_bytes=prompt_cache_bytes,
                        stream=mx.default_stream(mx.default_device()),
                        prefill_budget=budget)
     run = MixedRun(budget)
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--budgets", default="0,1,2")
+    parser.add_argument("--prompt-cache-bytes", type=int, default=512_000_000,
+                        help="The prefix cache (the gateway's default; it saves a long prompt's "
+                             "KV as soon as it is prefilled).")
     parser.add_argument("--verbose", action="store_true", help="Print every prefill step.")
     args = parser.parse_args(argv)
     model, tokenizer = load(str(args.model_dir))[:2]
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     for budget in (float(b) for b in args.budgets.split(",")):
         run = run_mixed(model, tokenizer, budget=budget, streams=args.streams,
-                        long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk)
+                        long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk,
+                        prompt_cache_bytes=args.prompt_cache_bytes)
         print(run.summary(), flush=True)
         if args.verbose:
             for i, r in enumerate(run.during):

@@ -9,9 +9,9 @@ The budget: while sequences decode, a step's prefill may cost about `decode_step
 Whole-step wall times are measured (mlx-lm pipelines the decode step into the next call, so its
 own decode/prompt timers split one cost between them): `decode` is the running average of steps
 that only decoded, and a step that also prefilled is charged the rest of its time per prompt
-token. The next chunk is the tokens that fit the budget at that rate (never more than twice the
-last chunk: the rate was measured at the last chunk's size, and per-token cost is higher for
-small chunks, so growing slowly keeps the estimate honest). With nothing decoding, prompts
+token. The next chunk is the tokens that fit the budget at that rate (the first one at most
+FIRST_CHUNK, then never more than twice the last: the rate was measured at the last chunk's
+size, and per-token cost is higher for small chunks, so growing slowly keeps it honest). With nothing decoding, prompts
 prefill at the full `max_chunk`: nobody waits on them.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_CHUNK = 16  # tokens per row: below this the per-call overhead dominates
-FIRST_CHUNK = 128  # tokens per row before anything is measured
+FIRST_CHUNK = 32  # tokens per row of the first chunk prefilled beside decoding rows
 _SMOOTHING = 0.3  # weight of the newest sample in the running averages
 
 
@@ -30,16 +30,19 @@ class PrefillBudget:
     decode_steps: float  # `[engine] prefill_budget`; 0 turns the budget off
     decode_seconds: float | None = None  # running average of a decode-only step
     seconds_per_token: float | None = None  # running average of prefill cost per prompt token
-    last_chunk: int = FIRST_CHUNK  # the chunk chosen at the last step that decoded and prefilled
+    # The chunk of the last step that decoded and prefilled; None before the first such step,
+    # whose chunk is FIRST_CHUNK at most (a rate measured on full-size chunks is optimistic).
+    last_chunk: int | None = None
 
     def chunk(self, *, decoding: bool, rows: int = 1) -> int:
         """Prompt tokens per prefilling row for the next step."""
         if not decoding or self.decode_steps <= 0:
             return self.max_chunk
+        cap = FIRST_CHUNK if self.last_chunk is None else 2 * self.last_chunk
         if self.decode_seconds is None or self.seconds_per_token is None:
-            return min(self.max_chunk, self.last_chunk)
+            return min(self.max_chunk, cap)
         fits = self.decode_steps * self.decode_seconds / self.seconds_per_token / max(1, rows)
-        return max(MIN_CHUNK, min(self.max_chunk, 2 * self.last_chunk, int(fits)))
+        return max(MIN_CHUNK, min(self.max_chunk, cap, int(fits)))
 
     def observe(self, *, seconds: float, decoded: bool, prompt_tokens: int,
                 chunk: int) -> None:

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")]
 
 STREAMS = 2
-LONG = 900  # tokens: more than FIRST_CHUNK * (2 + 4), so at least three chunks with the budget
+LONG = 900  # tokens: more than FIRST_CHUNK * (1 + 2 + 4 + 8): at least five chunks
 CHUNK = 1024  # prefill_chunk: the whole long prompt in one step without the budget
 
 
@@ -40,9 +40,9 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(
     chunks = [r.chunk for r in run.during if r.prompt_tokens]
     assert sum(r.prompt_tokens for r in run.during) >= LONG - 1
     # Small first, never more than doubling: the running streams never wait for a big chunk.
-    assert chunks[0] <= 2 * FIRST_CHUNK
+    assert chunks[0] <= FIRST_CHUNK
     assert all(b <= 2 * a for a, b in itertools.pairwise(chunks))
-    assert len(chunks) >= 3
+    assert len(chunks) >= 5
     # Every step of the prefill gave every running stream its token.
     assert all(r.decoded == STREAMS for r in run.during)
     between_first_and_last_chunk = sum(r.decoded for r in run.during[1:len(chunks)])

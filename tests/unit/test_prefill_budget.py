@@ -21,13 +21,14 @@ def test_full_chunks_when_nothing_decodes_or_the_budget_is_off() -> None:
 def test_a_small_first_chunk_before_anything_is_measured() -> None:
     budget = PrefillBudget(max_chunk=2048, decode_steps=1.0)
     assert budget.chunk(decoding=True) == FIRST_CHUNK
-    assert PrefillBudget(max_chunk=64, decode_steps=1.0).chunk(decoding=True) == 64
+    assert PrefillBudget(max_chunk=16, decode_steps=1.0).chunk(decoding=True) == 16
 
 
 def test_the_chunk_fits_the_budget_at_the_measured_rate() -> None:
     budget = PrefillBudget(max_chunk=2048, decode_steps=2.0)
     budget.observe(seconds=0.1, decoded=True, prompt_tokens=0, chunk=2048)  # decode step 0.1 s
     budget.observe(seconds=1.0, decoded=False, prompt_tokens=1000, chunk=2048)  # 1 ms a token
+    budget.observe(seconds=0.1 + 0.128, decoded=True, prompt_tokens=128, chunk=128)
     # Two decode steps' worth (0.2 s) at 1 ms a token: 200 tokens; shared by the rows.
     assert budget.chunk(decoding=True) == 200
     assert budget.chunk(decoding=True, rows=4) == 50
@@ -38,9 +39,11 @@ def test_growth_is_at_most_twofold_per_step() -> None:
     budget = PrefillBudget(max_chunk=2048, decode_steps=1.0)
     budget.observe(seconds=1.0, decoded=True, prompt_tokens=0, chunk=2048)
     budget.observe(seconds=0.01, decoded=False, prompt_tokens=1000, chunk=2048)  # very cheap
-    assert budget.chunk(decoding=True) == 2 * FIRST_CHUNK
-    budget.observe(seconds=1.0 + 0.00001 * 256, decoded=True, prompt_tokens=256, chunk=256)
-    assert budget.chunk(decoding=True) == 512
+    assert budget.chunk(decoding=True) == FIRST_CHUNK  # measured on full chunks: not trusted
+    budget.observe(seconds=1.0 + 0.00001 * 32, decoded=True, prompt_tokens=32, chunk=32)
+    assert budget.chunk(decoding=True) == 64
+    budget.observe(seconds=1.0 + 0.00001 * 64, decoded=True, prompt_tokens=64, chunk=64)
+    assert budget.chunk(decoding=True) == 128
 
 
 @pytest.mark.parametrize("decode_steps", [0.5, 1.0, 2.0])
