@@ -327,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the gateway gives itself; defaults: the preload only, as a user "
                              "runs it.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
+    parser.add_argument("--report-out", type=Path, default=None,
+                        help="Also write the report so far to this file after every round.")
     return parser.parse_args(argv)
 
 
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                     except RuntimeError as error:
                         log.error("bench.server_failed", server=key, error=str(error))
             rounds.append(runs)
+            if args.report_out:  # a long sitting that is stopped still leaves its rounds
+                args.report_out.write_text(report(args, model_dir, rounds, [*load,
+                                                  os.getloadavg()]) + "\n")
     load.append(os.getloadavg())
     sys.stdout.write(report(args, model_dir, rounds, load) + "\n")
     if args.json_out:
