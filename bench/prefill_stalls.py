@@ -72,10 +72,19 @@ HEADER = ("| prefill_budget | median step ms | longest step ms during prefill | 
           "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
 
 
+def no_end(eos: list[int]) -> Callable[[Any, mx.array], mx.array]:
+    """A logits processor that keeps a running stream from ending (end-of-sequence masked)."""
+    def mask(_tokens: Any, logits: mx.array) -> mx.array:
+        logits[..., eos] = -mx.inf
+        return logits
+    return mask
+
+
 def sequence(prompt: list[int], max_tokens: int, sink: list[GenerationEvent],
-             request_id: str) -> Sequence:
+             request_id: str, processors: list[Any] | None = None) -> Sequence:
     return Sequence(request_id=request_id, prompt=prompt, max_tokens=max_tokens,
-                    sampler=greedy_sampler, processors=[], stop=[], deliver=sink.extend,
+                    sampler=greedy_sampler, processors=processors or [], stop=[],
+                    deliver=sink.extend,
                     loop=ImmediateLoop(),  # type: ignore[arg-type]
                     owner=request_id)
 
@@ -94,8 +103,9 @@ def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_t
                        stream=mx.default_stream(mx.default_device()),
                        prefill_budget=budget)
     run = MixedRun(budget)
+    endless = no_end(list(tokenizer.eos_token_ids))
     running = [sequence(tokenizer.encode(f"Stream {i}: write a long story about a lighthouse."),
-                        100_000, [], f"s{i}") for i in range(streams)]
+                        100_000, [], f"s{i}", [endless]) for i in range(streams)]
     for seq in running:
         batch.add(seq)
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")]
 
 STREAMS = 2
-LONG = 900  # tokens: more than FIRST_CHUNK * (1 + 2 + 4 + 8): at least five chunks
+LONG = 600  # tokens: more than FIRST_CHUNK * (1 + 2 + 4 + 8): at least five chunks
 CHUNK = 1024  # prefill_chunk: the whole long prompt in one step without the budget
 
 
