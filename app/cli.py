@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
         ensure_demo(settings, quiet=True)
     app = create_app(settings)
     DrainingServer(app, host=settings.server.host, port=settings.server.port,
-                   grace=settings.server.shutdown_grace).run()
+                   grace=settings.server.shutdown_grace,
+                   unready_delay=settings.server.unready_delay).run()
     return 0
 
 

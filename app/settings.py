@@ -79,6 +79,11 @@ class ServerSettings(_Section):
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight streams may finish after SIGTERM."
     )
+    unready_delay: float = Field(
+        0.0, ge=0, le=300, description="Seconds after SIGTERM during which /ready answers 503 "
+        "while requests are still served, before the drain starts: behind a load balancer "
+        "with active health checks on /ready, longer than its check interval. 0 = drain at once."
+    )
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="SSE keep-alive interval while a request waits or prefills."
     )

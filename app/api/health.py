@@ -29,6 +29,8 @@ async def ready(request: Request) -> JSONResponse:
     default_id = request.app.state.registry.default_id
     if request.app.state.engine.dead is not None:
         return JSONResponse({"status": "engine_stopped", "model": default_id}, status_code=503)
+    if getattr(request.app.state, "draining", False):  # SIGTERM: balancers, go elsewhere
+        return JSONResponse({"status": "draining", "model": default_id}, status_code=503)
     if default_id is not None and default_id in request.app.state.engine.loaded_models():
         return JSONResponse({"status": "ready", "model": default_id})
     return JSONResponse({"status": "loading", "model": default_id}, status_code=503)

@@ -106,6 +106,7 @@ class GenerationRequest:
     # Passed to the chat template as keyword arguments (e.g. enable_thinking); `reasoning_effort`
     # is how the Responses/chat `reasoning.effort` reaches templates that read it.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_budget: int | None = None  # most tokens a chat answer may spend thinking
     # The key it runs for (None: no key): the per-key in-flight cap counts by it, and prefix-cache
     # reuse never crosses owners (`cached_tokens` would reveal what another key sent); every
     # keyless (loopback) client is one owner.

@@ -52,6 +52,7 @@ from app.output import grammar
 from app.output.detect import starts_in_reasoning
 from app.output.harmony import HarmonyParser
 from app.output.parser import OutputParser
+from app.output.reasoning_budget import reasoning_budget
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -326,6 +327,11 @@ class Engine:
         if request.constraint is not None:
             processors.append(await loop.run_in_executor(
                 self._tokenize, compiler.processor, request.constraint))
+        if request.reasoning_budget is not None and prompt.output is not None:
+            budget = reasoning_budget(loaded.tokenizer, prompt.output, prompt.text,
+                                      request.reasoning_budget)
+            if budget is not None:
+                processors.append(budget)
         if admit is not None:
             await admit(len(tokens) + max_tokens)
         seq = Sequence(
@@ -336,6 +342,7 @@ class Engine:
             processors=processors,
             logprobs=request.logprobs,
             token_bytes=compiler.token_bytes if request.logprobs is not None else None,
+            keep_leading_space=request.prompt is not None,
             stop=list(request.stop),
             owner=request.owner or "anonymous",  # prefix-cache namespace
             deliver=lambda events: stream.deliver(events),

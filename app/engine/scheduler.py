@@ -70,6 +70,9 @@ class Sequence:
     owner: str = "anonymous"  # whose prefix cache namespace this prompt reads and feeds
     logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
     token_bytes: Callable[[int], bytes] | None = None
+    # Raw completions continue the prompt's text: " Paris" after "…France is" keeps its space,
+    # which mlx-lm's detokenizers trim from an answer's first token (right for chat).
+    keep_leading_space: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = -1
     generated: int = 0
@@ -189,6 +192,8 @@ class ModelBatch:
         """Start `seq`; an exception leaves the batch as it was (the caller fails `seq`)."""
         self._inject("add")
         seq._detokenizer = self.tokenizer.detokenizer
+        if seq.keep_leading_space:
+            _keep_leading_space(seq._detokenizer)
         seq._stops = StopStringMatcher(seq.stop)
         self._drop_cancelled()  # a turn the client just stopped: its KV goes in before lookup
         if not self._wait_for_shared_prefill(seq):
@@ -449,6 +454,14 @@ class ModelBatch:
         self._prefix.clear()
         self._generator.close()
         mx.clear_cache()
+
+
+def _keep_leading_space(detokenizer: Any) -> None:
+    """Turn off the first-token space trim of mlx-lm's SPM and BPE streaming detokenizers."""
+    if hasattr(detokenizer, "trim_space"):  # SPM has a switch for it
+        detokenizer.trim_space = False
+    elif hasattr(detokenizer, "_maybe_trim_space"):  # BPE trims in a method of its own
+        detokenizer._maybe_trim_space = lambda text: text
 
 
 def _guarded_sampler(seq: Sequence) -> Any:

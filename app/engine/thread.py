@@ -163,10 +163,18 @@ class EngineThread:
         try:
             with mx.stream(self._stream):
                 self._serve()
+                self.fail_all(Overloaded("The server is shutting down; retry shortly."))
         except BaseException as error:  # whatever it was: say so and fail every request
             self._die(repr(error))
-            return
-        self.fail_all(Overloaded("The server is shutting down; retry shortly."))
+        finally:
+            # An MLX stream owns a C++ worker thread. Destroyed at interpreter exit instead of
+            # from the thread that made it, it can abort the process ("terminate called
+            # without an active exception"), which a service manager counts as a crash.
+            try:
+                mx.synchronize(self._stream)
+                mx.clear_streams()
+            except Exception:
+                log.exception("releasing the engine's MLX streams failed")
 
     def _serve(self) -> None:
         while True:

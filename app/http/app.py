@@ -26,6 +26,7 @@ from app.limits.breaker import CircuitBreaker
 from app.limits.factory import build_limiter
 from app.models.registry import ModelRegistry
 from app.security.keys import KeyStore, reload_on_sighup
+from app.security.revocations import SharedRevocations
 from app.settings import Settings
 from app.store import open_store
 
@@ -48,6 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if keys is not None:
             reload_on_sighup(keys)
+        revocations = (SharedRevocations(settings.redis.url, keys, interval=keys.check_interval)
+                       if keys is not None and settings.redis.url else None)
+        watch = asyncio.create_task(revocations.run()) if revocations is not None else None
         await engine.start()
         app.state.response_store = open_store(settings)
         warm = asyncio.create_task(_warm_default_model(engine, registry))
@@ -55,6 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             warm.cancel()
+            if watch is not None and revocations is not None:
+                watch.cancel()
+                await revocations.close()
             await engine.stop()
             await limiter.aclose()
             await app.state.response_store.close()
@@ -65,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.keys = keys
     app.state.activity = activity
+    app.state.draining = False  # set on SIGTERM by the server; /ready then answers 503
     app.state.started_monotonic = time.monotonic()
     install_error_handlers(app)
     for module in (health, models, chat, completions, metrics_route, responses, messages,

@@ -1,5 +1,7 @@
-"""uvicorn, taught to drain: on SIGTERM stop accepting, let streams finish for
-`[server] shutdown_grace` seconds, then end the rest with an error event and exit 0."""
+"""uvicorn, taught to drain: on SIGTERM answer /ready with 503 for `[server] unready_delay`
+seconds while still serving (a load balancer's health check moves new traffic away), then stop
+accepting, let streams finish for `[server] shutdown_grace` seconds, end the rest with an error
+event and exit 0."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ DRAINING_MESSAGE = "The server is shutting down; retry shortly."
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, app: FastAPI, *, host: str, port: int, grace: float) -> None:
+    def __init__(self, app: FastAPI, *, host: str, port: int, grace: float,
+                 unready_delay: float = 0.0) -> None:
         # uvicorn's own deadline comes after ours, so streams end with our error event
         # rather than a cut connection. proxy_headers off: uvicorn would otherwise rewrite the
         # client address from X-Forwarded-For (trusting 127.0.0.1) before our code runs, and
@@ -31,7 +34,10 @@ class DrainingServer(uvicorn.Server):
             timeout_graceful_shutdown=int(grace) + 5, proxy_headers=False,
         ))
         self.engine: Engine = app.state.engine
+        self.app_state = app.state
         self.grace = grace
+        self.unready_delay = unready_delay
+        self._unready = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
@@ -55,6 +61,24 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.unready_delay > 0 and not self._unready and self._loop is not None:
+            # First signal: only stop looking ready. The listener stays open, so a request a
+            # balancer sends before its next health check is still served, not refused.
+            self._unready = True
+            self.app_state.draining = True
+            log.info("shutting down: /ready answers 503 before draining",
+                     unready_seconds=self.unready_delay)
+            self._loop.call_soon_threadsafe(
+                self._loop.call_later, self.unready_delay, self._after_unready, sig)
+            return
+        self._begin_drain(sig, frame)  # no delay, or a second signal: drain now
+
+    def _after_unready(self, sig: int) -> None:
+        if not self._draining:  # a second signal may have started the drain already
+            self._begin_drain(sig, None)
+
+    def _begin_drain(self, sig: int, frame: FrameType | None) -> None:
+        self.app_state.draining = True
         super().handle_exit(sig, frame)
         if not self._draining and self._loop is not None:
             self._draining = True

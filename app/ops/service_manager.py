@@ -361,7 +361,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
             return 2
         env[key] = value
     spec = ServiceSpec(python=venv_python(), config=config, log_dir=_log_dir(args),
-                       shutdown_grace=settings.server.shutdown_grace, env=env)
+                       shutdown_grace=settings.server.shutdown_grace
+                       + settings.server.unready_delay, env=env)
     return _finish(install_plan(spec, manager), args)
 
 

@@ -23,12 +23,12 @@ import weakref
 from typing import Any
 
 import llguidance
-import mlx.core as mx
 import numpy as np
 import structlog
 
 from app.core.types import Constraint, JsonConstraint, ToolCallConstraint, ToolSpec
 from app.errors import InvalidRequest
+from app.output.row_mask import RowMaskProcessor
 
 log = structlog.get_logger(__name__)
 
@@ -181,36 +181,16 @@ def compiler_for(tokenizer: Any) -> GrammarCompiler:
 
 # --- on the MLX thread: mask the logits --------------------------------------------------------
 
-def _last_token(context: mx.array) -> int:
-    token = context[-1].item()
-    assert isinstance(token, int)
-    return token
-
-
-class GrammarProcessor:
-    """Masks one sequence's logits to what its grammar allows next.
-
-    Two ways in: `row_mask(last token, vocabulary)`, which the decode step
-    (`app.engine.decode`) calls for every constrained row and applies in one batched op; and
-    the mlx-lm logits-processor call `(tokens so far, logits (1, V)) -> logits`, which only
-    mlx-lm's own step uses (a sequence's first token). The first call of either kind sees the
-    prompt's last token (nothing sampled yet); each later one first feeds the token sampled by
-    the previous step to the matcher.
-    """
+class GrammarProcessor(RowMaskProcessor):
+    """Masks one sequence's logits to what its grammar allows next (app/output/row_mask.py);
+    each call after the first feeds the token sampled by the previous step to the matcher."""
 
     def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
         self._matcher = matcher
         self._compiler = compiler
         words = (compiler.ll.vocab_size + 31) // 32
         self._mask = np.zeros(words, dtype=np.int32)
-        self._started = False
         self._failed = False
-
-    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
-        allowed = self.row_mask(_last_token(context) if self._started else -1, logits.shape[-1])
-        if allowed is None:
-            return logits
-        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
     def row_mask(self, last_token: int, vocab: int) -> np.ndarray[Any, Any] | None:
         """Which of `vocab` tokens may come next (None: any). Never raises: the decode step

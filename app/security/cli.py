@@ -7,7 +7,10 @@ import argparse
 import sys
 import time
 
+from redis.exceptions import RedisError
+
 from app.security.keys import KeyRecord, KeyStore
+from app.security.revocations import publish_revocation
 from app.settings import load_settings
 
 
@@ -78,9 +81,22 @@ def list_keys(args: argparse.Namespace) -> int:
 
 
 def revoke_key(args: argparse.Namespace) -> int:
-    if not _store(args).revoke(args.id):
+    settings = load_settings(args.config)
+    if not KeyStore(settings.keys_file).revoke(args.id):
         print(f"error: no key with id {args.id!r} (see: mlx-gateway keys list)", file=sys.stderr)
         return 1
+    if settings.redis.url:
+        # Every gateway sharing this Redis refuses it too, whatever its own keys file says.
+        try:
+            publish_revocation(settings.redis.url, args.id)
+        except (RedisError, OSError) as error:
+            print(f"warning: revoked in {settings.keys_file}, but Redis did not answer "
+                  f"({type(error).__name__}): other gateways accept the key until this "
+                  "server passes it on (when Redis is back) or their keys files are updated",
+                  file=sys.stderr)
+            return 1
+        print(f"revoked {args.id}; every gateway sharing Redis refuses it within a second or two")
+        return 0
     print(f"revoked {args.id}; running servers refuse it within a second or two")
     return 0
 

@@ -125,6 +125,9 @@ class KeyStore:
         # When each key last authenticated a request, in memory only: a write per request
         # would be costly and would race the CLI; a restart forgets it.
         self._last_used: dict[str, float] = {}
+        # Ids revoked on another gateway (app/security/revocations.py keeps it up to date
+        # when Redis is configured): refused here even while this file still lists them.
+        self.revoked_elsewhere: frozenset[str] = frozenset()
         try:
             self._records, self._stamp = self._read()
         except ValueError as error:
@@ -192,7 +195,8 @@ class KeyStore:
         return sorted(self._records.values(), key=lambda record: record.created)
 
     def usable(self) -> list[KeyRecord]:
-        return [record for record in self.records() if not record.revoked]
+        return [record for record in self.records()
+                if not record.revoked and record.id not in self.revoked_elsewhere]
 
     def verify(self, token: str) -> KeyRecord | None:
         """The live record for a presented key, or None. Constant-time digest comparison."""
@@ -203,7 +207,7 @@ class KeyStore:
         presented = hash_secret(secret)
         expected = record.hash if record else _DUMMY_HASH
         matches = hmac.compare_digest(presented.encode(), expected.encode())
-        if record is None or not matches or record.revoked:
+        if record is None or not matches or record.revoked or record.id in self.revoked_elsewhere:
             return None
         self._last_used[record.id] = time.time()
         return record

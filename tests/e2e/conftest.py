@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from tests.e2e.gateway_process import GatewayProcess
 
 DEMO_ID = "smollm2-135m-instruct"
+THINKING_ID = "smollm2-thinking"
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +43,25 @@ def demo_float32_dir(demo_model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
-            ) -> Iterator[GatewayProcess]:
+def demo_thinking_dir(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Path:
+    """The demo weights under a Qwen3-style template that opens a think block unless
+    `enable_thinking` is false: a reasoning model as far as the gateway can tell. (The demo
+    model itself never closes the block; what closes it is the gateway's thinking budget.)"""
+    target = tmp_path_factory.mktemp("thinking") / "smollm2-thinking"
+    target.mkdir()
+    for item in demo_float32_dir.iterdir():
+        if item.name != "tokenizer_config.json":
+            (target / item.name).symlink_to(item)
+    config = json.loads((demo_float32_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] += ("{% if add_generation_prompt and (enable_thinking is not defined "
+                                "or enable_thinking) %}{{ '<think>\\n' }}{% endif %}")
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path,
+            demo_thinking_dir: Path) -> Iterator[GatewayProcess]:
     """The gateway with auth off on loopback, the demo model, and a short-context alias."""
     workdir = tmp_path_factory.mktemp("gateway")
     config = {
@@ -56,6 +75,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
             {"id": DEMO_ID, "path": str(demo_float32_dir)},
             # Same weights, tiny context: cheap way to exercise context-length errors.
             {"id": "smollm2-short", "path": str(demo_float32_dir), "max_context": 48},
+            {"id": THINKING_ID, "path": str(demo_thinking_dir)},
         ],
     }
     server = GatewayProcess(workdir, config).start()

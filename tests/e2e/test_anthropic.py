@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.e2e.conftest import DEMO_ID
+from tests.e2e.conftest import DEMO_ID, THINKING_ID
 from tests.e2e.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.e2e
@@ -222,3 +222,38 @@ def test_output_config_format_is_enforced(claude: anthropic.Anthropic) -> None:
             tools=[{"name": "f", "input_schema": {"type": "object"}}],
             tool_choice={"type": "any"},
             output_config={"format": {"type": "json_schema", "schema": schema}})
+
+
+RIVERS = [{"role": "user", "content": "Name three rivers of Europe and say where each flows."}]
+
+
+def _thinking_message(claude: anthropic.Anthropic, thinking: dict[str, Any]) -> Any:
+    return claude.messages.create(model=THINKING_ID, max_tokens=40, extra_body=GREEDY,
+                                  thinking=thinking, messages=RIVERS)  # type: ignore[arg-type]
+
+
+def test_thinking_budget_closes_the_think_block(claude: anthropic.Anthropic) -> None:
+    """The demo model never ends a think block by itself: without a budget its whole answer is
+    thinking; with budget_tokens 8 the gateway closes the block after 8 and the model answers.
+    Greedy decoding makes the budgeted thinking the unbudgeted one's beginning."""
+    free = _thinking_message(claude, {"type": "enabled"})
+    assert [block.type for block in free.content] == ["thinking"]
+    assert free.usage.output_tokens > 8
+    capped = _thinking_message(claude, {"type": "enabled", "budget_tokens": 8})
+    assert [block.type for block in capped.content] == ["thinking", "text"]
+    thought = capped.content[0].thinking  # type: ignore[union-attr]
+    assert thought and free.content[0].thinking.startswith(thought)  # type: ignore[union-attr]
+    assert len(thought) < len(free.content[0].thinking)  # type: ignore[union-attr]
+    assert capped.content[1].text.strip()  # type: ignore[union-attr]
+    with claude.messages.stream(model=THINKING_ID, max_tokens=40, extra_body=GREEDY,
+                                thinking={"type": "enabled", "budget_tokens": 8},
+                                messages=RIVERS) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_message()
+    assert [block.model_dump() for block in final.content] == \
+        [block.model_dump() for block in capped.content]
+
+
+def test_thinking_budget_must_leave_room_for_the_answer(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        _thinking_message(claude, {"type": "enabled", "budget_tokens": 40})
+    assert "thinking.budget_tokens" in str(caught.value)

@@ -125,6 +125,8 @@ def test_text_completions(client: openai.OpenAI) -> None:
     assert all(c.object == "text_completion" for c in streamed)
     assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
     assert [c.choices[0].finish_reason for c in streamed][-1] == "length"
+    # The continuation keeps its first space: prompt + text reads as the model wrote it.
+    assert reply.choices[0].text.startswith(" Paris"), reply.choices[0].text
 
 
 def test_models_listing(client: openai.OpenAI, gateway: GatewayProcess) -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -68,6 +69,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
         "limited": keys_cli(config, "create", "--name", "tiny", "--rpm", "3").splitlines()[-1],
         "other": keys_cli(config, "create", "--name", "o", "--models", "other").splitlines()[-1],
         "doomed": keys_cli(config, "create", "--name", "doomed").splitlines()[-1],
+        "claude": keys_cli(config, "create", "--name", "cc", "--rpm", "2").splitlines()[-1],
     }
     server.start()
     yield Secured(server, redis, tokens)
@@ -308,3 +310,32 @@ def test_anthropic_route_auth_in_anthropic_shape(secured: Secured) -> None:
         assert answered.json()["type"] == "message"
     # Claude Code's first request, a connectivity probe, needs no key.
     assert httpx.head(secured.server.base_url + "/", timeout=10).status_code == 200
+
+
+def test_anthropic_rate_limit_and_overload_in_anthropic_shape(secured: Secured) -> None:
+    """What Claude Code retries on: 429 rate_limit_error and 503 overloaded_error, each with
+    Retry-After, in Anthropic's error shape; the official SDK raises its typed errors."""
+    url = secured.server.base_url + "/v1/messages"
+    body = {"model": DEMO_ID, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    claude = anthropic.Anthropic(base_url=secured.server.base_url, max_retries=0,
+                                 api_key=secured.tokens["claude"])
+    for _ in range(2):
+        claude.messages.create(**body)  # type: ignore[arg-type]
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        claude.messages.create(**body)  # type: ignore[arg-type]
+    refused = limited.value.response
+    assert refused.json() == {"type": "error", "error": {
+        "type": "rate_limit_error", "message": refused.json()["error"]["message"]}}
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+    def ask() -> httpx.Response:  # max_inflight = 1, max_queue = 1: one of three is turned away
+        return httpx.post(url, timeout=300, headers={"x-api-key": secured.tokens["admin"]},
+                          json={**body, "max_tokens": 24, "temperature": 0,
+                                "messages": [{"role": "user", "content": "Write a long story."}]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda _: ask(), range(3)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 503]
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.json()["type"] == "error" and busy.json()["error"]["type"] == "overloaded_error"
+    assert 1 <= int(busy.headers["retry-after"]) <= 60

@@ -20,9 +20,10 @@ class _Engine:
         return {"m": object()}
 
 
-def _client(dead: str | None) -> TestClient:
+def _client(dead: str | None, *, draining: bool = False) -> TestClient:
     app = FastAPI()
     app.state.engine = _Engine(dead)
+    app.state.draining = draining
     app.state.registry = SimpleNamespace(default_id="m")
     app.include_router(health.router)
     return TestClient(app)
@@ -41,3 +42,12 @@ def test_a_dead_engine_is_degraded_and_not_ready() -> None:
     assert "boom" in sick.json()["reason"]
     assert http.get("/ready").status_code == 503
     assert http.head("/").status_code == 503  # Claude Code's probe says the same
+
+
+def test_a_draining_server_is_healthy_but_not_ready() -> None:
+    """After SIGTERM a balancer's check on /ready moves traffic away; /health stays ok (the
+    process is fine, a liveness probe must not restart it mid-drain)."""
+    http = _client(None, draining=True)
+    assert http.get("/health").status_code == 200
+    ready = http.get("/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"

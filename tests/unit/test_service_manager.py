@@ -196,6 +196,16 @@ def test_dry_run_install_launchd_prints_plist_and_commands(
     assert not plist_path.exists()  # dry run wrote nothing
 
 
+def test_the_stop_timeout_covers_the_unready_delay_too(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Behind a balancer, SIGTERM first waits `unready_delay`, then drains for the grace."""
+    config = _config(tmp_path, "[server]\nshutdown_grace = 20\nunready_delay = 4\n")
+    assert _run_cli(["service", "install", "--manager", "launchd", "--dry-run",
+                     "--config", str(config)]) == 0
+    assert "<integer>39</integer>" in capsys.readouterr().out  # 4 + 20 + margin 15
+
+
 def test_dry_run_install_systemd(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -206,7 +206,8 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
 @router.post("/v1/messages", response_model=None)
 async def messages(body: MessagesRequest, request: Request) -> Response:
     generation = _generation(body, request, max_tokens=body.max_tokens,
-                             sampling=body.sampling(), stop=body.stop_list())
+                             sampling=body.sampling(), stop=body.stop_list(),
+                             reasoning_budget=body.reasoning_budget())
     wanted = body.output_config.format if body.output_config is not None else None
     if wanted is not None:
         if generation.constraint is not None:

@@ -140,6 +140,19 @@ class MessagesRequest(CountTokensRequest):
     def stop_list(self) -> list[str]:
         return [s for s in self.stop_sequences or [] if s]
 
+    def reasoning_budget(self) -> int | None:
+        """`thinking.budget_tokens` of an enabled thinking block: the most tokens the answer
+        may think for. Like Anthropic's API, it must leave room for the answer."""
+        thinking = self.thinking
+        if thinking is None or thinking.type != "enabled" or thinking.budget_tokens is None:
+            return None
+        if thinking.budget_tokens >= self.max_tokens:
+            raise InvalidRequest(
+                f"`max_tokens` must be greater than `thinking.budget_tokens` "
+                f"({self.max_tokens} <= {thinking.budget_tokens})",
+                param="thinking.budget_tokens")
+        return thinking.budget_tokens
+
 
 def resolve_model(name: str, patterns: dict[str, str], default_id: str | None) -> str:
     """Claude clients ask for claude-* ids; `[anthropic] models` maps them to local names."""
