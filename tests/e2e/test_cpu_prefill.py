@@ -10,13 +10,18 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
 from app.engine.prefill_budget import FIRST_CHUNK
+from app.models.dequantize import is_copy_of
+from app.models.registry import _make_spec
 from bench.prefill_stalls import run_mixed
+from tests.e2e.conftest import DEMO_ID
+from tests.e2e.gateway_process import GatewayProcess
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")]
@@ -73,3 +78,29 @@ def test_the_float32_copy_answers_as_the_4bit_model(demo_model_dir: Path,
         spread = float(mx.max(theirs) - mx.min(theirs))
         assert float(mx.max(mx.abs(ours - theirs))) <= 0.02 * spread
         assert greedy(float32, prompt, 16) == greedy(quantized, prompt, 16), question
+
+
+def test_a_gateway_serves_the_4bit_demo_from_its_float32_copy(tmp_path: Path,
+                                                              demo_model_dir: Path) -> None:
+    """The default on the CPU backend, through the real server: the copy is made in the cache
+    once, the model is charged its float32 size, and it answers."""
+    cache_bytes = 10_000_000
+    server = GatewayProcess(tmp_path, {
+        "auth": {"enabled": False}, "limits": {"per_ip_rpm": 0},
+        "engine": {"cpu_dequantize": True, "prompt_cache_bytes": cache_bytes},
+        "models": [{"id": DEMO_ID, "path": str(demo_model_dir), "max_context": 512}],
+    }).start()
+    try:
+        answer = httpx.post(server.base_url + "/v1/chat/completions", timeout=300, json={
+            "model": DEMO_ID, "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert answer.status_code == 200, answer.text
+        assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+        (copy,) = [p for p in (tmp_path / "cache" / "dequantized").iterdir() if p.is_dir()]
+        assert is_copy_of(copy, demo_model_dir)
+        (model,) = httpx.get(server.base_url + "/v1/models").json()["data"]
+        spec = _make_spec(DEMO_ID, demo_model_dir, "config", max_context=512)
+        assert model["size_bytes"] == spec.float32_estimated_bytes + cache_bytes
+        assert model["size_bytes"] > spec.estimated_bytes + cache_bytes
+    finally:
+        server.stop()
