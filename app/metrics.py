@@ -47,11 +47,39 @@ PREFIX_CACHE_INSERTS = Counter(
     "mlxgw_prefix_cache_inserts_total",
     "Computed KV kept in the prefix cache, by how its sequence got there: finished, "
     "cancelled, failed (ended by an engine error or shutdown), prefilled (a long prompt kept "
-    "as soon as its prefill completed).",
+    "as soon as its prefill completed), disk (read back from the disk tier).",
     ["reason"],
 )
 PREFIX_CACHE_BYTES = Gauge(
     "mlxgw_prefix_cache_bytes", "Bytes of KV the prefix cache holds, per model.", ["model"]
+)
+DISK_CACHE_LOOKUPS = Counter(
+    "mlxgw_prefix_disk_lookups_total",
+    "Prompts the memory prefix cache could not serve in full, looked up on disk: hit (KV read "
+    "from disk), miss (nothing useful there), invalid (a file failed its integrity check and "
+    "was deleted).",
+    ["outcome"],
+)
+DISK_CACHE_BYTES = Gauge(
+    "mlxgw_prefix_disk_bytes", "Bytes of prefix KV files on disk (all models)."
+)
+DISK_CACHE_WRITES = Counter(
+    "mlxgw_prefix_disk_writes_total",
+    "Prefixes handed to the disk tier: written, skipped (the writer was behind or the file "
+    "would exceed the budget), failed (an OS error).",
+    ["outcome"],
+)
+DISK_CACHE_EVICTIONS = Counter(
+    "mlxgw_prefix_disk_evictions_total",
+    "Disk prefix entries deleted: budget (least recently used), covered (a longer entry of "
+    "the same prefix was written), stale (the model's files changed), invalid (failed its "
+    "integrity check).",
+    ["reason"],
+)
+DISK_CACHE_SECONDS = Histogram(
+    "mlxgw_prefix_disk_seconds", "Time to write (writer thread) or load and verify (engine "
+    "thread) one prefix file.", ["op"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ENGINE_STEP = Histogram(
     "mlxgw_engine_step_seconds",
@@ -117,3 +145,33 @@ TOOL_CALL_PARSE_FAILURES = Counter(
     "Tool-call blocks the model wrote that could not be parsed; their text went to content.",
     ["format"],
 )
+
+# --- targets: local engine and upstreams (app/targets) ----------------------------------------
+TARGET_REQUESTS = Counter(
+    "mlxgw_target_requests_total",
+    "Requests a route or 'upstream:model' name sent to a target, by outcome: served (its "
+    "answer went to the client), fallback (the next target was tried), failed (the last one).",
+    ["target", "outcome"],
+)
+TARGET_FALLBACKS = Counter(
+    "mlxgw_target_fallbacks_total",
+    "Times a target was passed over for the next one of its chain, by reason: overloaded, "
+    "load_failed, unreachable, timeout, 5xx, 429, auth (it refused the gateway's key), "
+    "breaker_open, protocol (no /v1/messages).",
+    ["target", "reason"],
+)
+TARGET_LATENCY = Histogram(
+    "mlxgw_target_latency_seconds",
+    "Time from sending a request to a target until its answer began (first body byte).",
+    ["target"], buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_BREAKER_STATE = Gauge(
+    "mlxgw_upstream_breaker_state", "Per-upstream breaker: 0 closed, 1 half-open, 2 open.",
+    ["upstream"],
+)
+UPSTREAM_UP = Gauge(
+    "mlxgw_upstream_up", "1 if the upstream's last health check (GET /v1/models) answered.",
+    ["upstream"],
+)
+UPSTREAM_INFLIGHT = Gauge("mlxgw_upstream_inflight", "Requests open to an upstream.",
+                          ["upstream"])

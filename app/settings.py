@@ -12,13 +12,22 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from app.targets.config import RouteEntry, UpstreamEntry, check_references
 
 DEMO_MODEL_ID = "smollm2-135m-instruct"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -166,6 +175,15 @@ class EngineSettings(_Section):
     prompt_cache_bytes: int = Field(
         512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
     )
+    disk_cache_bytes: int = Field(
+        10_000_000_000, ge=0, description="Bytes of prompt KV kept on disk, under "
+        "<cache_dir>/prefix-cache, for every model together (LRU; never exceeded): long "
+        "prefixes survive restarts and model evictions. 0 = off; needs prompt_cache_bytes > 0."
+    )
+    disk_cache_min_tokens: int = Field(
+        1024, ge=64, description="Shortest prefix (tokens) written to the disk cache; "
+        "shorter ones are cheaper to prefill again than to store."
+    )
     default_max_tokens: int = Field(
         4096, ge=1, description="Completion cap when a request names none."
     )
@@ -186,7 +204,7 @@ class EngineSettings(_Section):
         "GPU, where the quantized kernels are the fast ones."
     )
 
-    @field_validator("prompt_cache_bytes", mode="before")
+    @field_validator("prompt_cache_bytes", "disk_cache_bytes", mode="before")
     @classmethod
     def _size(cls, value: int | str) -> int:
         return parse_bytes(value)
@@ -280,9 +298,12 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
+    # Other servers and fallback chains (app/targets/).
+    upstreams: list[UpstreamEntry] = Field(default_factory=list)
+    routes: list[RouteEntry] = Field(default_factory=list)
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "mlx-gateway"),
-        description="Converted models (the demo model among them).",
+        description="Converted models (the demo model among them) and the disk prefix cache.",
     )
     config_dir: Path = Field(
         default_factory=lambda: _home(".config", "mlx-gateway"), description="Keys file."
@@ -296,6 +317,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _targets_agree(self) -> Settings:
+        check_references(self.upstreams, self.routes)
+        return self
 
     @property
     def keys_file(self) -> Path:

@@ -3,7 +3,7 @@
     python -m bench.compare_mlx_lm --model-dir PATH [--levels 1-client,10-clients,mixed]
         [--requests 3] [--max-tokens 128] [--long-tokens 4000] [--rounds 3]
         [--only gateway|mlx_lm] [--dtype float32|as-is] [--mlx-lm-blas same|defaults]
-        [--history-tokens 1000]
+        [--history-tokens 1000] [--restart-tokens 4000]
 
 Both servers get the same environment (OpenBLAS preloaded when present, with the gateway's
 thread timeout unless `--mlx-lm-blas defaults`), the same prompts (several, of different
@@ -36,7 +36,7 @@ import structlog
 from app.models.variants import make_float_variant
 from app.ops.bench import VARIED_PROMPTS, LevelResult, chat_url, render_table, stream_chat
 from app.ops.system_blas import OPENBLAS
-from bench import servers
+from bench import restart, servers
 from bench.levels import COMPARISONS, LEVELS, Comparison, LevelContext, LevelOutcome
 from bench.prefix_cache import PrefixResult, first_vs_second_turn, token_counter
 
@@ -326,6 +326,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="same (default): mlx_lm.server gets the OpenBLAS thread timeout "
                              "the gateway gives itself; defaults: the preload only, as a user "
                              "runs it.")
+    parser.add_argument("--restart-tokens", type=int, default=4000,
+                        help="The restart level's prompt size (TTFT cold vs after a gateway "
+                             "restart with the disk prefix cache, the gateway alone, after "
+                             "the rounds); 0 skips it.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write raw results.")
     parser.add_argument("--report-out", type=Path, default=None,
                         help="Also write the report so far to this file after every round.")
@@ -367,8 +371,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_out:  # a long sitting that is stopped still leaves its rounds
                 args.report_out.write_text(report(args, model_dir, rounds, [*load,
                                                   os.getloadavg()]) + "\n")
+        restart_text = ""
+        if args.restart_tokens > 0 and args.only in (None, "gateway"):
+            try:
+                command = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
+                restart_text, _ = restart.run(model_dir, workdir / "restart",
+                                              args.restart_tokens, 1, command)
+            except RuntimeError as error:
+                log.error("bench.restart_failed", error=str(error))
     load.append(os.getloadavg())
     sys.stdout.write(report(args, model_dir, rounds, load) + "\n")
+    if restart_text:
+        sys.stdout.write(restart_text + "\n")
     if args.json_out:
         raw = [{key: None if run is None else {
             "settings": run.settings, "command": run.command,

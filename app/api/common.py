@@ -38,6 +38,8 @@ def check_message_count(request: Request, count: int, param: str) -> None:
 def authorize(request: Request, model: str) -> None:
     """404 for a model nobody configured, 403 for one outside the caller's key scope."""
     spec = request.app.state.registry.resolve(model)
+    if getattr(request.state, "granted_model", None) == spec.id:
+        return  # a local target of a route the key may use (app/targets)
     authorize_model(getattr(request.state, "principal", None), spec.id, *spec.aliases)
 
 
@@ -53,6 +55,8 @@ async def submit(request: Request, generation: GenerationRequest) -> GenerationS
     principal = getattr(request.state, "principal", None)
     if principal is not None and principal.key_id is not None:
         generation.owner = principal.key_id  # per-key in-flight cap; prefix-cache owner
+    # A route's local target waits this long for a slot, then the next target is tried.
+    generation.queue_wait = getattr(request.state, "queue_wait", None)
     limits = getattr(request.state, "limits", None)
     # A token budget reserves prompt + max_tokens once the prompt's length is known.
     stream = await engine_of(request).submit(

@@ -47,12 +47,24 @@ def _visible(request: Request) -> Callable[[ModelSpec], bool]:
     return lambda spec: may_use(principal, spec.id, *spec.aliases)
 
 
+def _target_objects(request: Request) -> list[dict[str, Any]]:
+    """Upstream models (`owned_by` the upstream's id) and routes (`owned_by` "route", with
+    their chain), from app/targets when configured."""
+    targets = getattr(request.app.state, "targets", None)
+    if targets is None:
+        return []
+    principal = getattr(request.state, "principal", None)
+    return [{"id": name, "object": "model", "created": 0, "owned_by": owner, "chain": chain}
+            for name, owner, chain in targets.names() if may_use(principal, name)]
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
     visible = _visible(request)
     return {"object": "list",
-            "data": [_model_object(s, engine) for s in registry if visible(s)]}
+            "data": [*(_model_object(s, engine) for s in registry if visible(s)),
+                     *_target_objects(request)]}
 
 
 @router.post("/v1/models/{model_id:path}/load")
@@ -75,4 +87,7 @@ async def unload_model(model_id: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     registry, engine = _parts(request)
+    for listed in _target_objects(request):
+        if listed["id"] == model_id:
+            return listed
     return _model_object(registry.resolve(model_id, _visible(request)), engine)

@@ -111,6 +111,10 @@ class GenerationRequest:
     # reuse never crosses owners (`cached_tokens` would reveal what another key sent); every
     # keyless (loopback) client is one owner.
     owner: str | None = None
+    # Seconds it may wait for an admission slot before Overloaded (None: as long as the queue
+    # allows). A route's local target sets it, so a saturated engine passes the request on to
+    # the next target instead of queueing it (app/targets).
+    queue_wait: float | None = None
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,8 @@ class Engine:
         hold = _Hold(request.owner, self._give_back)
         try:
             if self.admission is not None:
-                hold.slot_started = await self.admission.acquire(request.owner)
+                hold.slot_started = await self.admission.acquire(request.owner,
+                                                                 wait=request.queue_wait)
             # A model that fails to load is that model's problem (ModelLoadFailed names it
             # and the cause), not the engine failing: it does not count toward the breaker.
             hold.loaded = await self.pool.acquire(request.model)

@@ -10,6 +10,10 @@ Two things mlx-lm's LRUPromptCache does not do on its own, and this module adds:
   whole batch's buffers: until evaluated it keeps every layer's (batch x heads x length x dim)
   buffer alive while the LRU counts only the row's share. Entries are evaluated into their own
   exact-size arrays on insert, so the bytes counted are the bytes held.
+
+Under it, optionally, the disk tier (`disk_cache.ModelDisk`): long prefixes are also handed to
+it on insert, and a prompt the memory cannot serve in full is looked up there; a file that
+saves enough prefill is loaded, put back in memory, and served from there.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ from mlx_lm.models.cache import (
 )
 
 from app import metrics
+from app.engine.disk_cache import ModelDisk
 
 log = structlog.get_logger(__name__)
 
 Outcome = Literal["hit", "partial", "miss"]
+
+# Read a disk entry only when it spares at least this many more tokens of prefill than memory
+# does: loading and verifying costs about as much as prefilling a few dozen tokens.
+DISK_MIN_GAIN = 128
 
 
 @dataclass
@@ -65,8 +74,10 @@ def _own_copy(layers: list[Any], length: int) -> list[Any] | None:
 class PrefixCache:
     """One model's prefix cache. Every method runs on the MLX thread."""
 
-    def __init__(self, max_bytes: int, *, model_id: str = "model") -> None:
+    def __init__(self, max_bytes: int, *, model_id: str = "model",
+                 disk: ModelDisk | None = None) -> None:
         self.model_id = model_id
+        self.disk = disk if disk is not None and max_bytes > 0 else None
         self.enabled = max_bytes > 0
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=1 << 20, max_bytes=max(max_bytes, 1))
@@ -93,6 +104,8 @@ class PrefixCache:
         if not self.enabled:
             return None, prompt
         cache, rest = self._lru.fetch_nearest_cache(owner, prompt)
+        if len(rest) > 1 and self._from_disk(owner, prompt, len(prompt) - len(rest)):
+            cache, rest = self._lru.fetch_nearest_cache(owner, prompt)
         if cache is not None and not rest:
             # An exact hit still needs one token to compute the first logits from.
             if not can_trim_prompt_cache(cache):
@@ -100,6 +113,32 @@ class PrefixCache:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
         return cache, list(rest)
+
+    def _from_disk(self, owner: str, prompt: list[int], cached: int) -> bool:
+        """Bring the disk's best entry for `prompt` into memory when it beats `cached` by
+        enough; True when it is there."""
+        if self.disk is None or not self.disk.enabled or len(prompt) - cached < DISK_MIN_GAIN:
+            return False  # (a short remainder: nothing on disk could spare enough of it)
+        try:
+            found = self.disk.find(owner, prompt)
+            if found is None or found.matched - cached < DISK_MIN_GAIN:
+                return False
+            loaded = self.disk.load(found)
+            if loaded is None:
+                return False
+            tokens, layers = loaded
+            nbytes = sum(layer.nbytes for layer in layers)
+            if nbytes > self.max_bytes:
+                return False
+            # The whole entry goes in (later prompts may share more of it); the memory LRU
+            # trims a copy to what this prompt shares.
+            self._lru.insert_cache(owner, tokens, layers)
+        except Exception:  # the disk only saves work: a failure costs the hit, not the request
+            log.exception("disk prefix cache lookup failed")
+            return False
+        metrics.PREFIX_CACHE_INSERTS.labels("disk").inc()
+        metrics.PREFIX_CACHE_BYTES.labels(self.model_id).set(self.nbytes)
+        return True
 
     def insert(self, owner: str, tokens: list[int], layers: list[Any], reason: str) -> bool:
         """Keep the KV of `tokens` (the first len(tokens) positions of `layers`) for `owner`.
@@ -122,6 +161,11 @@ class PrefixCache:
         self._lru.insert_cache(owner, list(tokens), own)
         metrics.PREFIX_CACHE_INSERTS.labels(reason).inc()
         metrics.PREFIX_CACHE_BYTES.labels(self.model_id).set(self.nbytes)
+        if self.disk is not None:
+            try:  # queued for the writer thread when long and new enough
+                self.disk.save(owner, list(tokens), own)
+            except Exception:
+                log.exception("disk prefix cache save failed", reason=reason)
         return True
 
     def clear(self) -> None:

@@ -38,6 +38,7 @@ from app.core.types import (
     Usage,
 )
 from app.engine.decode import use_logits_decode
+from app.engine.disk_cache import ModelDisk
 from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
@@ -150,11 +151,13 @@ class ModelBatch:
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
         prefill_budget: float = 0.0,
+        disk: ModelDisk | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
-        # same owner that starts the same way prefills only what is new.
-        self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id)
+        # same owner that starts the same way prefills only what is new. Long prefixes also
+        # go to `disk`, which outlives this batch and the process.
+        self._prefix = PrefixCache(prompt_cache_bytes, model_id=model_id, disk=disk)
         self._eos = set(tokenizer.eos_token_ids)
         self._model = model
         self._generator_options: dict[str, Any] = dict(

@@ -29,6 +29,8 @@ from app.security.keys import KeyStore, reload_on_sighup
 from app.security.revocations import SharedRevocations
 from app.settings import Settings
 from app.store import open_store
+from app.targets.middleware import TargetMiddleware
+from app.targets.resolve import Targets
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
                     admission=Admission(limits.max_inflight, limits.max_queue,
                                         per_owner=limits.per_key_inflight))
     keys = KeyStore(settings.keys_file) if settings.auth.enabled else None
+    targets = Targets.build(settings, registry, limiter)  # None without upstreams and routes
     activity = Activity()
 
     @contextlib.asynccontextmanager
@@ -53,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
                        if keys is not None and settings.redis.url else None)
         watch = asyncio.create_task(revocations.run()) if revocations is not None else None
         await engine.start()
+        if targets is not None:
+            await targets.start()
         app.state.response_store = open_store(settings)
         warm = asyncio.create_task(_warm_default_model(engine, registry))
         try:
@@ -63,6 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
                 watch.cancel()
                 await revocations.close()
             await engine.stop()
+            if targets is not None:
+                await targets.aclose()
             await limiter.aclose()
             await app.state.response_store.close()
 
@@ -72,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.keys = keys
     app.state.activity = activity
+    app.state.targets = targets
     app.state.draining = False  # set on SIGTERM by the server; /ready then answers 503
     app.state.started_monotonic = time.monotonic()
     install_error_handlers(app)
@@ -80,8 +88,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(module.router)
 
     # add_middleware wraps: the last added runs first. Outermost first, requests pass:
-    # request id -> body size limit -> CORS -> auth (deny by default) -> rate limits.
-    app.add_middleware(RateLimitMiddleware, limiter=limiter, settings=settings, breaker=breaker)
+    # request id -> body size limit -> CORS -> auth (deny by default) -> rate limits
+    # -> targets (routes and upstreams, when configured).
+    if targets is not None:
+        app.add_middleware(TargetMiddleware, targets=targets, settings=settings, breaker=breaker)
+    # With a chain to fall back on, an open local breaker must not refuse at the door.
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, settings=settings, breaker=breaker,
+                       refuse_when_open=targets is None)
     app.add_middleware(AuthMiddleware, keys=keys, settings=settings)
     if settings.server.cors_origins:
         app.add_middleware(
@@ -90,7 +103,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],  # SDKs send authorization, x-api-key and many x-stainless-*
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-limit-requests",
-                            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+                            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                            "x-mlxgw-served-by"],
             max_age=600,
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)

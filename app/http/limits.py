@@ -105,9 +105,12 @@ class RequestLimits:
 
 class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, *, limiter: Limiter, settings: Settings,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, refuse_when_open: bool = True) -> None:
         self.app = app
         self.limiter = limiter
+        # False with routes configured: the local engine's open breaker is a reason to fall
+        # back to the next target (the engine still refuses its own work while open).
+        self.refuse_when_open = refuse_when_open
         self.limits = settings.limits
         self.breaker = breaker
         # Only for use without AuthMiddleware in front, which otherwise decides the address.
@@ -156,7 +159,7 @@ class RateLimitMiddleware:
                 _raise_if_refused(tokens, "tokens")
             if self.breaker is not None:
                 await self.breaker.hit_global()
-                if scope.get("method") == "POST":  # work for the engine
+                if scope.get("method") == "POST" and self.refuse_when_open:  # engine work
                     # Refuse early while open, but leave the half-open trial to the engine,
                     # which asks once and reports how it went (issue 13, item 1).
                     self.breaker.check()

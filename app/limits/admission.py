@@ -48,9 +48,9 @@ class Admission:
         rounds = (self.queued + self.max_inflight) // self.max_inflight  # ahead of us, +1
         return min(60.0, max(1.0, per_slot * rounds))
 
-    async def acquire(self, owner: str | None = None) -> float:
-        """Take a slot, waiting in the queue if need be; pass the result (and the same
-        `owner`) to `release`.
+    async def acquire(self, owner: str | None = None, *, wait: float | None = None) -> float:
+        """Take a slot, waiting in the queue if need be (at most `wait` seconds, when given);
+        pass the result (and the same `owner`) to `release`.
 
         For holders whose slot outlives one block, e.g. a stream released when it ends.
         """
@@ -64,7 +64,10 @@ class Admission:
                     retry_after=self.retry_after(), code="too_many_concurrent_requests")
             self.by_owner[owner] = held + 1
         try:
-            await self._acquire()
+            if wait is None:
+                await self._acquire()
+            else:
+                await self._acquire_within(wait)
         except BaseException:
             self._forget_owner(owner)
             raise
@@ -91,6 +94,20 @@ class Admission:
             if not waiter.done():
                 waiter.set_exception(Overloaded(message, retry_after=retry_after))
         self._publish()
+
+    async def _acquire_within(self, wait: float) -> None:
+        """Like `_acquire`, but Overloaded once `wait` seconds pass without a slot (0: only a
+        free slot will do)."""
+        if wait <= 0 and (self.inflight >= self.max_inflight or self.queued):
+            metrics.ADMISSION_REJECTED.inc()
+            raise Overloaded("Every generation slot is busy.", retry_after=self.retry_after())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                await self._acquire()
+        except TimeoutError:
+            metrics.ADMISSION_REJECTED.inc()
+            raise Overloaded(f"No generation slot came free within {wait:g}s.",
+                             retry_after=self.retry_after()) from None
 
     async def _acquire(self) -> None:
         if self._closed is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -37,8 +38,13 @@ class BreakerState(enum.IntEnum):
 class CircuitBreaker:
     def __init__(
         self, limiter: Limiter, *, global_rpm: int, failures: int, cooldown: float,
-        clock: Clock = time.monotonic,
+        clock: Clock = time.monotonic, name: str = "engine",
+        publish: Callable[[BreakerState], None] = metrics.BREAKER_STATE.set,
     ) -> None:
+        # `name` and `publish`: the same breaker guards each upstream (app/targets), with its
+        # own gauge and log name.
+        self.name = name
+        self._publish = publish
         self.limiter = limiter
         self.global_rpm = global_rpm
         self.failure_threshold = failures
@@ -48,7 +54,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._opened_at = 0.0
         self._trial_started: float | None = None
-        metrics.BREAKER_STATE.set(BreakerState.CLOSED)
+        publish(BreakerState.CLOSED)
 
     @property
     def state(self) -> BreakerState:
@@ -58,10 +64,10 @@ class CircuitBreaker:
 
     def _set(self, state: BreakerState) -> None:
         if state is not self._state:
-            log.warning("circuit breaker state", state=state.name.lower(),
+            log.warning("circuit breaker state", breaker=self.name, state=state.name.lower(),
                         failures=self.consecutive_failures)
         self._state = state
-        metrics.BREAKER_STATE.set(state)
+        self._publish(state)
         if state is not BreakerState.HALF_OPEN:
             self._trial_started = None
 

@@ -146,6 +146,7 @@ class RequestResult:
     completion_tokens: int = 0
     exact_tokens: bool = False  # from the usage chunk rather than counted chunks
     prompt_tokens: int | None = None  # from the usage chunk, when sent
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when sent
     text: str = ""
     error: str | None = None
 
@@ -173,6 +174,7 @@ async def stream_chat(
     chunks = 0
     usage_tokens: int | None = None
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     pieces: list[str] = []
     done = False
     parser = SSEParser()
@@ -193,6 +195,8 @@ async def stream_chat(
                     if usage and usage.get("completion_tokens") is not None:
                         usage_tokens = int(usage["completion_tokens"])
                         prompt_tokens = usage.get("prompt_tokens")
+                        details = usage.get("prompt_tokens_details") or {}
+                        cached_tokens = details.get("cached_tokens")
                     for choice in payload.get("choices") or []:
                         content = (choice.get("delta") or {}).get("content")
                         if content:
@@ -217,6 +221,7 @@ async def stream_chat(
         completion_tokens=tokens,
         exact_tokens=usage_tokens is not None,
         prompt_tokens=prompt_tokens,
+        cached_tokens=cached_tokens,
         text="".join(pieces),
     )
 

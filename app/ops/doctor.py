@@ -22,6 +22,7 @@ import httpx
 
 from app.security.auth import FIRST_KEY_FILE
 from app.settings import ConfigError, Settings, load_settings, parse_bytes
+from app.targets.config import UpstreamEntry
 
 Status = Literal["ok", "warn", "fail"]
 Verify = ssl.SSLContext | bool
@@ -248,6 +249,46 @@ def check_models_endpoint(url: str, key: str | None, auth_enabled: bool = True,
     return _ok("v1/models", f"{len(ids)} model(s) {auth}: {shown}")
 
 
+# --- upstreams ------------------------------------------------------------------------------
+
+
+def check_upstreams(settings: Settings) -> list[CheckResult]:
+    """Every [[upstreams]] entry: its key variable is set, GET /models answers with the key,
+    and the models it is configured for are among those it lists. The key is never shown."""
+    return [_check_upstream(entry) for entry in settings.upstreams]
+
+
+def _check_upstream(entry: UpstreamEntry) -> CheckResult:
+    name = f"upstream {entry.id}"
+    headers: dict[str, str] = {}
+    if entry.api_key_env is not None:
+        key = os.environ.get(entry.api_key_env)
+        if not key:
+            return _fail(name, f"the environment variable {entry.api_key_env} is not set",
+                         f"set {entry.api_key_env} where the gateway runs (the service's "
+                         "environment), holding that server's API key")
+        headers = {"Authorization": f"Bearer {key}", "x-api-key": key}
+    try:
+        response = httpx.get(f"{entry.base_url}/models", headers=headers,
+                             timeout=httpx.Timeout(5.0, connect=entry.connect_timeout))
+    except httpx.HTTPError as error:
+        return _fail(name, f"no answer from {entry.base_url}/models ({type(error).__name__})",
+                     "is it running and reachable from here? check base_url (with its /v1)")
+    if response.status_code in (401, 403):
+        return _fail(name, f"the key was refused ({response.status_code})",
+                     f"check the key in {entry.api_key_env or 'api_key_env (none is set)'}")
+    try:
+        ids = {str(item["id"]) for item in response.json()["data"]}
+    except (ValueError, KeyError, TypeError):
+        return _fail(name, f"answered {response.status_code} without a model list",
+                     "base_url must be the OpenAI base URL, ending in /v1")
+    missing = [m for m in entry.models if m not in ids] if entry.models != "*" else []
+    if missing:
+        return _warn(name, f"lists {len(ids)} models but not {', '.join(missing)}",
+                     "fix the upstream's models list, or load those models there")
+    return _ok(name, f"{entry.base_url}: {len(ids)} model(s)")
+
+
 # --- redis ----------------------------------------------------------------------------------
 
 
@@ -371,6 +412,7 @@ def run_checks(settings: Settings, *, url: str | None = None, key: str | None = 
     if redis_result is not None:
         results.append(redis_result)
     results.extend(check_models(settings))
+    results.extend(check_upstreams(settings))
     return results
 
 

@@ -44,7 +44,10 @@ async def engine(demo_float32_dir: Path) -> AsyncIterator[Engine]:
                         # cpu_tuning's side stream belongs to the first MLX thread of a process;
                         # other in-process engines (test_engine_faults) run without it too.
                         engine={"prompt_cache_bytes": "256MB",  # type: ignore[arg-type]
-                                "cpu_tuning": False})
+                                "cpu_tuning": False,
+                                # The memory tier alone (its byte accounting is measured
+                                # here); the disk tier has tests/e2e/test_disk_cache.py.
+                                "disk_cache_bytes": 0})
     engine = Engine(settings, ModelRegistry.build(settings, demo_path=None))
     await engine.start()
     await engine.ensure_loaded(DEMO_ID)

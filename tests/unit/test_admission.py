@@ -291,3 +291,18 @@ async def test_per_owner_count_is_given_back_when_refused_or_cancelled_in_the_qu
     assert admission.by_owner == {"a": 1}
     admission.release(first, "a")
     assert admission.by_owner == {} and admission.inflight == 0
+
+
+async def test_a_bounded_wait_gives_up_with_overloaded_and_leaves_the_queue_clean() -> None:
+    admission = Admission(1, 8, per_owner=4)
+    held = await admission.acquire("a")
+    with pytest.raises(Overloaded, match="busy"):
+        await admission.acquire("b", wait=0)  # a route's local target: no queueing at all
+    with pytest.raises(Overloaded, match=r"within 0\.05s"):
+        await admission.acquire("b", wait=0.05)
+    assert admission.queued == 0 and admission.by_owner == {"a": 1}
+    later = asyncio.ensure_future(admission.acquire("b", wait=5))
+    await asyncio.sleep(0)
+    admission.release(held, "a")
+    admission.release(await later, "b")  # a slot that frees in time is taken
+    assert admission.inflight == 0 and admission.by_owner == {}

@@ -408,3 +408,18 @@ def test_level_names_are_checked() -> None:
     assert args.levels == ["mixed", "1-client"] and args.rounds == 3
     with pytest.raises(SystemExit):
         parse_args(["--model-dir", "/m", "--levels", "nope"])
+
+
+# ---------------------------------------------------------------- bench/restart
+
+
+def test_restart_section_judges_each_round_against_the_target() -> None:
+    from bench.restart import RestartRound, section
+
+    rounds = [RestartRound(4000, 100.0, 5.0, 3999, True), RestartRound(4000, 100.0, 30.0, 0, False)]
+    text = section(rounds, {"load + verify (engine thread)": 0.5, "file MB": 184.0}, 4000, "cmd")
+    lines = text.splitlines()
+    assert "| 1 | 4000 | 100.00 | 5.00 | 3999 | yes | 0.050 | yes |" in lines
+    assert "| 2 | 4000 | 100.00 | 30.00 | 0 | **no** | 0.300 | **no** |" in lines
+    assert "| median | | | | | | 0.175 | yes |" in lines
+    assert "| load + verify (engine thread) | 500 |" in lines and "184 MB" in text

@@ -98,7 +98,7 @@ def test_example_config_documents_every_key_with_its_default() -> None:
     defaults = Settings()
     loaded = load_settings(ROOT / "config.example.toml")
     for name, field in Settings.model_fields.items():
-        if name == "models":
+        if name in ("models", "upstreams", "routes"):  # tables, documented in comments
             continue
         assert name in example, f"config.example.toml lacks {name}"
         value = getattr(defaults, name)

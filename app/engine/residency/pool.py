@@ -21,6 +21,7 @@ import structlog
 
 from app import metrics
 from app.engine.cpu.tuning import on_cpu_backend, tune_for_cpu
+from app.engine.disk_cache import DiskCache, ModelDisk, weights_fingerprint
 from app.engine.residency.policy import EvictReason, ResidencyPolicy
 from app.engine.scheduler import ModelBatch
 from app.engine.thread import EngineThread
@@ -62,6 +63,7 @@ class ModelPool:
         self._released = asyncio.Event()  # set whenever a lease or memory is given back
         self._waiting: collections.Counter[str] = collections.Counter()
         self._on_cpu = on_cpu_backend()
+        self._disk: DiskCache | None = None  # opened with the first model (on the MLX thread)
         for spec in registry:
             if self.footprint(spec) <= self.policy.budget_bytes:
                 continue
@@ -172,6 +174,8 @@ class ModelPool:
             task.cancel()
         for model_id in list(self._loaded):
             await self._evict(model_id, "manual")
+        if self._disk is not None:  # the drain's last prefixes are the ones a restart wants
+            await asyncio.to_thread(self._disk.close)
 
     # --- carrying decisions out ---------------------------------------------------------------
 
@@ -251,6 +255,7 @@ class ModelPool:
         log.info("model load started", model=spec.id, path=spec.load_path)
         path = self._mlx_folder(spec)
         model, tokenizer, config = load(str(path), return_config=True)
+        disk = self._disk_for(spec, model)
         if self.settings.engine.cpu_tuning:
             tune_for_cpu(model)
         context = int(config.get("max_position_embeddings") or spec.context_length or 4096)
@@ -261,12 +266,34 @@ class ModelPool:
                            prefill_chunk=engine.prefill_chunk,
                            prefill_budget=engine.prefill_budget,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
-                           stream=self._thread.stream, model_id=spec.id)
+                           stream=self._thread.stream, model_id=spec.id, disk=disk)
         self._thread.attach(spec.id, batch)
         _publish_memory()
         log.info("model load finished", model=spec.id, context_length=context,
                  seconds=round(time.monotonic() - started, 3))
         return LoadedModel(spec=spec, batch=batch, tokenizer=tokenizer, context_length=context)
+
+    def _disk_for(self, spec: ModelSpec, model: Any) -> ModelDisk | None:
+        """The model's disk tier, keyed by the weights it was loaded from (their files and
+        the loaded parameters), or None when off."""
+        engine = self.settings.engine
+        if engine.disk_cache_bytes <= 0 or engine.prompt_cache_bytes <= 0:
+            return None
+        if self._disk is None:
+            self._disk = DiskCache(self.settings.cache_dir / "prefix-cache",
+                                   engine.disk_cache_bytes,
+                                   min_tokens=engine.disk_cache_min_tokens)
+        if not self._disk.enabled:
+            return None
+        try:
+            # KV computed with and without the CPU layouts may differ in the last bits.
+            fingerprint = weights_fingerprint(Path(spec.load_path), model,
+                                              f"cpu_tuning={engine.cpu_tuning}")
+        except OSError as error:
+            log.warning("disk prefix cache off for a model whose files cannot be read",
+                        model=spec.id, error=repr(error))
+            return None
+        return self._disk.bind(spec.id, fingerprint)
 
     def _mlx_folder(self, spec: ModelSpec) -> Path:
         folder = Path(spec.load_path)
