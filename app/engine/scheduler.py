@@ -39,6 +39,7 @@ from app.core.types import (
 )
 from app.engine.decode import use_logits_decode
 from app.engine.disk_cache import ModelDisk
+from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.speculative import SpeculationPolicy, use_speculative_decode
@@ -151,6 +152,7 @@ class ModelBatch:
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
+        prefill_budget: float = 0.0,
         disk: ModelDisk | None = None,
         speculation: SpeculationPolicy | None = None,
     ) -> None:
@@ -170,6 +172,8 @@ class ModelBatch:
         self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
         self._spec_uids: set[int] = set()  # sequences that may speculate
         self._speculation = speculation  # None: speculative decoding off for this model
+        # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
+        self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -293,6 +297,8 @@ class ModelBatch:
         self._unpark()
         if not self._by_uid:
             return
+        decoding, chunk = self._size_prefill()
+        prompt_tokens = self._generator._counters.prompt_tokens
         started = time.perf_counter()
         try:
             self._inject("step")
@@ -300,7 +306,10 @@ class ModelBatch:
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
             return
-        metrics.ENGINE_STEP.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=chunk,
+                             prompt_tokens=self._generator._counters.prompt_tokens - prompt_tokens)
+        metrics.ENGINE_STEP.observe(elapsed)
         metrics.STEP_SEQUENCES.observe(len(self._by_uid))
         done: list[int] = []
         ended: set[int] = set()  # finished this step: later tokens of theirs are not theirs
@@ -339,6 +348,19 @@ class ModelBatch:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
         if done:
             self._forget(done)
+
+    def _size_prefill(self) -> tuple[bool, int]:
+        """Set this step's prefill chunk from the budget; (whether rows decode, the chunk)."""
+        generator = self._generator
+        decoding = len(generator._generation_batch) > 0
+        rows = len(generator._currently_processing) + len(generator._unprocessed_sequences)
+        chunk = self.prefill.chunk(decoding=decoding,
+                                   rows=min(max(rows, 1), generator.prefill_batch_size))
+        generator.prefill_step_size = chunk
+        # A prompt batch made at a small chunk keeps that size for its inner loop: a later
+        # full-size chunk would run as many small model calls.
+        generator._prompt_batch.prefill_step_size = self.prefill.max_chunk
+        return decoding, chunk
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
         long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling]
