@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (shared/docs/CONTRACT.md). npm packages that carry each client's own binary.
 CLIENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33
 
-.PHONY: install system-deps demo-model clients run test test-unit lint bench bench-constrained soak clean
+.PHONY: install system-deps demo-model clients run test test-unit lint bench bench-edit bench-constrained soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,12 @@ bench: install demo-model
 	$(PRELOAD) $(BIN)/python -m bench.compare_mlx_lm \
 	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
 	  --rounds 3 $(ARGS)
+
+# The edit level alone (speculation on vs off vs mlx_lm.server): ARGS="--edit-rounds 3".
+bench-edit: install demo-model
+	$(PRELOAD) $(BIN)/python -m bench.edit \
+	  --model-dir $$($(BIN)/python -c 'from app.models.demo import demo_model_dir; from app.settings import load_settings; print(demo_model_dir(load_settings().cache_dir))') \
+	  $(ARGS)
 
 # N clients for M minutes, every third stream abandoned after its first chunk: errors, the
 # in-flight gauges once idle and the RSS drift (ARGS="--minutes 2 --prompt-cache-bytes 50MB").

@@ -86,6 +86,17 @@ ENGINE_STEP = Histogram(
     "One engine step: a token for every decoding sequence, plus any prefill chunk.",
     buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10),
 )
+SPEC_DRAFTED = Counter(
+    "mlxgw_speculative_drafted_tokens_total",
+    "Draft tokens (prompt lookup) verified by speculative decoding steps.",
+)
+SPEC_ACCEPTED = Counter(
+    "mlxgw_speculative_accepted_tokens_total",
+    "Draft tokens the model accepted (acceptance rate = accepted / drafted).",
+)
+SPEC_STEPS = Counter(
+    "mlxgw_speculative_steps_total", "Decode steps that verified drafts (several tokens a row)."
+)
 STEP_SEQUENCES = Histogram(
     "mlxgw_engine_step_sequences", "Sequences in the batch at each engine step.",
     buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),

@@ -173,7 +173,13 @@ class ResidencySettings(_Section):
 class EngineSettings(_Section):
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together per step.")
     prefill_chunk: int = Field(
-        2048, ge=16, description="Prompt tokens prefilled per step (bounds decode stalls)."
+        2048, ge=16, description="Most prompt tokens prefilled per row per step (the chunk "
+        "when nothing else is decoding)."
+    )
+    prefill_budget: float = Field(
+        1.0, ge=0, description="While sequences decode, a step's prefill chunk is sized to "
+        "cost about this many decode steps, so running streams keep receiving tokens while a "
+        "long prompt prefills (a longer TTFT for that prompt); 0 = off, always prefill_chunk."
     )
     prompt_cache_bytes: int = Field(
         512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
@@ -205,10 +211,22 @@ class EngineSettings(_Section):
         1024, ge=0, description="Room kept free for the answer: a prompt must leave this much "
         "(or the request's max_tokens, or a quarter of the context, if smaller)."
     )
+    speculative: Literal["auto", "off"] = Field(
+        "auto", description="Speculative decoding: draft tokens by prompt lookup (what followed "
+        "the last tokens earlier in the prompt or output) and verify them in the batched decode "
+        "step, where the batch and the acceptance rate make it pay (auto), or never (off). "
+        "Same output either way; a request can opt out with `speculative: \"off\"`.")
     cpu_tuning: bool = Field(
         True, description="On MLX's CPU backend, lay float32 layers out for the BLAS, group "
         "decode attention by key/value head and compile RoPE/RMSNorm for decoding (faster "
         "decode, same outputs); no effect on a GPU."
+    )
+
+    cpu_dequantize: bool = Field(
+        True, description="On MLX's CPU backend, serve a quantized model from a float32 copy "
+        "made once in the cache (its prefill is about 10x faster with the system BLAS), when "
+        "that copy fits the memory budget; it is counted at its float32 size. No effect on a "
+        "GPU, where the quantized kernels are the fast ones."
     )
 
     @field_validator("prompt_cache_bytes", "disk_cache_bytes", mode="before")

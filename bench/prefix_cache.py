@@ -277,8 +277,8 @@ async def _scenarios(base_url: str, model: str, count: TokenCounter,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.models.variants import make_float_variant
     from bench import servers
-    from bench.variants import make_float_variant
 
     parser = argparse.ArgumentParser(description="Prefix-cache TTFT scenarios on a gateway.")
     parser.add_argument("--model-dir", type=Path, default=None,

@@ -22,9 +22,9 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.models.variants import make_float_variant
 from app.ops import soak
 from bench import servers
-from bench.variants import make_float_variant
 
 
 def demo_dir() -> Path:

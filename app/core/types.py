@@ -24,6 +24,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # May verify prompt-lookup drafts (extra body field `speculative`: "auto" | "off"); the
+    # output's distribution is the same either way, only its speed differs.
+    speculative: bool = True
     # Fields the client left out: the model's own defaults may fill them (`with_defaults`).
     unset: frozenset[str] = frozenset()
 

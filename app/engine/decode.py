@@ -48,6 +48,28 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
         self._current_tokens = inputs
         self._current_logprobs = self._next_logprobs  # type: ignore[has-type]
         logits = self.forward(inputs, self.prompt_cache)
+        sampled, logprobs, contexts, tokens = self._choose(logits, inputs, None)
+
+        # Start the next step's arithmetic before reading this step's tokens back.
+        self._next_tokens = sampled
+        self._next_logprobs = logprobs
+        mx.async_eval(sampled, contexts, logprobs)  # type: ignore[no-untyped-call]
+
+        if tokens is None:
+            tokens = inputs.tolist()  # type: ignore[assignment]
+            assert tokens is not None
+        for history, token in zip(self.tokens, tokens, strict=True):
+            history.append(token)
+        return tokens, self._current_logprobs
+
+    def _choose(
+        self, logits: mx.array, inputs: mx.array, tokens: list[int] | None,
+        samplers: list[Any] | None = None,
+    ) -> tuple[mx.array, list[Any], list[Any], list[int] | None]:
+        """Next tokens from each row's logits (batch, vocabulary) given the token each row fed
+        (`inputs`; `tokens` when already known on the host): log-probabilities for the rows
+        that asked, grammar masks, logits processors, samplers (`samplers` overrides the rows'
+        own). Returns (sampled, logprobs, processor contexts, tokens if it had to read them)."""
         logprobs = [NO_LOGPROBS] * len(self.uids)
         if self.logprob_uids:
             for i, uid in enumerate(self.uids):
@@ -57,12 +79,12 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
 
         masks = [(i, p) for i, processors in enumerate(self.logits_processors)
                  for p in processors if hasattr(p, "row_mask")]
-        tokens: list[int] | None = None
         if masks:
             # Grammar masks need the token sampled last step (a sync). Start this step's forward
             # first, then build every constrained row's mask and apply them in one op.
-            mx.async_eval(logits)  # type: ignore[no-untyped-call]
-            tokens = inputs.tolist()  # type: ignore[assignment]
+            if tokens is None:
+                mx.async_eval(logits)  # type: ignore[no-untyped-call]
+                tokens = inputs.tolist()  # type: ignore[assignment]
             assert tokens is not None
             vocab = logits.shape[-1]
             allowed: np.ndarray[Any, Any] | None = None
@@ -91,26 +113,20 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
 
-        samplers = [s or self.fallback_sampler for s in self.samplers] or [self.fallback_sampler]
+        if samplers is None:
+            samplers = [s or self.fallback_sampler for s in self.samplers]
+        samplers = samplers or [self.fallback_sampler]
         if all(s is samplers[0] for s in samplers):
             sampled = samplers[0](logits)  # greedy sequences share one sampler: one call
         else:
             sampled = mx.concatenate([s(logits[i : i + 1]) for i, s in enumerate(samplers)])
-
-        # Start the next step's arithmetic before reading this step's tokens back.
-        self._next_tokens = sampled
-        self._next_logprobs = logprobs
-        mx.async_eval(sampled, contexts, logprobs)  # type: ignore[no-untyped-call]
-
-        if tokens is None:
-            tokens = inputs.tolist()  # type: ignore[assignment]
-            assert tokens is not None
-        for history, token in zip(self.tokens, tokens, strict=True):
-            history.append(token)
-        return tokens, self._current_logprobs
+        return sampled, logprobs, contexts, tokens
 
 
-def use_logits_decode(generator: BatchGenerator, logprob_uids: set[int] | None = None) -> None:
+def use_logits_decode(
+    generator: BatchGenerator, logprob_uids: set[int] | None = None,
+    batch_class: type[LogitsGenerationBatch] = LogitsGenerationBatch,
+) -> LogitsGenerationBatch:
     """Make `generator` decode with LogitsGenerationBatch.
 
     BatchGenerator keeps one running GenerationBatch and extends it with each group of sequences
@@ -120,7 +136,8 @@ def use_logits_decode(generator: BatchGenerator, logprob_uids: set[int] | None =
     running = generator._generation_batch
     if len(running):
         raise RuntimeError("use_logits_decode must be called before any sequence is inserted")
-    batch = LogitsGenerationBatch.empty(running.model, running.fallback_sampler)
+    batch: LogitsGenerationBatch = batch_class.empty(running.model, running.fallback_sampler)
     batch.forward = decode_forward(running.model)
     batch.logprob_uids = set() if logprob_uids is None else logprob_uids
     generator._generation_batch = batch
+    return batch

@@ -345,6 +345,7 @@ class Engine:
             sampler=make_sequence_sampler(sampling),
             processors=processors,
             logprobs=request.logprobs,
+            speculative=sampling.speculative,
             token_bytes=compiler.token_bytes if request.logprobs is not None else None,
             keep_leading_space=request.prompt is not None,
             stop=list(request.stop),

@@ -73,6 +73,7 @@ class SequenceFault:
                     self.caught(error)
             return greedy_sampler(logits)  # type: ignore[no-any-return]
 
+        guarded.inner = sampler  # type: ignore[attr-defined]  # what speculation verifies with
         return guarded
 
     def guard_processor(self, processor: Processor) -> Processor:
@@ -93,30 +94,47 @@ def reseed_global_prng() -> None:
     mx.eval(mx.random.state)
 
 
+class TemperatureSampler:
+    """Draws from softmax(filtered(logits) / temperature). Speculative decoding reads the same
+    distribution (`filtered`, `inverse_temperature`) to verify drafts by rejection sampling, and
+    its draws from the same `keys()`."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.filters: list[Callable[[mx.array], mx.array]] = []
+        if 0 < params.top_p < 1:
+            self.filters.append(lambda lp: apply_top_p(lp, params.top_p))
+        if params.min_p > 0:
+            self.filters.append(lambda lp: apply_min_p(lp, params.min_p))
+        if params.top_k > 0:
+            # top_k at or above the vocabulary keeps every token: no filter (mlx-lm refuses it).
+            self.filters.append(lambda lp: apply_top_k(lp, params.top_k)
+                                if params.top_k < lp.shape[-1] else lp)
+        self.inverse_temperature = 1.0 / params.temperature
+        self._key: mx.array | None = (
+            mx.random.key(params.seed) if params.seed is not None else None)
+
+    def filtered(self, logits: mx.array) -> mx.array:
+        for apply in self.filters:
+            logits = apply(logits)
+        return logits
+
+    def keys(self, n: int) -> list[mx.array | None]:
+        """`n` PRNG keys for this sequence's next draws (None: the global PRNG, unseeded)."""
+        if self._key is None:
+            return [None] * n
+        parts = mx.random.split(self._key, n + 1)
+        self._key = parts[0]
+        return [parts[i + 1] for i in range(n)]
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        (key,) = self.keys(1)
+        return mx.random.categorical(self.filtered(logits) * self.inverse_temperature, key=key)
+
+
 def make_sequence_sampler(params: SamplingParams) -> Sampler:
     if params.temperature <= 0:
         return greedy_sampler  # type: ignore[no-any-return]
-    filters: list[Callable[[mx.array], mx.array]] = []
-    if 0 < params.top_p < 1:
-        filters.append(lambda lp: apply_top_p(lp, params.top_p))
-    if params.min_p > 0:
-        filters.append(lambda lp: apply_min_p(lp, params.min_p))
-    if params.top_k > 0:
-        # top_k at or above the vocabulary keeps every token: no filter (mlx-lm refuses it).
-        filters.append(lambda lp: apply_top_k(lp, params.top_k)
-                       if params.top_k < lp.shape[-1] else lp)
-    inverse_temperature = 1.0 / params.temperature
-    key: list[Any] = [mx.random.key(params.seed)] if params.seed is not None else []
-
-    def sample(logits: mx.array) -> mx.array:
-        for apply in filters:
-            logits = apply(logits)
-        if key:
-            key[0], draw = mx.random.split(key[0])
-            return mx.random.categorical(logits * inverse_temperature, key=draw)
-        return mx.random.categorical(logits * inverse_temperature)
-
-    return sample
+    return TemperatureSampler(params)
 
 
 def make_sequence_processors(params: SamplingParams) -> list[Any]:

@@ -39,8 +39,10 @@ from app.core.types import (
 )
 from app.engine.decode import use_logits_decode
 from app.engine.disk_cache import ModelDisk
+from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
+from app.engine.speculative import SpeculationPolicy, use_speculative_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure, InvalidRequest
 
@@ -70,6 +72,7 @@ class Sequence:
     owner: str = "anonymous"  # whose prefix cache namespace this prompt reads and feeds
     logprobs: int | None = None  # None: not asked; N: the chosen token's and the top N
     token_bytes: Callable[[int], bytes] | None = None
+    speculative: bool = True  # may verify prompt-lookup drafts (the engine's setting permitting)
     # Raw completions continue the prompt's text: " Paris" after "…France is" keeps its space,
     # which mlx-lm's detokenizers trim from an answer's first token (right for chat).
     keep_leading_space: bool = False
@@ -149,7 +152,9 @@ class ModelBatch:
     def __init__(
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
+        prefill_budget: float = 0.0,
         disk: ModelDisk | None = None,
+        speculation: SpeculationPolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
@@ -165,6 +170,10 @@ class ModelBatch:
             stream=stream,
         )
         self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
+        self._spec_uids: set[int] = set()  # sequences that may speculate
+        self._speculation = speculation  # None: speculative decoding off for this model
+        # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
+        self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -177,7 +186,12 @@ class ModelBatch:
             self._model, stop_tokens=[[t] for t in sorted(self._eos)], **self._generator_options
         )
         self._logprob_uids.clear()  # a new generator holds no sequence yet
-        use_logits_decode(generator, self._logprob_uids)
+        self._spec_uids.clear()
+        if self._speculation is not None:
+            use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
+                                   self._speculation)
+        else:
+            use_logits_decode(generator, self._logprob_uids)
         return generator
 
     def _inject(self, point: str) -> None:
@@ -242,6 +256,8 @@ class ModelBatch:
             self._prefilling.add(seq.uid)
         if seq.logprobs is not None:
             self._logprob_uids.add(seq.uid)
+        if seq.speculative:
+            self._spec_uids.add(seq.uid)
 
     @property
     def prompt_cache_bytes(self) -> int:
@@ -281,6 +297,8 @@ class ModelBatch:
         self._unpark()
         if not self._by_uid:
             return
+        decoding, chunk = self._size_prefill()
+        prompt_tokens = self._generator._counters.prompt_tokens
         started = time.perf_counter()
         try:
             self._inject("step")
@@ -288,13 +306,17 @@ class ModelBatch:
         except Exception as error:  # a broken step fails its sequences, not the server
             self._fail_all(error)
             return
-        metrics.ENGINE_STEP.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=chunk,
+                             prompt_tokens=self._generator._counters.prompt_tokens - prompt_tokens)
+        metrics.ENGINE_STEP.observe(elapsed)
         metrics.STEP_SEQUENCES.observe(len(self._by_uid))
         done: list[int] = []
+        ended: set[int] = set()  # finished this step: later tokens of theirs are not theirs
         now = time.monotonic()
-        for response in responses:
+        for response in responses:  # a speculating sequence may get several tokens in a step
             seq = self._by_uid.get(response.uid)
-            if seq is None or seq.fault.error is not None:
+            if seq is None or seq.fault.error is not None or seq.uid in ended:
                 continue
             try:
                 self._inject("advance")
@@ -306,9 +328,11 @@ class ModelBatch:
                 metrics.ENGINE_FAILURES.inc()
                 seq.fail(EngineFailure(f"generation failed in the engine: {error!r}"))
                 done.append(seq.uid)
+                ended.add(seq.uid)
                 continue
             if finished:
                 done.append(seq.uid)
+                ended.add(seq.uid)
                 if response.finish_reason is not None and response.prompt_cache is not None:
                     self._keep(seq, list(response.all_tokens or []),
                                partial(list, response.prompt_cache), "finished")
@@ -324,6 +348,19 @@ class ModelBatch:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
         if done:
             self._forget(done)
+
+    def _size_prefill(self) -> tuple[bool, int]:
+        """Set this step's prefill chunk from the budget; (whether rows decode, the chunk)."""
+        generator = self._generator
+        decoding = len(generator._generation_batch) > 0
+        rows = len(generator._currently_processing) + len(generator._unprocessed_sequences)
+        chunk = self.prefill.chunk(decoding=decoding,
+                                   rows=min(max(rows, 1), generator.prefill_batch_size))
+        generator.prefill_step_size = chunk
+        # A prompt batch made at a small chunk keeps that size for its inner loop: a later
+        # full-size chunk would run as many small model calls.
+        generator._prompt_batch.prefill_step_size = self.prefill.max_chunk
+        return decoding, chunk
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
         long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling]
@@ -388,6 +425,7 @@ class ModelBatch:
             self._by_uid.pop(uid, None)
             self._prefilling.discard(uid)
             self._logprob_uids.discard(uid)
+            self._spec_uids.discard(uid)
         self._inject("forget")
         self._generator.remove(uids)
 

@@ -17,6 +17,7 @@ import structlog
 
 from app.errors import ModelNotFound
 from app.models.demo import demo_model_dir
+from app.models.dequantize import float32_bytes, is_quantized
 from app.models.gguf.convert import read_gguf_header
 from app.settings import (
     DEMO_MODEL_ID,
@@ -51,6 +52,9 @@ class ModelSpec:
     ttl: float | None = None  # None: [residency] default_ttl; 0: never evict when idle
     # Sampling for fields a request leaves out: [[models]] sampling over generation_config.json.
     sampling: tuple[tuple[str, float], ...] = ()
+    # Quantized models: their weights' size dequantized to float32 (what the CPU backend serves,
+    # app.models.dequantize); 0 for float models.
+    float32_weight_bytes: int = 0
 
     @property
     def load_path(self) -> str:
@@ -66,6 +70,16 @@ class ModelSpec:
     def estimated_bytes(self) -> int:
         """Weights plus a KV cache filled to the context length: what residency budgets."""
         return self.weight_bytes + self.kv_bytes_per_token * self.context_length
+
+    @property
+    def quantized(self) -> bool:
+        return self.float32_weight_bytes > 0
+
+    @property
+    def float32_estimated_bytes(self) -> int:
+        """`estimated_bytes` of the float32 copy: float32 weights, and a KV cache in float32
+        (twice the 16-bit estimate of a quantized model: activations follow the weights)."""
+        return self.float32_weight_bytes + 2 * self.kv_bytes_per_token * self.context_length
 
 
 class ModelRegistry:
@@ -191,16 +205,39 @@ def _make_spec(model_id: str, path: Path, source: Source, *, aliases: tuple[str,
         fmt: Format = "gguf"
         weights = _size(path)
         kv_per_token, context = _gguf_kv(path)
+        float32 = _gguf_float32_bytes(path)
     else:
         fmt = "mlx"
         weights = sum(_size(p) for p in _safetensors(path))
         kv_per_token, context = _config_kv(path / "config.json")
+        float32 = _mlx_float32_bytes(path)
     if max_context is not None:
         context = min(context, max_context)
     return ModelSpec(id=model_id, path=path, source=source, format=fmt, aliases=aliases,
                      weight_bytes=weights, kv_bytes_per_token=kv_per_token,
                      context_length=context, max_context=max_context, pinned=pinned, ttl=ttl,
-                     sampling=_generation_defaults(path) if fmt == "mlx" else ())
+                     sampling=_generation_defaults(path) if fmt == "mlx" else (),
+                     float32_weight_bytes=float32)
+
+
+def _mlx_float32_bytes(folder: Path) -> int:
+    if not is_quantized(folder):
+        return 0
+    try:
+        return float32_bytes(folder)
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: served as it is
+        return 0
+
+
+def _gguf_float32_bytes(path: Path) -> int:
+    """Float32 size of a GGUF with quantized tensors (it converts to a quantized MLX folder)."""
+    try:
+        tensors = read_gguf_header(path).tensors
+    except (OSError, ValueError):
+        return 0
+    if all(t.ggml_type in ("F32", "F16") for t in tensors):
+        return 0
+    return sum(t.n_elements for t in tensors) * 4
 
 
 def _generation_defaults(folder: Path) -> tuple[tuple[str, float], ...]:

@@ -37,6 +37,20 @@ DEFAULT_PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. "
     "Describe the sea, the weather and every step of the keeper's day."
 )
+_REPORT = " ".join(
+    f"Day {i}: the {('north', 'east', 'south', 'west')[i % 4]} wind reached {12 + i % 9} knots, "
+    f"{('rain', 'fog', 'sun', 'hail')[i % 4]} until noon, {3 + i % 5} ships passed the point."
+    for i in range(24))
+# Prompts of different lengths (about 40, 80, 250 and 600 tokens with the demo model's
+# tokenizer): a probe that repeats one short prompt measures decoding alone and lets a prefix
+# cache answer every prefill.
+VARIED_PROMPTS: tuple[str, ...] = (
+    "Tell me a story about a fox who learns to sail.",
+    DEFAULT_PROMPT + " Give the keeper a name, a dog and a secret, and end with a storm.",
+    "Here is a keeper's log. " + _REPORT[:700] + " Continue the log for the next ten days.",
+    "Summarise this log, then write the keeper's letter to the harbour master about it. "
+    + _REPORT,
+)
 RSS_INTERVAL_SECONDS = 0.1
 
 
@@ -379,6 +393,7 @@ async def run_probe(
     max_tokens: int,
     api_key: str | None,
     server_pid: int | None,
+    prompts: Sequence[str | list[dict[str, Any]]] = (),
     temperature: float = 0.0,
     warmup: int = 1,
     request_timeout: float = 600.0,
@@ -391,6 +406,8 @@ async def run_probe(
     billed to the first level. Connection limits are sized to the largest level so clients
     never queue inside httpx. `on_level` sees each level as soon as it ends (progress).
     `extra_body` adds request fields (e.g. a response_format, to price constrained decoding).
+    `prompts`, when given, replaces `prompt`: client c's k-th request sends prompts[(c + k) % n],
+    so every level mixes prompt lengths.
     """
     if not levels or any(level < 1 for level in levels):
         raise ValueError("levels must be positive integers")
@@ -400,7 +417,7 @@ async def run_probe(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body: dict[str, Any] = {
         "model": model,
-        "messages": _messages(prompt),
+        "messages": _messages(prompts[0] if prompts else prompt),
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
@@ -415,10 +432,15 @@ async def run_probe(
             if not first.ok:
                 log.warning("bench.warmup_failed", url=url, error=first.error)
 
-        async def one_client() -> list[RequestResult]:
-            return [
-                await stream_chat(client, url, body, headers) for _ in range(requests_per_client)
-            ]
+        def body_for(client_index: int, request_index: int) -> dict[str, Any]:
+            if not prompts:
+                return body
+            chosen = prompts[(client_index + request_index) % len(prompts)]
+            return {**body, "messages": _messages(chosen)}
+
+        async def one_client(index: int) -> list[RequestResult]:
+            return [await stream_chat(client, url, body_for(index, k), headers)
+                    for k in range(requests_per_client)]
 
         for level in levels:
             async with contextlib.AsyncExitStack() as stack:
@@ -426,7 +448,7 @@ async def run_probe(
                 if server_pid is not None:
                     sampler = await stack.enter_async_context(RssSampler(server_pid))
                 start = time.perf_counter()
-                per_client = await asyncio.gather(*(one_client() for _ in range(level)))
+                per_client = await asyncio.gather(*(one_client(c) for c in range(level)))
                 wall = time.perf_counter() - start
             flat = [result for batch in per_client for result in batch]
             summary = summarize(

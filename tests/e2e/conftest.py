@@ -36,7 +36,7 @@ def demo_float32_dir(demo_model_dir: Path) -> Path:
     than the 4-bit kernels', which keeps the suite short. The 4-bit folder itself is served
     by the security, residency and demo-model tests.
     """
-    from bench.variants import make_float_variant
+    from app.models.variants import make_float_variant
 
     target = demo_model_dir.parent / f"{demo_model_dir.name}-float32"
     return make_float_variant(demo_model_dir, target, "float32", exist_ok=True)

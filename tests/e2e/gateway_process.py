@@ -34,6 +34,9 @@ class GatewayProcess:
             "config_dir": str(workdir / "config"),
             "state_dir": str(workdir / "state"),
             **config,
+            # Tests choose their weights (the float32 copy, or the 4-bit folder where 4-bit is
+            # the point): no 540 MB float32 copy per test gateway unless a test asks for one.
+            "engine": {"cpu_dequantize": False, **config.get("engine", {})},
         }
         self.config_path.write_text(tomli_w.dumps(config))
         # What `serve` would re-execute itself with, given up front (the faster start).

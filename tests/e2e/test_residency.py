@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.variants import make_float_variant
+from app.models.variants import make_float_variant
 from tests.e2e.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,8 @@ def start(workdir: Path, models: list[dict[str, Any]], **residency: Any) -> Gate
         "residency": {"memory_budget": BUDGET, "max_loaded_models": 3, "default_ttl": 0,
                       "load_wait": 3, **residency},
         "limits": {"per_ip_rpm": 0},
-        "engine": {"prompt_cache_bytes": "10MB"},
+        # Three real sizes: the 4-bit model is served as it is, not from its float32 copy.
+        "engine": {"prompt_cache_bytes": "10MB", "cpu_dequantize": False},
         "models": models,
     }).start()
 

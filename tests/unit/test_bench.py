@@ -348,27 +348,38 @@ async def test_run_probe_counts_mid_stream_errors_and_refused_connections(
 # ---------------------------------------------------------------- bench/compare_mlx_lm rounds
 
 
-def test_compare_report_takes_the_median_of_per_round_ratios() -> None:
+def test_compare_report_gives_medians_over_rounds_and_checks_targets() -> None:
     from bench.compare_mlx_lm import ServerRun, report
+    from bench.levels import LevelOutcome
 
-    def run(key: str, tokens_per_s: dict[int, float]) -> ServerRun:
-        levels = [LevelResult(level=n, requests=n, errors=0, ttft_p50=0.1, ttft_p95=0.2,
-                              latency_p50=1.0, latency_p95=1.2, tokens_per_s=tps,
-                              completion_tokens=64 * n, wall_seconds=1.0, exact_tokens=True,
-                              peak_rss_bytes=2**30) for n, tps in tokens_per_s.items()]
-        return ServerRun(key, "settings", levels, None, "cmd")
+    def run(key: str, one: float, ten: float, gap: float, rss: float) -> ServerRun:
+        outcomes = {
+            "1-client": LevelOutcome({"tokens_per_s": one, "peak_rss_mib": rss}),
+            "10-clients": LevelOutcome({"tokens_per_s": ten, "ttft_p95_ms": 900.0,
+                                        "peak_rss_mib": rss}),
+            "mixed": LevelOutcome({"longest_gap_ms": gap, "gap_over_median": gap / 100,
+                                   "peak_rss_mib": rss + 10}, "mixed: detail line"),
+        }
+        return ServerRun(key, "settings", outcomes, None, "cmd")
 
-    reference = {1: 10.0, 10: 40.0}
-    rounds = [{"gateway": run("gateway", ours), "mlx_lm": run("mlx_lm", reference)}
-              for ours in ({1: 10.0, 10: 60.0}, {1: 9.0, 10: 50.0}, {1: 12.0, 10: 70.0})]
-    args = argparse.Namespace(requests=2, max_tokens=64, levels=[1, 10], history_tokens=0,
-                              mlx_lm_blas="same")
-    text = report(args, Path("/m"), rounds)
-    assert "### Round 3" in text and "3 rounds" in text
-    # 10 clients: ratios 1.50, 1.25, 1.75 -> median 1.50 meets the target.
-    assert "| 10 | 1.50 | 1.25 | 1.75 | 1.50 | >= 1.5x | yes |" in text
-    # 1 client: ratios 1.00, 0.90, 1.20 -> median 1.00.
-    assert "| 1 | 1.00 | 0.90 | 1.20 | 1.00 | >= 0.95x | yes |" in text
+    rounds = [{"gateway": run("gateway", *ours), "mlx_lm": run("mlx_lm", 10.0, 40.0, 2000.0,
+                                                               300.0)}
+              for ours in ((13.0, 60.0, 250.0, 330.0), (11.0, 50.0, 400.0, 340.0),
+                           (12.0, 70.0, 200.0, 320.0))]
+    args = argparse.Namespace(requests=2, max_tokens=64, levels=["1-client", "10-clients",
+                              "mixed"], history_tokens=0, mlx_lm_blas="same", long_tokens=4000)
+    text = report(args, Path("/m"), rounds, [(1.0, 2.0, 3.0)])
+    assert "### Round 3" in text and "3 rounds" in text and "mixed: detail line" in text
+    # Medians over rounds: gateway 12 vs 10 tokens/s at 1 client -> 1.20, meets >= 1.2x.
+    assert "| tokens/s, 1 client | 12.0 | 10.0 | 1.20 | 13.0 / 10.0, 11.0 / 10.0, 12.0 / 10.0 " \
+           "| >= 1.2x | yes |" in text
+    assert "| tokens/s, 10 clients | 60.0 | 40.0 | 1.50 |" in text
+    # The mixed gap: median 250 ms vs 2000 -> 0.125 (<= 0.5x), and 2.5x its own median gap.
+    assert "| mixed: longest gap during the long prefill, ms | 250.0 | 2000.0 | 0.12 |" in text
+    assert "| mixed: longest gap / median gap | 2.5 | 20.0 | 0.12 | " in text
+    assert "<= 3 (gateway) | yes |" in text
+    # Peak RSS: the largest level of each round (mixed), median over rounds 340 vs 310.
+    assert "| peak RSS MiB (any level) | 340.0 | 310.0 | 1.10 |" in text
 
 
 def test_bench_env_can_leave_mlx_lm_openblas_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,6 +388,26 @@ def test_bench_env_can_leave_mlx_lm_openblas_defaults(monkeypatch: pytest.Monkey
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "16")
     assert servers.bench_env()["OPENBLAS_THREAD_TIMEOUT"] == "16"
     assert "OPENBLAS_THREAD_TIMEOUT" not in servers.bench_env(blas_settings=False)
+
+
+def test_mixed_gaps_split_at_the_long_prompts_window() -> None:
+    from bench.levels import gaps_during
+
+    times = [0.0, 0.1, 0.2, 0.3, 1.5, 1.6, 3.0, 3.1]
+    before, during = gaps_during(times, start=0.25, end=2.9)
+    assert before == pytest.approx([0.1, 0.1])
+    # The gap that spans the arrival (0.2 -> 0.3) and the one that ends after the first token
+    # of the long prompt (1.6 -> 3.0) both count.
+    assert during == pytest.approx([0.1, 1.2, 0.1, 1.4])
+
+
+def test_level_names_are_checked() -> None:
+    from bench.compare_mlx_lm import parse_args
+
+    args = parse_args(["--model-dir", "/m", "--levels", "mixed,1-client"])
+    assert args.levels == ["mixed", "1-client"] and args.rounds == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", "/m", "--levels", "nope"])
 
 
 # ---------------------------------------------------------------- bench/restart

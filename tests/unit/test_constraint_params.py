@@ -111,3 +111,22 @@ def test_responses_logprobs_through_include() -> None:
     assert responses(include=["message.output_text.logprobs"],
                      top_logprobs=3).logprobs_count() == 3
     assert responses(include=["reasoning.encrypted_content"]).logprobs_count() is None
+
+
+def test_speculative_opt_out_on_every_protocol() -> None:
+    from app.api.anthropic.schema import MessagesRequest
+
+    assert chat().sampling().speculative is True
+    assert chat(speculative="off").sampling().speculative is False
+    with pytest.raises(ValidationError, match="speculative"):
+        chat(speculative="always")
+    with pytest.raises(ValidationError, match="speculative"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "speculative": True})
+    assert parse_request({"model": "m", "input": "hi", "speculative": "off"}).speculative == "off"
+    with pytest.raises((ValidationError, InvalidRequest)):
+        parse_request({"model": "m", "input": "hi", "speculative": "sometimes"})
+    message = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    assert MessagesRequest.model_validate({**message, "speculative": "off"}
+                                          ).sampling().speculative is False
+    with pytest.raises(ValidationError, match="speculative"):
+        MessagesRequest.model_validate({**message, "speculative": 1})

@@ -16,8 +16,8 @@ from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.utils import load_model, save_config, save_model  # noqa: E402
 
 from app.models.registry import ModelRegistry  # noqa: E402
+from app.models.variants import make_float_variant  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.variants import make_float_variant  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
@@ -27,20 +27,23 @@ TINY = {
 }
 
 
-@pytest.fixture
-def quantized_folder(tmp_path: Path) -> Path:
+def write_quantized_folder(folder: Path, seed: int = 0) -> Path:
     """A 4-bit MLX folder with random weights, saved the way mlx_lm saves converted models."""
-    mx.random.seed(0)
+    mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(TINY))
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    folder = tmp_path / "tiny-4bit"
     save_model(folder, model)
     save_config({**TINY, "quantization": {"group_size": 64, "bits": 4}}, folder / "config.json")
     (folder / "tokenizer.json").write_text('{"fake": true}')
     (folder / "tokenizer_config.json").write_text("{}")
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     return folder
+
+
+@pytest.fixture
+def quantized_folder(tmp_path: Path) -> Path:
+    return write_quantized_folder(tmp_path / "tiny-4bit")
 
 
 def test_float32_copy_is_dequantized_and_computes_the_same(

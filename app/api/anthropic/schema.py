@@ -128,12 +128,16 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(None, ge=0)
     metadata: MetadataIn | None = None
     output_config: OutputConfigIn | None = None
+    speculative: Literal["auto", "off"] = Field(
+        "auto", description="Speculative decoding (prompt-lookup drafts) for this request: "
+        "auto (the server's setting) or off.")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0,
             top_k=self.top_k or 0,
+            speculative=self.speculative == "auto",
             unset=unset_fields(self),
         )
 

@@ -205,6 +205,7 @@ def _sampling(req: ResponsesRequest) -> SamplingParams:
     return SamplingParams(
         temperature=defaults.temperature if req.temperature is None else req.temperature,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
+        speculative=req.speculative == "auto",
         unset=unset_fields(req),
     )
 

@@ -123,6 +123,9 @@ class ResponsesRequest(_Wire):
     metadata: dict[str, str] | None = None
     stream: bool = False
     text: TextConfig = Field(default_factory=TextConfig)
+    speculative: Literal["auto", "off"] = Field(
+        "auto", description="Speculative decoding (prompt-lookup drafts) for this request: "
+        "auto (the server's setting) or off.")
     tools: list[FunctionTool] = Field(default_factory=list)
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction = "auto"
     parallel_tool_calls: bool = True

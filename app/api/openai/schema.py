@@ -171,6 +171,9 @@ class SamplingFields(_Lenient):
         None, max_length=MAX_LOGIT_BIAS,
         description="Token id (as a string) -> bias in [-100, 100], added to its logit.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
+    speculative: Literal["auto", "off"] = Field(
+        "auto", description="Speculative decoding (prompt-lookup drafts) for this request: "
+        "auto (the server's setting) or off.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -209,6 +212,7 @@ class SamplingFields(_Lenient):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty,
             logit_bias=tuple((int(t), float(b)) for t, b in (self.logit_bias or {}).items()),
+            speculative=self.speculative == "auto",
             unset=unset_fields(self),
         )
 

@@ -227,6 +227,11 @@ def _install_decode_attention(model: nn.Module) -> None:
             source.scaled_dot_product_attention = decode_attention  # type: ignore[union-attr]
 
 
+def on_cpu_backend() -> bool:
+    """MLX computes on the CPU (Linux, or a Mac told to): no GPU kernels."""
+    return bool(mx.default_device() == mx.cpu)
+
+
 def tune_for_cpu(model: nn.Module) -> int:
     """When MLX computes on the CPU: rewrite `model`'s float32 Linear (and tied embedding),
     RoPE and RMSNorm layers in place and give its architecture the grouped decode attention.

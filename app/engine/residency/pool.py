@@ -20,10 +20,11 @@ from typing import Any
 import structlog
 
 from app import metrics
-from app.engine.cpu.tuning import tune_for_cpu
+from app.engine.cpu.tuning import on_cpu_backend, tune_for_cpu
 from app.engine.disk_cache import DiskCache, ModelDisk, weights_fingerprint
 from app.engine.residency.policy import EvictReason, ResidencyPolicy
 from app.engine.scheduler import ModelBatch
+from app.engine.speculative import SpeculationPolicy
 from app.engine.thread import EngineThread
 from app.errors import (
     Conflict,
@@ -62,6 +63,7 @@ class ModelPool:
         self._load_tasks: set[asyncio.Task[None]] = set()
         self._released = asyncio.Event()  # set whenever a lease or memory is given back
         self._waiting: collections.Counter[str] = collections.Counter()
+        self._on_cpu = on_cpu_backend()
         self._disk: DiskCache | None = None  # opened with the first model (on the MLX thread)
         for spec in registry:
             if self.footprint(spec) <= self.policy.budget_bytes:
@@ -71,8 +73,19 @@ class ModelPool:
                         budget=format_bytes(self.policy.budget_bytes))
 
     def footprint(self, spec: ModelSpec) -> int:
-        """Bytes a model is charged: weights, KV for its context, and its prefix cache."""
-        return spec.estimated_bytes + self.settings.engine.prompt_cache_bytes
+        """Bytes a model is charged: weights, KV for its context, and its prefix cache; a
+        quantized model served from its float32 copy at the copy's size."""
+        weights = spec.float32_estimated_bytes if self.serves_float32(spec) \
+            else spec.estimated_bytes
+        return weights + self.settings.engine.prompt_cache_bytes
+
+    def serves_float32(self, spec: ModelSpec) -> bool:
+        """Whether a quantized model is served dequantized (`[engine] cpu_dequantize`): on
+        MLX's CPU backend only, and only where the float32 copy fits the memory budget."""
+        if not (spec.quantized and self.settings.engine.cpu_dequantize and self._on_cpu):
+            return False
+        cache = self.settings.engine.prompt_cache_bytes
+        return spec.float32_estimated_bytes + cache <= self.policy.budget_bytes
 
     def loaded(self) -> dict[str, LoadedModel]:
         return dict(self._loaded)
@@ -252,8 +265,11 @@ class ModelPool:
         engine = self.settings.engine
         batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
                            prefill_chunk=engine.prefill_chunk,
+                           prefill_budget=engine.prefill_budget,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
-                           stream=self._thread.stream, model_id=spec.id, disk=disk)
+                           stream=self._thread.stream, model_id=spec.id, disk=disk,
+                           speculation=SpeculationPolicy()
+                           if engine.speculative == "auto" else None)
         self._thread.attach(spec.id, batch)
         _publish_memory()
         log.info("model load finished", model=spec.id, context_length=context,
@@ -283,12 +299,18 @@ class ModelPool:
         return self._disk.bind(spec.id, fingerprint)
 
     def _mlx_folder(self, spec: ModelSpec) -> Path:
-        if spec.format != "gguf":
-            return Path(spec.load_path)
-        from app.models.gguf.convert import ensure_converted
+        folder = Path(spec.load_path)
+        if spec.format == "gguf":
+            from app.models.gguf.convert import ensure_converted
 
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "--", spec.id)
-        return ensure_converted(Path(spec.load_path), self.settings.cache_dir / "models" / safe)
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "--", spec.id)
+            folder = ensure_converted(folder, self.settings.cache_dir / "models" / safe)
+        if self.serves_float32(spec):
+            from app.models.dequantize import ensure_dequantized
+
+            log.info("serving a float32 copy of a quantized model (CPU backend)", model=spec.id)
+            folder = ensure_dequantized(folder, self.settings.cache_dir)
+        return folder
 
     def _unload_on_thread(self, model_id: str) -> int:
         """Drop every reference, collect, return MLX's cache to the OS; bytes reclaimed."""

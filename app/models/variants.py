@@ -1,6 +1,7 @@
 """Float copies of a (possibly quantized) MLX model folder.
 
-Tests and benchmarks need several distinct real models of different sizes: the 4-bit demo
+The CPU backend serves a quantized model from a float32 copy (`app.models.dequantize`), and
+tests and benchmarks need several distinct real models of different sizes: the 4-bit demo
 model plus float16 and float32 copies of it. Uses MLX, so call it from the thread that owns MLX
 (a CLI command, a test fixture, or the engine thread), never from the event loop.
 """

@@ -1,0 +1,165 @@
+"""Engine-level view of the `mixed` scenario: N streams decode, then one long prompt arrives.
+
+    python -m bench.prefill_stalls --model-dir PATH [--streams 8] [--long-tokens 4000]
+        [--budgets 0,1,2] [--prefill-chunk 2048]
+
+Runs the gateway's ModelBatch in this process (no HTTP), once per budget, and reports per run:
+the running streams' median step time before the long prompt, the longest step while it
+prefilled, the chunk sizes chosen, the tokens each running stream received during the prefill
+and the long prompt's time to first token. `[engine] prefill_budget = 0` is the old behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.sample_utils import greedy_sampler
+
+from app.core.types import GenerationEvent, TextDelta
+from app.engine.cpu.tuning import tune_for_cpu
+from app.engine.scheduler import ModelBatch, Sequence
+
+
+class ImmediateLoop:
+    """Stands in for the event loop a Sequence hands its events to: runs them at once."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        callback(*args)
+
+
+@dataclass
+class StepRecord:
+    seconds: float
+    prompt_tokens: int  # prefilled this step, all rows
+    chunk: int  # the chunk the budget gave this step
+    decoded: int  # tokens the running streams received this step
+
+
+@dataclass
+class MixedRun:
+    budget: float
+    before: list[StepRecord] = field(default_factory=list)  # decode only, long prompt not yet in
+    during: list[StepRecord] = field(default_factory=list)  # while the long prompt prefilled
+    ttft: float = 0.0  # the long prompt's insert to its first token
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(r.seconds for r in self.before)
+
+    @property
+    def longest_step(self) -> float:
+        return max(r.seconds for r in self.during)
+
+    def summary(self) -> str:
+        chunks = sorted({r.chunk for r in self.during if r.prompt_tokens})
+        shown = chunks if len(chunks) <= 6 else [*chunks[:3], "...", *chunks[-2:]]
+        return (f"| {self.budget:g} | {self.median_step * 1000:.0f} "
+                f"| {self.longest_step * 1000:.0f} "
+                f"| {self.longest_step / self.median_step:.1f} | {len(self.during)} "
+                f"| {sum(r.decoded for r in self.during)} | {shown} | {self.ttft:.2f} |")
+
+
+HEADER = ("| prefill_budget | median step ms | longest step ms during prefill | longest / median "
+          "| prefill steps | tokens to running streams during prefill | chunks | long TTFT s |\n"
+          "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+
+
+def no_end(eos: list[int]) -> Callable[[Any, mx.array], mx.array]:
+    """A logits processor that keeps a running stream from ending (end-of-sequence masked)."""
+    def mask(_tokens: Any, logits: mx.array) -> mx.array:
+        logits[..., eos] = -mx.inf
+        return logits
+    return mask
+
+
+def sequence(prompt: list[int], max_tokens: int, sink: list[GenerationEvent],
+             request_id: str, processors: list[Any] | None = None) -> Sequence:
+    return Sequence(request_id=request_id, prompt=prompt, max_tokens=max_tokens,
+                    sampler=greedy_sampler, processors=processors or [], stop=[],
+                    deliver=sink.extend,
+                    loop=ImmediateLoop(),  # type: ignore[arg-type]
+                    owner=request_id)
+
+
+def long_prompt(tokenizer: Any, tokens: int) -> list[int]:
+    text = " ".join(f"Line {i}: the heron carried {i % 7 + 2} stones to the mill." for i in
+                    range(tokens // 10 + 10))
+    ids: list[int] = tokenizer.encode(text)
+    return ids[:tokens]
+
+
+def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
+              prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0) -> MixedRun:
+    batch = ModelBatch(model, tokenizer, max_batch_size=max(16, streams + 1),
+                       prefill_chunk=prefill_chunk, prompt_cache_bytes=prompt_cache_bytes,
+                       stream=mx.default_stream(mx.default_device()),
+                       prefill_budget=budget)
+    run = MixedRun(budget)
+    endless = no_end(list(tokenizer.eos_token_ids))
+    running = [sequence(tokenizer.encode(f"Stream {i}: write a long story about a lighthouse."),
+                        100_000, [], f"s{i}", [endless]) for i in range(streams)]
+    for seq in running:
+        batch.add(seq)
+
+    def texts() -> int:  # tokens (a token can end inside a character: no text of its own yet)
+        return sum(seq.generated for seq in running)
+
+    def step() -> StepRecord:
+        decoded, tokens = texts(), batch._generator._counters.prompt_tokens
+        started = time.perf_counter()
+        batch.step()
+        # The step set its own chunk (ModelBatch._size_prefill) before prefilling.
+        return StepRecord(time.perf_counter() - started,
+                          batch._generator._counters.prompt_tokens - tokens,
+                          batch._generator.prefill_step_size, texts() - decoded)
+
+    while texts() < streams * warm_steps:  # every stream decoding, warm
+        step()
+    run.before = [step() for _ in range(warm_steps)]
+    long_sink: list[GenerationEvent] = []
+    inserted = time.perf_counter()
+    batch.add(sequence(long_prompt(tokenizer, long_tokens), 4, long_sink, "long"))
+    while not any(isinstance(e, TextDelta) for e in long_sink):
+        run.during.append(step())
+    run.ttft = time.perf_counter() - inserted
+    batch.close()
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--long-tokens", type=int, default=4000)
+    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--budgets", default="0,1,2")
+    parser.add_argument("--prompt-cache-bytes", type=int, default=512_000_000,
+                        help="The prefix cache (the gateway's default; it saves a long prompt's "
+                             "KV as soon as it is prefilled).")
+    parser.add_argument("--verbose", action="store_true", help="Print every prefill step.")
+    args = parser.parse_args(argv)
+    model, tokenizer = load(str(args.model_dir))[:2]
+    tune_for_cpu(model)
+    print(HEADER)
+    for budget in (float(b) for b in args.budgets.split(",")):
+        run = run_mixed(model, tokenizer, budget=budget, streams=args.streams,
+                        long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk,
+                        prompt_cache_bytes=args.prompt_cache_bytes)
+        print(run.summary(), flush=True)
+        if args.verbose:
+            for i, r in enumerate(run.during):
+                print(f"  step {i}: {r.seconds * 1000:.0f} ms, chunk {r.chunk}, "
+                      f"prefilled {r.prompt_tokens}, tokens to streams {r.decoded}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
