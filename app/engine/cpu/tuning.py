@@ -17,6 +17,11 @@ Measured with Debian's OpenBLAS on a 2-core x86 box (see bench/RESULTS.md):
 - MLX runs a stream's work on one thread. With two or more sequences, decode attention gives
   half the batch to a second CPU stream, so the per-sequence products and softmaxes of two
   halves run on both cores (a 10-sequence step: 153 ms -> 136 ms in one sitting).
+- MLX's CPU `exp` is scalar (about 50M a second here; NumPy's vectorised one does 700M), so
+  the softmax of a prefill chunk's attention dominates it as the context grows: a 512-token
+  chunk against 4,096 tokens spends 400 of its 500 ms per layer there. Prefill chunks of
+  `NUMPY_ATTENTION_MIN_QUERIES` queries or more attend in NumPy (products through its BLAS,
+  softmax vectorised): 90 ms for that chunk and layer.
 - MLX has no fused RoPE or RMSNorm kernel on the CPU: each call becomes a dozen or more graph
   nodes, and every node costs dispatch time on both the calling thread and MLX's compute thread.
   Compiled for the decode shape, the 30-layer model's step drops from about 4,560 nodes to
@@ -37,6 +42,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import structlog
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import scaled_dot_product_attention as _MLX_LM_ATTENTION
@@ -44,6 +50,9 @@ from mlx_lm.models.base import scaled_dot_product_attention as _MLX_LM_ATTENTION
 log = structlog.get_logger(__name__)
 
 ROW_BLOCK = 16
+# Prefill chunks this long attend in NumPy (shorter ones, and decode and draft-verification
+# steps, stay in MLX: a conversion per layer is not worth it for a few queries).
+NUMPY_ATTENTION_MIN_QUERIES = 32
 
 
 def multiply_padded(x: mx.array, weight_t: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -134,6 +143,11 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
     """
     batch, heads, length, dims = queries.shape
     kv_heads = keys.shape[1]
+    if (length >= NUMPY_ATTENTION_MIN_QUERIES and sinks is None and not hasattr(cache, "bits")
+            and heads % kv_heads == 0):
+        hidden = _numpy_mask(mask, length, keys.shape[2])
+        if hidden is not False:
+            return prefill_attention(queries, keys, values, scale, hidden)
     grouped_mask = _grouped_mask(mask, heads, kv_heads)
     if (length != 1 or sinks is not None or hasattr(cache, "bits") or heads % kv_heads
             or grouped_mask is False):
@@ -150,6 +164,53 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
         return attended.reshape(-1, heads, 1, dims)
 
     return on_two_streams(batch, part)
+
+
+def prefill_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                      hidden: np.ndarray[Any, Any] | None) -> mx.array:
+    """Attention of a prefill chunk computed in NumPy, the query heads grouped by the
+    key/value head they share; `hidden` from `_numpy_mask`. Same arithmetic as MLX's: float32
+    products, a max-subtracted softmax; only the exp is vectorised."""
+    batch, heads, length, dims = queries.shape
+    kv_heads, context = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    q = np.asarray((queries * scale).astype(mx.float32)).reshape(
+        batch, kv_heads, group * length, dims)
+    k = np.asarray(keys.astype(mx.float32))
+    v = np.asarray(values.astype(mx.float32))
+    scores = np.matmul(q, k.swapaxes(-1, -2)).reshape(batch, kv_heads, group, length, context)
+    if hidden is not None:
+        if hidden.dtype == np.bool_:  # True hides the position
+            # The lowest finite float, as MLX uses: a row with every key hidden (left padding)
+            # averages the values instead of becoming NaN and poisoning later layers.
+            scores[np.broadcast_to(hidden, scores.shape)] = np.finfo(np.float32).min
+        else:
+            scores += hidden
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores.reshape(batch, kv_heads, group * length, context), v)
+    return mx.array(out.reshape(batch, heads, length, dims)).astype(queries.dtype)
+
+
+def _numpy_mask(mask: Any, length: int, context: int) -> Any:
+    """The mask as NumPy laid out like the grouped scores (batch, kv_heads, group, length,
+    context): boolean where True hides a position, or additive; None for no mask; False for
+    a form this path does not take."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            return False
+        # Query i sits at position context - length + i and sees keys up to it.
+        return (np.arange(context)[None, :] > np.arange(length)[:, None] + (context - length))
+    if not isinstance(mask, mx.array) or mask.shape[-2:] != (length, context):
+        return False
+    if mask.ndim != 2 and not (mask.ndim == 4 and mask.shape[1] == 1):
+        return False
+    boolean = mask.dtype == mx.bool_
+    table = ~np.asarray(mask) if boolean else np.asarray(mask.astype(mx.float32))
+    return table if mask.ndim == 2 else table[:, :, None]  # (batch, 1, 1, length, context)
 
 
 def attend_grouped(queries: mx.array, keys: mx.array, values: mx.array,
