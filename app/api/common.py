@@ -86,20 +86,21 @@ async def record_finish(request: Request, stream: GenerationStream, finish: Fini
         await limits.charge_tokens(finish.usage.total_tokens)
 
 
-async def until_disconnected(request: Request, work: Awaitable[T],
-                             on_disconnect: Callable[[], Awaitable[None]]) -> T:
-    """Await `work`, but stop it (and call `on_disconnect`) if the client goes away first.
-
-    The body was read already, so the next ASGI message can only be `http.disconnect`.
+async def until_disconnected(receive: Receive, work: Awaitable[T],
+                             on_disconnect: Callable[[], Awaitable[None]] | None = None) -> T:
+    """Await `work`, but stop it (and call `on_disconnect`) if the client goes away first:
+    then ClientDisconnected. The body was read already, so the next ASGI message can only be
+    `http.disconnect`.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
-        await on_disconnect()
+        if on_disconnect is not None:
+            await on_disconnect()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         # Not CancelledError: that surfaced as a 500 with an "Exception in ASGI application"
@@ -107,6 +108,8 @@ async def until_disconnected(request: Request, work: Awaitable[T],
         raise ClientDisconnected("the client disconnected before the answer was ready")
     finally:
         watcher.cancel()
+        if not task.done():
+            task.cancel()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -23,13 +23,13 @@ from typing import Any
 import structlog
 
 from app.models.gguf.convert import file_lock
+from app.models.stamp import file_stamp
 from app.models.variants import make_float_variant
 
 log = structlog.get_logger(__name__)
 
 SOURCE_FILE = "dequantized_from.json"
 VERSION = 1  # bump when the copy's layout changes: older copies are remade
-_SAMPLE = 1 << 20
 
 
 def is_quantized(folder: Path) -> bool:
@@ -81,20 +81,9 @@ def _group_size(folder: Path, module: str) -> int:
     return int(size or quantization.get("group_size") or 64)
 
 
-def _stamp(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        digest.update(handle.read(_SAMPLE))
-        if stat.st_size > _SAMPLE:
-            handle.seek(max(_SAMPLE, stat.st_size - _SAMPLE))
-            digest.update(handle.read(_SAMPLE))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample_sha256": digest.hexdigest()}
-
-
 def source_identity(src: Path) -> dict[str, Any]:
     """What a copy of `src` must match: every weight file's stamp and the config's bytes."""
-    files = {p.name: _stamp(p) for p in sorted(Path(src).glob("*.safetensors"))}
+    files = {p.name: file_stamp(p) for p in sorted(Path(src).glob("*.safetensors"))}
     config = hashlib.sha256((Path(src) / "config.json").read_bytes()).hexdigest()
     return {"version": VERSION, "config_sha256": config, "files": files}
 

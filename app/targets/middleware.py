@@ -15,7 +15,6 @@ so this module sits between app/http and app/api.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -26,7 +25,8 @@ import structlog
 
 from app import metrics
 from app.api.anthropic.schema import resolve_model
-from app.errors import GatewayError, InvalidRequest, PermissionDenied
+from app.api.common import until_disconnected
+from app.errors import ClientDisconnected, GatewayError, InvalidRequest, PermissionDenied
 from app.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, state
 from app.limits.breaker import BreakerState, CircuitBreaker
 from app.security.auth import may_use
@@ -229,21 +229,11 @@ class _Walk:
 
     async def _watched(self, work: Awaitable[T]) -> T:
         """Run `work`, cancelling it (and so the upstream request) if the client leaves."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_until_disconnect(self.receive))
         try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            return await until_disconnected(self.receive, work)
+        except ClientDisconnected:
             self.state["log_fields"]["cancelled"] = True
-            raise _ClientGone
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
+            raise _ClientGone from None
 
 async def _read_body(receive: Receive) -> bytes:
     parts: list[bytes] = []
@@ -268,11 +258,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replaying
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

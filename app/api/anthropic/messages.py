@@ -221,7 +221,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     if body.stream:
         heartbeat = request.app.state.settings.server.heartbeat_seconds
         return EventStreamResponse(_sse(request, stream, assembler, heartbeat), headers=headers)
-    events = await until_disconnected(request, _collect(request, stream, assembler),
+    events = await until_disconnected(request.receive, _collect(request, stream, assembler),
                                       stream.aclose)
     return JSONResponse(fold(events), headers=headers)
 

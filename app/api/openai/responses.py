@@ -193,7 +193,8 @@ async def create_response(request: Request) -> Response:
         return EventStreamResponse(
             _sse(request, stream, renderer, turn, heartbeat), headers=headers,
         )
-    error = await until_disconnected(request, _run(request, stream, renderer), stream.aclose)
+    error = await until_disconnected(request.receive, _run(request, stream, renderer),
+                                     stream.aclose)
     if error is not None:
         raise error
     await turn.save(renderer)

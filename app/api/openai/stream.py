@@ -69,7 +69,7 @@ async def respond(request: Request, generation: GenerationRequest, flow: Complet
             request, stream, {**envelope, "object": flow.chunk_object}, flow.choice,
             include_usage=include_usage, prelude=flow.prelude, heartbeat=heartbeat,
             render=flow.render, logprobs=flow.logprobs))
-    choice, finish = await until_disconnected(request, flow.whole(stream), stream.aclose)
+    choice, finish = await until_disconnected(request.receive, flow.whole(stream), stream.aclose)
     await record_finish(request, stream, finish)
     return JSONResponse({**envelope, "choices": [choice], "usage": completion_usage(finish.usage)})
 

@@ -12,7 +12,6 @@ vocabulary stored in the file.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 import structlog
 
 from app.models.gguf.tokenizer import build_tokenizer_files, check_tokenizer
+from app.models.stamp import file_stamp
 
 log = structlog.get_logger(__name__)
 
@@ -460,22 +460,12 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-_STAMP_SAMPLE = 1 << 20  # bytes hashed at each end of the file
 
 
 def _source_stamp(gguf_path: Path) -> dict[str, Any]:
-    """What identifies a GGUF cheaply: name, size, mtime, and a hash of its first and last
-    MiB (the header with its metadata and tensor table, and the last tensors), so a file
-    replaced by another of the same size is converted anew, without reading gigabytes."""
-    stat = gguf_path.stat()
-    digest = hashlib.sha256()
-    with gguf_path.open("rb") as handle:
-        digest.update(handle.read(_STAMP_SAMPLE))
-        if stat.st_size > _STAMP_SAMPLE:
-            handle.seek(max(_STAMP_SAMPLE, stat.st_size - _STAMP_SAMPLE))
-            digest.update(handle.read(_STAMP_SAMPLE))
-    return {"file": gguf_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sample_sha256": digest.hexdigest(), "converter": CONVERTER_VERSION}
+    """What identifies a GGUF cheaply (app/models/stamp.py), so a changed file is converted
+    anew."""
+    return {"file": gguf_path.name, **file_stamp(gguf_path), "converter": CONVERTER_VERSION}
 
 
 def is_conversion_of(out_dir: Path, gguf_path: Path) -> bool:
