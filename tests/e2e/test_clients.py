@@ -23,16 +23,13 @@ from tests.e2e.gateway_process import GatewayProcess
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
-          ) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("clients")
+def _keyed_gateway(workdir: Path, engine: dict[str, object], model: dict[str, object]
+                   ) -> Iterator[GatewayProcess]:
+    """A gateway with keys on and the demo model at temperature 0 (Claude Code sends no
+    temperature: the model's configured default decides)."""
     server = GatewayProcess(workdir, {
-        "auth": {"enabled": True},
-        "engine": {"default_max_tokens": 64},
-        # Claude Code sends no temperature: the model's configured default decides.
-        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir),
-                    "sampling": {"temperature": 0}}],
+        "auth": {"enabled": True}, "engine": engine,
+        "models": [{"id": DEMO_ID, "sampling": {"temperature": 0}, **model}],
     })
     # A first admin key, so serve does not mint one on start.
     subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name", "ops",
@@ -41,6 +38,13 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
+          ) -> Iterator[GatewayProcess]:
+    yield from _keyed_gateway(tmp_path_factory.mktemp("clients"), {"default_max_tokens": 64},
+                              {"path": str(demo_float32_dir)})
 
 
 def _launch(server: GatewayProcess, client: str, home: Path, *args: str,
@@ -87,19 +91,9 @@ SMALL_WINDOW = 6144
 @pytest.fixture(scope="module")
 def small_window(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
                  ) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("small-window")
-    server = GatewayProcess(workdir, {
-        "auth": {"enabled": True},
-        "engine": {"default_max_tokens": 16, "overflow": "pack"},
-        "models": [{"id": DEMO_ID, "path": str(demo_float32_dir), "max_context": SMALL_WINDOW,
-                    "sampling": {"temperature": 0}}],
-    })
-    subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name", "ops",
-                    "--admin", "--config", str(server.config_path)],
-                   cwd=ROOT, check=True, capture_output=True)
-    server.start()
-    yield server
-    server.stop()
+    yield from _keyed_gateway(tmp_path_factory.mktemp("small-window"),
+                              {"default_max_tokens": 16, "overflow": "pack"},
+                              {"path": str(demo_float32_dir), "max_context": SMALL_WINDOW})
 
 
 def _packed_requests(server: GatewayProcess, path: str) -> list[dict[str, object]]:

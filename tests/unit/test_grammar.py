@@ -9,26 +9,16 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import mlx.core as mx
 import pytest
-from mlx_lm.utils import load_tokenizer
 
 from app.core.types import JsonConstraint, ToolCallConstraint, ToolSpec
 from app.errors import InvalidRequest
 from app.output import grammar
 from bench.grammar_schemas import SCHEMAS
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from app.models.demo import ensure_demo_model
-    from app.settings import load_settings
-
-    return load_tokenizer(Path(ensure_demo_model(load_settings().cache_dir)))
 
 
 def walk(tokenizer: Any, processor: Any, *, seed: int, max_steps: int = 300,

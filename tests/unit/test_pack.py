@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from app.core.types import ChatMessage, GenerationRequest, ToolCall, ToolSpec
 from app.engine.pack import (
     DESCRIPTION_MARKER,
@@ -148,19 +146,6 @@ def test_the_real_claude_code_request_fits_the_demo_model(tokenizer: Any) -> Non
     assert [t.name for t in packed.tools] == [t.name for t in request.tools]
     assert packed.messages == request.messages  # nothing but descriptions needed cutting
     assert all(f'<tool name="{t.name}">' in prompt.text for t in request.tools)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from mlx_lm.tokenizer_utils import load
-
-    from app.models.demo import demo_model_dir
-    from app.settings import load_settings
-
-    folder = demo_model_dir(load_settings().cache_dir)
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip("demo model not converted (mlx-gateway models demo)")
-    return load(Path(folder))
 
 
 def test_the_policy_comes_from_the_request_then_the_model_then_the_engine(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,19 +19,6 @@ STRICT_TEMPLATE = (
     "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "<|im_start|>assistant\n"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from mlx_lm.tokenizer_utils import load
-
-    from app.models.demo import demo_model_dir
-    from app.settings import load_settings
-
-    folder = demo_model_dir(load_settings().cache_dir)
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip("demo model not converted (mlx-gateway models demo)")
-    return load(Path(folder))
 
 
 def chat(*messages: ChatMessage) -> GenerationRequest:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import pytest
-from mlx_lm.utils import load_tokenizer
 
 from app.output.reasoning_budget import ReasoningBudget
 
 VOCAB = 49152
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from app.models.demo import ensure_demo_model
-    from app.settings import load_settings
-
-    return load_tokenizer(Path(ensure_demo_model(load_settings().cache_dir)))
 
 
 def drive(tokenizer: Any, budget: ReasoningBudget, text: str) -> str:
