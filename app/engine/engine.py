@@ -393,7 +393,7 @@ class Engine:
         log.info("prompt packed", model=loaded.id, prompt_tokens=len(prompt.ids),
                  packed_tokens=removed, kept_tokens=len(fitted.ids), limit=limit,
                  dropped_messages=report.dropped_messages, cut_tool_outputs=report.cut_outputs,
-                 cut_descriptions=report.cut_descriptions)
+                 cut_descriptions=report.cut_descriptions, cut_user_messages=report.cut_messages)
         return fitted, removed
 
     def _max_tokens(self, request: GenerationRequest, prompt_len: int, context: int) -> int:

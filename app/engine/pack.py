@@ -11,7 +11,10 @@ Responses and Anthropic messages are packed the same way. In order, until the pr
 2. shorten the middle of long tool outputs (head and tail kept, a marker between): the
    longest are cut first, to one common cap;
 3. shorten tool descriptions and their arguments' descriptions (the beginning kept), to one
-   common cap.
+   common cap;
+4. last, with the descriptions gone: shorten the middle of the kept user messages (an agent's
+   newest message can be long: Claude Code's "resume" turn carries ~1.4k tokens of
+   reminders), to one common cap.
 
 Caps move in steps (OUTPUT_STEP, DESCRIPTION_STEP) so that consecutive turns of a conversation
 keep the same cuts, and so the same prompt prefix for the prefix cache.
@@ -56,6 +59,7 @@ class Packed:
     dropped_messages: int = 0
     cut_outputs: int = 0  # tool outputs shortened
     cut_descriptions: int = 0  # tool descriptions shortened (tools' and arguments')
+    cut_messages: int = 0  # user messages shortened (the last resort)
 
 
 def is_system(message: ChatMessage) -> bool:
@@ -209,12 +213,15 @@ def pack(messages: list[ChatMessage], tools: list[ToolSpec], limit: int, count: 
     texts = [t.description for t in tools]
     longest = max((len(tokens.encode(text)) for text in texts), default=0)
     longest = max(longest, _longest_schema_description(tools, tokens))
-    if longest == 0:
-        return None
-    steps = _largest_fitting(0, (longest - 1) // DESCRIPTION_STEP, lambda k: count(
-        kept_messages, described(k * DESCRIPTION_STEP)) <= limit)
+    steps = None
+    if longest > 0:
+        steps = _largest_fitting(0, (longest - 1) // DESCRIPTION_STEP, lambda k: count(
+            kept_messages, described(k * DESCRIPTION_STEP)) <= limit)
     if steps is None:
-        return None
+        bare = described(0) if longest else tools
+        cut = sum(1 for before, after in zip(tools, bare, strict=True) if before != after)
+        return _cut_user_messages(kept_messages, bare, limit, count, tokens,
+                                  Packed([], bare, 0, dropped_messages, cut_outputs, cut))
     desc_cap = steps * DESCRIPTION_STEP
     packed_tools = described(desc_cap)
     cut_descriptions = sum(1 for before, after in zip(tools, packed_tools, strict=True)
@@ -234,3 +241,30 @@ def _longest_schema_description(tools: list[ToolSpec], tokens: Tokens) -> int:
     for tool in tools:
         _schema_descriptions(tool.parameters, measure)
     return longest[0]
+
+
+def _cut_user_messages(messages: list[ChatMessage], tools: list[ToolSpec], limit: int,
+                       count: Count, tokens: Tokens, so_far: Packed) -> Packed | None:
+    """Step 4: the middle of long user messages, all to one cap (the largest that fits);
+    `so_far` counts what steps 1-3 cut."""
+    users = {i: len(tokens.encode(m.content)) for i, m in enumerate(messages)
+             if m.role == "user"}
+    longest = max(users.values(), default=0)
+    if longest <= MIN_OUTPUT_TOKENS:
+        return None
+
+    def capped(cap: int) -> list[ChatMessage]:
+        return [dataclasses.replace(m, content=shorten_middle(m.content, cap, tokens))
+                if users.get(i, 0) > cap else m for i, m in enumerate(messages)]
+
+    steps = _largest_fitting(1, (longest - 1) // OUTPUT_STEP,
+                             lambda k: count(capped(k * OUTPUT_STEP), tools) <= limit)
+    if steps is not None:
+        cap = steps * OUTPUT_STEP
+    elif count(capped(MIN_OUTPUT_TOKENS), tools) <= limit:
+        cap = MIN_OUTPUT_TOKENS
+    else:
+        return None
+    packed = capped(cap)
+    return dataclasses.replace(so_far, messages=packed, prompt_tokens=count(packed, tools),
+                               cut_messages=sum(1 for n in users.values() if n > cap))

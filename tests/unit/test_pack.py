@@ -122,6 +122,24 @@ def test_then_tool_descriptions_are_shortened_and_the_system_prompt_never() -> N
     assert packed.prompt_tokens <= full - 300
 
 
+def test_last_the_newest_user_message_loses_its_middle() -> None:
+    """A resume turn with long reminders, beside a system prompt and tools that already fill
+    the window: the descriptions go, then the user message keeps its head and tail."""
+    message = "Resume directly. " + "<reminder>" * 100 + " Continue the task."
+    conversation = [SYSTEM, ChatMessage(role="user", content=message)]
+    tools = [ToolSpec("edit", "Edits a file. " * 10, {"type": "object"})]
+    limit = count(conversation, tools) - 900
+    packed = pack(conversation, tools, limit, count, CHARS)
+    assert packed is not None and packed.prompt_tokens <= limit
+    assert packed.messages[0] == SYSTEM and packed.tools[0].description == ""
+    assert packed.cut_messages == 1 and packed.cut_descriptions == 1
+    cap = len(message) - int(packed.messages[1].content.split(" tokens of this")[0]
+                             .rsplit("[... ", 1)[1])
+    assert cap % OUTPUT_STEP == 0
+    assert packed.messages[1].content == (message[:cap // 2] + OUTPUT_MARKER.format(
+        n=len(message) - cap) + message[-(cap - cap // 2):])
+
+
 def test_what_cannot_be_packed_is_none() -> None:
     conversation = [ChatMessage(role="system", content="S" * 500),
                     ChatMessage(role="user", content="go")]
