@@ -119,12 +119,12 @@ def test_claude_code_with_its_default_tools_answers_through_launch_and_pack(
     assert int(str(first["prompt_tokens"])) <= SMALL_WINDOW - 128
     assert int(str(first["completion_tokens"])) > 0
     assert all(r["status"] != 499 for r in requests)  # none dropped by the client, sent again
-    # The demo model talks until max_tokens, and Claude Code then asks it to resume, with a
-    # longer last message (~1.4k tokens of reminders) that no packing fits in 6,144 tokens
-    # once its ~4.9k of instructions and tools are kept: that request is refused in the words
-    # Claude Code knows, never failed otherwise. (So its exit code is not checked here.)
-    assert all(r["status"] == 200 or r.get("error") == "context_length_exceeded"
-               for r in requests), requests
+    # The demo model may talk until max_tokens; Claude Code then asks it to resume, with a
+    # last message of ~1.4k tokens of reminders: packing cuts its middle, so that turn is
+    # answered too. (Claude Code then still prints "Prompt is too long" and exits 1 by its own
+    # count of the 6,144-token window: every request it sent was answered, so the exit code
+    # is not checked here.)
+    assert all(r["status"] == 200 for r in requests), requests
 
 
 @pytest.mark.timeout(1200)
