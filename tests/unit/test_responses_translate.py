@@ -389,6 +389,7 @@ class _OneSlotEngine:
         class _Stream:
             model = "m"
             closed = False
+            packed_tokens = 0
 
             async def aclose(self) -> None:
                 if not self.closed:
