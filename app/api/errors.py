@@ -75,12 +75,16 @@ def install_error_handlers(app: FastAPI) -> None:
             mapped.status = error.status_code  # type: ignore[misc]
         return _refuse(request, mapped)
 
+    # Its own handler, not a case of the `Exception` one: Starlette answers through that one
+    # from its outermost middleware and then re-raises, so the client saw a reset, not a 400.
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, error: RecursionError) -> JSONResponse:
+        # Only a client's deeply nested JSON recurses this far (parsing, validating, rendering
+        # or packing it): the client's mistake, not ours.
+        log.info("request nested too deeply", path=request.url.path)
+        return error_response(InvalidRequest(NESTED_TOO_DEEPLY), request.url.path)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        if isinstance(error, RecursionError):
-            # Only a client's deeply nested JSON recurses this far (parsing, validating or
-            # rendering it); the client's mistake, not ours.
-            log.info("request nested too deeply", path=request.url.path)
-            return error_response(InvalidRequest(NESTED_TOO_DEEPLY), request.url.path)
         log.exception("unhandled error", path=request.url.path, error=repr(error))
         return _refuse(request, InternalError("Internal server error."))

@@ -7,11 +7,9 @@ gateway's generic tool format in the system prompt instead (app/output/generic_t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
@@ -104,23 +102,6 @@ def prompt_tokens(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return render(tokenizer, request).ids
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _deep_nesting_is_a_400(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Tool schemas are walked recursively (compact rendering, packing): a client's schema
-    nested hundreds deep is its mistake, a 400, not a RecursionError surfacing as a 500."""
-    @functools.wraps(fn)
-    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return fn(*args, **kwargs)
-        except RecursionError:
-            raise InvalidRequest("The request is nested too deeply to process.") from None
-    return guarded
-
-
-@_deep_nesting_is_a_400
 def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
     """The prompt for the request. Runs off the event loop and off the MLX thread."""
     if request.prompt is not None:
@@ -155,7 +136,6 @@ def render(tokenizer: Any, request: GenerationRequest) -> Prompt:
     return Prompt(ids=ids, text=text, output=output)
 
 
-@_deep_nesting_is_a_400
 def packed_render(tokenizer: Any, request: GenerationRequest,
                   limit: int) -> tuple[Prompt, Packed] | None:
     """The chat request packed to at most `limit` prompt tokens (app/engine/pack.py), or None
