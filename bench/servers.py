@@ -78,7 +78,7 @@ def mlx_lm_spec(model_dir: Path, port: int, top_level: int, python: str) -> Serv
 
 
 def gateway_config(model_dir: Path, port: int, top_level: int, workdir: Path,
-                   prompt_cache_bytes: str = "512MB") -> Path:
+                   prompt_cache_bytes: str = "512MB", speculative: str = "auto") -> Path:
     """A throwaway TOML: one pinned model, no auth (loopback only), no limits in the way."""
     batch = max(16, top_level)
     text = f"""\
@@ -98,6 +98,7 @@ pinned = true
 [engine]
 max_batch_size = {batch}
 prompt_cache_bytes = "{prompt_cache_bytes}"
+speculative = "{speculative}"
 
 [auth]
 enabled = false
@@ -118,14 +119,16 @@ level = "warning"
 
 def gateway_spec(
     model_dir: Path, port: int, top_level: int, workdir: Path, python: str,
-    prompt_cache_bytes: str = "512MB",
+    prompt_cache_bytes: str = "512MB", speculative: str = "auto",
 ) -> ServerSpec:
-    config = gateway_config(model_dir, port, top_level, workdir, prompt_cache_bytes)
+    config = gateway_config(model_dir, port, top_level, workdir, prompt_cache_bytes,
+                            speculative)
     argv = [python, "-m", "app.cli", "serve", "--config", str(config), "--port", str(port)]
     settings = (
         f"[engine] max_batch_size = {max(16, top_level)}, "
         f"prompt_cache_bytes = {prompt_cache_bytes}, "
-        "prefill_chunk default; auth and rate limits off (loopback)"
+        f"speculative = {speculative}, prefill_chunk default; auth and rate limits off "
+        "(loopback)"
     )
     return ServerSpec("gateway", argv, f"http://127.0.0.1:{port}/v1", GATEWAY_MODEL_ID, settings)
 

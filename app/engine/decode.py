@@ -28,6 +28,10 @@ from app.engine.cpu.llama_step import LlamaDecodeStep
 # (tokens (batch,), per-layer caches) -> logits (batch, vocabulary) for one new token each.
 DecodeForward = Callable[[mx.array, list[Any]], mx.array]
 
+# (tokens (batch, L), per-layer caches) -> logits (batch, L, vocabulary): L new tokens a row,
+# as speculative decoding verifies drafts.
+MultiTokenForward = Callable[[mx.array, list[Any]], mx.array]
+
 # Stands in for a row's log-probabilities in mlx-lm's responses; nothing reads it.
 NO_LOGPROBS = mx.array([], dtype=mx.float32)
 
@@ -37,6 +41,15 @@ def decode_forward(model: nn.Module) -> DecodeForward:
     if LlamaDecodeStep.supports(model):
         return LlamaDecodeStep(model)
     return lambda tokens, caches: model(tokens[:, None], cache=caches)[:, -1, :]
+
+
+def multi_token_forward(forward: DecodeForward, model: nn.Module) -> MultiTokenForward:
+    """The forward for several new tokens a row that goes with the decode step `forward`:
+    the tuned llama step's own when it is one (on the CPU mlx-lm's forward costs about twice
+    as much), else the model's call."""
+    if isinstance(forward, LlamaDecodeStep):
+        return forward.many
+    return lambda tokens, caches: model(tokens, cache=caches)
 
 
 class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]

@@ -39,7 +39,12 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
-from app.engine.decode import NO_LOGPROBS, LogitsGenerationBatch
+from app.engine.decode import (
+    NO_LOGPROBS,
+    LogitsGenerationBatch,
+    MultiTokenForward,
+    multi_token_forward,
+)
 from app.engine.sampling import TemperatureSampler
 
 NGRAM_SIZES = (3, 2)  # longest first: a longer match is a better guess
@@ -182,11 +187,13 @@ class _RowState:
 class SpeculativeGenerationBatch(LogitsGenerationBatch):
     policy: SpeculationPolicy
     spec_uids: set[int]  # sequences allowed to speculate
+    verify_forward: MultiTokenForward
     _rows: list[_RowState]
 
     def setup(self, policy: SpeculationPolicy, spec_uids: set[int]) -> None:
         self.policy = policy
         self.spec_uids = spec_uids
+        self.verify_forward = multi_token_forward(self.forward, self.model)
         self._rows = []
         self.drafted = 0  # draft tokens verified, and accepted, over this batch's life
         self.accepted = 0
@@ -286,7 +293,7 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         for p, d in zip(pending, drafts, strict=True):
             row = p + d
             inputs.append(row + [row[-1]] * (width - len(row)))  # filler, never accepted
-        logits = self.model(mx.array(inputs), cache=self.prompt_cache)  # (B, L, vocabulary)
+        logits = self.verify_forward(mx.array(inputs), self.prompt_cache)  # (B, L, vocabulary)
 
         at = [len(p) - 1 for p in pending]  # each row's position after its last pending token
         first = logits[mx.arange(rows), mx.array(at)]

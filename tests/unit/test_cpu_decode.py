@@ -67,3 +67,46 @@ def test_other_models_and_caches_use_the_models_own_forward() -> None:
     tokens = mx.array([9])
     assert mx.array_equal(forward(tokens, caches),
                           tuned(tokens[:, None], cache=reference)[:, -1, :])
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied: bool,
+                                                        batch: int) -> None:
+    """The verify forward of speculative decoding: L new tokens a row, causal among them,
+    left padding hidden, and rolled back by a trim as the speculative step does."""
+    model = tiny_model(seed=100 + batch, rope_traditional=traditional, tie_word_embeddings=tied)
+    tune_for_cpu(model)
+    step = LlamaDecodeStep(model)
+    prompts = [[(13 * i + 3 * j) % 300 for j in range(2 + (7 * i) % 13)] for i in range(batch)]
+    ours, theirs = _prefilled(model, prompts), _prefilled(model, prompts)
+    for n, length in enumerate([2, 5, 1, 8, 3]):
+        tokens = mx.array([[(17 * i + 5 * j + n) % 300 for j in range(length)]
+                           for i in range(batch)])
+        expected = model(tokens, cache=theirs)
+        got = step.many(tokens, ours)
+        assert got.shape == expected.shape == (batch, length, 300)
+        # Not bit for bit: MLX's fused attention sums in another order. Logits here span
+        # about +-30, so 1e-3 is float32 rounding through two layers, far below a wrong mask
+        # or position (those move logits by whole units).
+        assert mx.allclose(got, expected, rtol=1e-4, atol=1e-3), float(mx.abs(got - expected).max())
+        # Roll back all but the first token (a rejected draft), on both sides alike.
+        for cache in (*ours, *theirs):
+            cache.trim(length - 1)
+        assert mx.array_equal(ours[0].offset, theirs[0].offset)
+    # After the trims the next single-token step still equals the model's own, bit for bit.
+    tokens = mx.array([(3 * i) % 300 for i in range(batch)])
+    assert mx.array_equal(step(tokens, ours), model(tokens[:, None], cache=theirs)[:, -1, :])
+
+
+def test_multi_token_step_falls_back_to_the_models_own_forward() -> None:
+    tuned = tiny_model()
+    tune_for_cpu(tuned)
+    step = LlamaDecodeStep(tuned)
+    caches, reference = [KVCache() for _ in tuned.layers], [KVCache() for _ in tuned.layers]
+    prompt = mx.array([[5, 6, 7]])
+    tuned(prompt, cache=caches)
+    tuned(prompt, cache=reference)
+    tokens = mx.array([[9, 10, 11]])
+    assert mx.array_equal(step.many(tokens, caches), tuned(tokens, cache=reference))

@@ -17,6 +17,11 @@ step drops from about 35 ms to 20 ms:
   into an additive one once per step, and each half of the batch attends on its own CPU stream
   (as `cpu_tuning.decode_attention` does).
 
+`many` is the same step for L > 1 new tokens a row (speculative decoding's verify forward):
+causal within the new tokens on top of the padding mask, positions offset..offset+L-1. mlx-lm's
+forward for it (through the tuned layers) costs about twice a single-token step on this CPU;
+this one about 1.x (see bench/RESULTS.md, "verify step").
+
 Everything else is the model's own: its weights, its norms' functions, its KV cache objects.
 Prefill and anything this class does not know go through the model's own `__call__`.
 """
@@ -69,6 +74,7 @@ class _StepPlan:
     query_sin: mx.array
     query_scale: float  # 1.0 when the scale is folded into query_cos/query_sin
     masks: dict[int, mx.array | None]  # additive, by the first row of each `batch_parts`
+    length: int = 1  # new tokens a row
 
 
 class LlamaDecodeStep:
@@ -86,6 +92,7 @@ class LlamaDecodeStep:
         self.rope: CpuRoPE = attention.rope
         tied = "lm_head" not in model
         self.output_t: mx.array = (inner.embed_tokens if tied else model.lm_head).weight_t
+        self.pad_many = True
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -126,14 +133,37 @@ class LlamaDecodeStep:
         out: mx.array = (inner.norm(hidden) @ self.output_t)[:batch]
         return out
 
-    def _plan(self, batch: int, cache: Any) -> _StepPlan:
+    def many(self, tokens: mx.array, caches: list[Any]) -> mx.array:
+        """Logits (batch, L, vocabulary) for L new tokens a row (batch, L), as the model's own
+        `model(tokens, cache=caches)` computes them; the caches advance by L."""
+        batch, length = tokens.shape
+        if length == 1:
+            return self(tokens[:, 0], caches)[:, None, :]
+        if not all(type(cache) is BatchKVCache for cache in caches):
+            logits: mx.array = self.model(tokens, cache=caches)
+            return logits
+        count = batch * length  # rows of the hidden state: row b * length + j
+        rows = count + (-count % ROW_BLOCK if self.pad_many else 0)
+        inner = self.model.model
+        hidden = inner.embed_tokens(tokens.reshape(count))
+        if rows != count:
+            hidden = mx.pad(hidden, [(0, rows - count), (0, 0)])
+        plan = self._plan(batch, caches[0], length)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            hidden = self._layer_many(layer, hidden, plan, cache)
+        out: mx.array = (inner.norm(hidden) @ self.output_t)[:count]
+        return out.reshape(batch, length, -1)
+
+    def _plan(self, batch: int, cache: Any, length: int = 1) -> _StepPlan:
         # Every layer's cache holds the same positions and padding: they are filled, extended
         # and filtered together.
-        cos, sin = self._rotation(cache.offset)
+        cos, sin = self._rotation(cache.offset, length)
         query_cos, query_sin, query_scale = cos, sin, self.scale
         if math.log2(self.scale).is_integer():  # a power of two: folding it in is exact
             query_cos, query_sin, query_scale = cos * self.scale, sin * self.scale, 1.0
-        mask = cache.make_mask(1)  # what the model makes for one new token per sequence
+        # What the model makes for `length` new tokens a sequence: (batch or 1, 1, length,
+        # context), causal within the new tokens, padding hidden.
+        mask = cache.make_mask(length)
         masks: dict[int, mx.array | None] = {}
         for part in batch_parts(batch):
             if mask is None:
@@ -141,9 +171,17 @@ class LlamaDecodeStep:
                 continue
             rows = mask[part] if mask.shape[0] == batch else mask
             additive = mx.where(rows, mx.array(0.0), mx.array(-mx.inf))
-            shape = (part.stop - part.start, self.kv_heads, self.group, additive.shape[-1])
-            masks[part.start] = mx.broadcast_to(additive, shape)
-        return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks)
+            context, count = additive.shape[-1], part.stop - part.start
+            if length == 1:
+                masks[part.start] = mx.broadcast_to(
+                    additive, (count, self.kv_heads, self.group, context))
+                continue
+            # Laid out like the scores of `_layer_many`: (rows, kv_heads, length * group, ctx).
+            additive = additive.reshape(-1, 1, length, 1, context)
+            masks[part.start] = mx.broadcast_to(
+                additive, (count, self.kv_heads, length, self.group, context)).reshape(
+                count, self.kv_heads, length * self.group, context)
+        return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks, length)
 
     def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
         attention, mlp = layer.self_attn, layer.mlp
@@ -170,6 +208,39 @@ class LlamaDecodeStep:
         out: mx.array = hidden + gated @ mlp.down_proj.weight_t
         return out
 
+    def _layer_many(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any
+                    ) -> mx.array:
+        """`_layer` for `plan.length` tokens a row: hidden rows are (batch * length) tokens."""
+        attention, mlp = layer.self_attn, layer.mlp
+        batch, length, traditional = plan.batch, plan.length, self.rope.traditional
+        count = batch * length
+        kv_heads, group, head_dim = self.kv_heads, self.group, self.head_dim
+        normed = layer.input_layernorm(hidden)
+        queries = (normed @ attention.q_proj.weight_t)[:count]
+        queries = queries.reshape(batch, length, kv_heads, group, head_dim)
+        queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
+        if plan.query_scale != 1.0:
+            queries = queries * plan.query_scale
+        # Grouped by key/value head, each head's queries token by token: (b, kv, L * g, d).
+        queries = queries.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
+        keys = (normed @ attention.k_proj.weight_t)[:count]
+        keys = keys.reshape(batch, length, kv_heads, 1, head_dim)
+        keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
+        keys = keys.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
+        values = (normed @ attention.v_proj.weight_t)[:count]
+        values = values.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
+        keys, values = cache.update_and_fetch(keys, values)
+        attended = self._attend(queries, keys, values, plan)  # (b, kv, L * g, d)
+        attended = attended.reshape(batch, kv_heads, length, group, head_dim)
+        attended = attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)
+        if hidden.shape[0] != count:
+            attended = mx.pad(attended, [(0, hidden.shape[0] - count), (0, 0)])
+        hidden = hidden + attended @ attention.o_proj.weight_t
+        normed = layer.post_attention_layernorm(hidden)
+        gated = swiglu(normed @ mlp.gate_proj.weight_t, normed @ mlp.up_proj.weight_t)
+        out: mx.array = hidden + gated @ mlp.down_proj.weight_t
+        return out
+
     @staticmethod
     def _attend(queries: mx.array, keys: mx.array, values: mx.array,
                 plan: _StepPlan) -> mx.array:
@@ -182,8 +253,10 @@ class LlamaDecodeStep:
 
         return on_two_streams(plan.batch, part)
 
-    def _rotation(self, offsets: mx.array) -> tuple[mx.array, mx.array]:
-        """cos and signed sin for each sequence's position, shaped (batch, 1, 1, head_dim).
+    def _rotation(self, offsets: mx.array, length: int = 1) -> tuple[mx.array, mx.array]:
+        """cos and signed sin for each sequence's position, shaped (batch, 1, 1, head_dim);
+        for `length` > 1 positions offset..offset+length-1, shaped (batch, length, 1, 1,
+        head_dim).
 
         They come from the model's own RoPE applied to unit vectors, so they are exactly the
         values RoPE multiplies by."""
@@ -193,14 +266,17 @@ class LlamaDecodeStep:
         else:  # (1, .., 1, 0, .., 0) rotates to (c0, .., c_h, s0, .., s_h)
             unit = mx.concatenate([mx.ones(half), mx.zeros(half)])
         batch = offsets.shape[0] if offsets.ndim else 1
-        rotated = self.rope(mx.broadcast_to(unit, (batch, 1, 1, dims)), offsets)
+        rotated = self.rope(mx.broadcast_to(unit, (batch, 1, length, dims)), offsets)
         if self.rope.traditional:
-            pairs = rotated.reshape(batch, 1, 1, half, 2)
+            pairs = rotated.reshape(batch, 1, length, half, 2)
             c, s = pairs[..., 0:1], pairs[..., 1:2]
-            cos = mx.concatenate([c, c], axis=-1).reshape(batch, 1, 1, dims)
-            sin = mx.concatenate([-s, s], axis=-1).reshape(batch, 1, 1, dims)
+            cos = mx.concatenate([c, c], axis=-1).reshape(batch, 1, length, dims)
+            sin = mx.concatenate([-s, s], axis=-1).reshape(batch, 1, length, dims)
         else:
             c, s = rotated[..., :half], rotated[..., half:]
             cos = mx.concatenate([c, c], axis=-1)
             sin = mx.concatenate([-s, s], axis=-1)
+        if length > 1:  # (batch, 1, length, d) -> (batch, length, 1, 1, d): a token's heads
+            cos = cos.reshape(batch, length, 1, 1, dims)
+            sin = sin.reshape(batch, length, 1, 1, dims)
         return cos, sin
