@@ -54,15 +54,8 @@ def run(model_dir: Path, context: int, rounds: int, steps: int, lengths: list[in
     for start in range(0, context, 256):
         model(mx.array([ids[start:start + 256]]), cache=caches)
         mx.eval([c.state for c in caches])
-    def tuned(pad: bool) -> Forward:
-        def forward(t: mx.array, c: list[Any]) -> mx.array:
-            step.pad_many = pad
-            return step(t[:, 0], c) if t.shape[1] == 1 else step.many(t, c)
-        return forward
-
     variants: dict[str, Forward] = {
-        "tuned step": tuned(True),
-        "tuned, rows unpadded": tuned(False),
+        "tuned step": lambda t, c: step(t[:, 0], c) if t.shape[1] == 1 else step.many(t, c),
         "mlx-lm forward": lambda t, c: model(t, cache=c),
     }
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}

@@ -49,6 +49,13 @@ from app.engine.cpu.tuning import (
     on_two_streams,
 )
 
+# A multi-token step pads its rows to a multiple of 16 only from this many rows on. One row's
+# L = 2..8 verify step is cheaper unpadded: on the shared 2-core box (load ~12, alternating,
+# bench.verify_step) 2 tokens cost 1.06 plain steps unpadded vs 2.05 padded to 16, 4 tokens
+# 1.38 vs 2.05, 8 tokens about the same; the 16-row blocking pays from about 10 rows
+# (cpu/tuning.py's note).
+MANY_PAD_MIN_ROWS = 9
+
 
 def _rotate(x: mx.array, cos: mx.array, sin: mx.array, traditional: bool) -> mx.array:
     """RoPE with precomputed factors: `sin` carries the sign of each pair's first element."""
@@ -92,7 +99,6 @@ class LlamaDecodeStep:
         self.rope: CpuRoPE = attention.rope
         tied = "lm_head" not in model
         self.output_t: mx.array = (inner.embed_tokens if tied else model.lm_head).weight_t
-        self.pad_many = True
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -143,7 +149,7 @@ class LlamaDecodeStep:
             logits: mx.array = self.model(tokens, cache=caches)
             return logits
         count = batch * length  # rows of the hidden state: row b * length + j
-        rows = count + (-count % ROW_BLOCK if self.pad_many else 0)
+        rows = count + (-count % ROW_BLOCK if count >= MANY_PAD_MIN_ROWS else 0)
         inner = self.model.model
         hidden = inner.embed_tokens(tokens.reshape(count))
         if rows != count:
