@@ -85,8 +85,9 @@ class NgramDrafter:
 class RowStats:
     """Decayed counts of accepted draft tokens: the row's per-token acceptance rate."""
 
-    # Prior 0.85: a fresh row tries drafts (the policy drafts above about 0.72 on a CPU), and
-    # one whose drafts failed drifts back to it and tries again after some 40 plain steps.
+    # Prior 0.85: a fresh row tries drafts (alone in a batch, the policy drafts from a rate of
+    # about 0.3 on a CPU), and one whose drafts failed drifts back to it and tries again after
+    # some 40 plain steps.
     accepted: float = 1.7
     tried: float = 2.0
 
@@ -124,14 +125,13 @@ class RowOutlook:
 
 
 def _wide_step_cost() -> float:
-    # On MLX's CPU backend a forward of 2+ tokens a row costs 2-3 tuned plain steps however
-    # wide (measured here, loaded: 1 token 75-120 ms, 2 tokens ~217 ms, 16 tokens ~300 ms: the
-    # tuned single-token path of app/engine/cpu gives way to the generic forward). But copy
-    # runs are bursty (long runs accepted, then a miss), and on the edit bench charging the
-    # full 2.0 drafted too little (in process: 10.3/8.5 tok/s at 2.0 vs 11.5/10.0 at 0): 0.5
-    # keeps drafts that rarely land (rate below ~0.6) off. On a GPU the weights are read once
-    # either way; what is left is the lost pipelining.
-    return 0.5 if mx.default_device() == mx.cpu else 0.25
+    # On MLX's CPU backend the verify forward is the tuned llama step's multi-token path
+    # (`LlamaDecodeStep.many`): one row's 2-token step costs about 1.1 plain steps, 4 tokens
+    # about 1.4 (bench.verify_step, 2026-11-30, loaded: what the row_cost_tokens term gives
+    # plus ~0.15). Through mlx-lm's generic forward it cost 2-3 plain steps and 0.5 was charged
+    # (less than measured: copy runs are bursty). On a GPU the weights are read once either
+    # way; what is left is the lost pipelining.
+    return 0.15 if mx.default_device() == mx.cpu else 0.25
 
 
 @dataclass
