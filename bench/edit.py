@@ -156,7 +156,7 @@ def run_round(index: int, specs: dict[str, servers.ServerSpec], args: argparse.N
               workdir: Path) -> Round:
     result = Round()
     order = ["mlx_lm", "gateway"] if index % 2 == 0 else ["gateway", "mlx_lm"]
-    for key in order:
+    for key in [k for k in order if k in getattr(args, "edit_servers", order)]:
         spec = specs[key]
         env = servers.bench_env()
         with servers.running(spec, env, workdir / f"edit-{key}-{index}.log"):
@@ -254,6 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edit-requests", dest="edit_requests", type=int, default=1,
                         help="Counted requests per variant per round.")
     parser.add_argument("--edit-max-tokens", dest="edit_max_tokens", type=int, default=500)
+    parser.add_argument("--edit-servers", dest="edit_servers", default=["mlx_lm", "gateway"],
+                        type=lambda s: [n for n in s.split(",") if n],
+                        help="Comma-separated: mlx_lm, gateway (both by default).")
 
 
 def main(argv: list[str] | None = None) -> int:
