@@ -5,6 +5,7 @@ writes, token for token (greedy)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,11 @@ from mlx_lm.generate import BatchGenerator  # noqa: E402
 from app.engine.cpu.llama_step import LlamaDecodeStep  # noqa: E402
 from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import use_logits_decode  # noqa: E402
+from app.engine.speculative import (  # noqa: E402
+    RowOutlook,
+    SpeculationPolicy,
+    use_speculative_decode,
+)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")]
@@ -61,3 +67,51 @@ def test_tuned_batched_decode_matches_mlx_lm_token_for_token(demo_float32_dir: P
     batched = [got[uid] for uid in uids]
     assert batched == expected
     assert "Paris" in tokenizer.decode(batched[0])
+
+
+class _Eager(SpeculationPolicy):
+    """Drafts as long as it may whenever a row has a draft: this test is about correctness."""
+
+    def draft_length(self, rows: list[RowOutlook]) -> int:
+        return self.max_draft if any(row.available for row in rows) else 0
+
+
+COPY = ("Repeat this code exactly, nothing else:\n\ndef area(width, height):\n    return "
+        "width * height\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n")
+
+
+def _batched(model: Any, tokenizer: Any, prompts: list[list[int]], speculate: bool
+             ) -> tuple[list[list[int]], Any]:
+    generator = BatchGenerator(model, completion_batch_size=16, prefill_batch_size=16,
+                               stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+    allowed: set[int] = set()
+    batch: Any = (use_speculative_decode(generator, set(), allowed, _Eager()) if speculate
+                  else use_logits_decode(generator))
+    uids = generator.insert(prompts, max_tokens=[40] * len(prompts))
+    allowed.update(uids)
+    got: dict[int, list[int]] = {uid: [] for uid in uids}
+    finished: set[int] = set()
+    while len(finished) < len(uids):
+        for response in generator.next_generated():
+            got[response.uid].append(response.token)
+            if response.finish_reason is not None:
+                finished.add(response.uid)
+    generator.close()
+    return [got[uid] for uid in uids], batch
+
+
+def test_tuned_speculative_verify_writes_what_plain_tuned_decoding_writes(
+        demo_float32_dir: Path) -> None:
+    """Drafts verified by the tuned multi-token step (one row alone: unpadded rows; four
+    rows: padded) are accepted exactly where plain decoding writes them."""
+    model, tokenizer = load(str(demo_float32_dir))
+    assert tune_for_cpu(model) > 0
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                             add_generation_prompt=True)
+               for q in [COPY, *QUESTIONS[:3]]]
+    for count in (1, 4):
+        plain, _ = _batched(model, tokenizer, prompts[:count], speculate=False)
+        spec, batch = _batched(model, tokenizer, prompts[:count], speculate=True)
+        assert getattr(batch.verify_forward, "__self__", None) is batch.forward  # tuned many
+        assert batch.accepted > 0
+        assert spec == plain
