@@ -86,7 +86,7 @@ class RowStats:
     """Decayed counts of accepted draft tokens: the row's per-token acceptance rate."""
 
     # Prior 0.85: a fresh row tries drafts (alone in a batch, the policy drafts from a rate of
-    # about 0.3 on a CPU), and one whose drafts failed drifts back to it and tries again after
+    # about 0.5 on a CPU), and one whose drafts failed drifts back to it and tries again after
     # some 40 plain steps.
     accepted: float = 1.7
     tried: float = 2.0
@@ -127,11 +127,13 @@ class RowOutlook:
 def _wide_step_cost() -> float:
     # On MLX's CPU backend the verify forward is the tuned llama step's multi-token path
     # (`LlamaDecodeStep.many`): one row's 2-token step costs about 1.1 plain steps, 4 tokens
-    # about 1.4 (bench.verify_step, 2026-11-30, loaded: what the row_cost_tokens term gives
-    # plus ~0.15). Through mlx-lm's generic forward it cost 2-3 plain steps and 0.5 was charged
-    # (less than measured: copy runs are bursty). On a GPU the weights are read once either
-    # way; what is left is the lost pipelining.
-    return 0.15 if mx.default_device() == mx.cpu else 0.25
+    # about 1.4 (bench.verify_step, 2026-11-30, loaded), i.e. ~0.15 on top of the
+    # row_cost_tokens term. Charging just that drafted from acceptance rates of ~0.3, and on
+    # the varied-prompt probe at 1 client (answers that rarely repeat) speculation then cost
+    # ~7% (bench.spec_onoff); the edit level drafted the same either way (its runs are long or
+    # absent). 0.5 keeps drafts to rows accepting half or more. On a GPU the weights are read
+    # once either way; what is left is the lost pipelining.
+    return 0.5 if mx.default_device() == mx.cpu else 0.25
 
 
 @dataclass
