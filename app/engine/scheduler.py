@@ -37,12 +37,13 @@ from app.core.types import (
     TokenLogprob,
     Usage,
 )
-from app.engine.decode import use_logits_decode
+from app.engine.decode import LogitsGenerationBatch, empty_decode_batch
+from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
-from app.engine.speculative import SpeculationPolicy, use_speculative_decode
+from app.engine.speculative import SpeculationPolicy, SpeculativeGenerationBatch
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure, InvalidRequest
 
@@ -174,6 +175,7 @@ class ModelBatch:
         self._speculation = speculation  # None: speculative decoding off for this model
         # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
         self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
+        self._forward_bytes = weight_bytes(model)
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -187,12 +189,24 @@ class ModelBatch:
         )
         self._logprob_uids.clear()  # a new generator holds no sequence yet
         self._spec_uids.clear()
-        if self._speculation is not None:
-            use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
-                                   self._speculation)
-        else:
-            use_logits_decode(generator, self._logprob_uids)
+        running = generator._generation_batch
+        if len(running):
+            raise RuntimeError("a new generator holds no sequence yet")
+        # A long prompt decodes in a group of its own instead of padding every short row's KV
+        # out to its length (decode_groups.py).
+        generator._generation_batch = DecodeGroups(
+            partial(self._decode_group, running.fallback_sampler), self._forward_bytes)
         return generator
+
+    def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:
+        """An empty batch of the decode class this model uses: speculative or plain."""
+        if self._speculation is None:
+            return empty_decode_batch(self._model, fallback_sampler, self._logprob_uids)
+        batch = empty_decode_batch(self._model, fallback_sampler, self._logprob_uids,
+                                   SpeculativeGenerationBatch)
+        assert isinstance(batch, SpeculativeGenerationBatch)
+        batch.setup(self._speculation, self._spec_uids)
+        return batch
 
     def _inject(self, point: str) -> None:
         if self.fault is not None:
