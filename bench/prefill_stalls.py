@@ -25,6 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from app.core.types import GenerationEvent, TextDelta
@@ -110,9 +111,19 @@ def long_prompt(tokenizer: Any, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
+def prefix_kv(model: Any, tokens: list[int], chunk: int = 512) -> list[Any]:
+    """The KV of `tokens`, prefilled alone (what the prefix cache would hold for them)."""
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens), chunk):
+        model(mx.array([tokens[start:start + chunk]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
 def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
               prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0,
-              variant: str = "groups:16") -> MixedRun:
+              variant: str = "groups:16",
+              cached: tuple[list[int], list[Any]] | None = None) -> MixedRun:
     grouping, min_chunk = variant.split(":")
     prefill_budget.MIN_CHUNK = int(min_chunk)
     batch = ModelBatch(model, tokenizer, max_batch_size=max(16, streams + 1),
@@ -146,6 +157,8 @@ def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_t
         step()
     run.before = [step() for _ in range(warm_steps)]
     long_sink: list[GenerationEvent] = []
+    if cached is not None:  # the long prompt's prefix was computed before: it only joins
+        batch._prefix.insert("long", cached[0], cached[1], "seed")
     inserted = time.perf_counter()
     batch.add(sequence(long_prompt(tokenizer, long_tokens), 4, long_sink, "long"))
     while not any(isinstance(e, TextDelta) for e in long_sink):
@@ -170,10 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="Comma-separated GROUPING:MIN_CHUNK, GROUPING groups or merged.")
     parser.add_argument("--rounds", type=int, default=1,
                         help="Repeat every variant, alternating their order.")
+    parser.add_argument("--cached-prefix", action="store_true",
+                        help="All but the last 16 tokens of the long prompt are in the prefix "
+                             "cache (a coding agent's next turn): what its joining costs.")
     parser.add_argument("--verbose", action="store_true", help="Print every prefill step.")
     args = parser.parse_args(argv)
     model, tokenizer = load(str(args.model_dir))[:2]
     tune_for_cpu(model)
+    cached = None
+    if args.cached_prefix:
+        prefix = long_prompt(tokenizer, args.long_tokens)[:-16]
+        cached = (prefix, prefix_kv(model, prefix))
     print(HEADER)
     variants = args.variants.split(",")
     for round_ in range(args.rounds):
@@ -181,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants if round_ % 2 == 0 else variants[::-1]:
                 report(run_mixed(model, tokenizer, budget=budget, streams=args.streams,
                                  long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk,
-                                 prompt_cache_bytes=args.prompt_cache_bytes, variant=variant),
+                                 prompt_cache_bytes=args.prompt_cache_bytes, variant=variant,
+                                 cached=cached),
                        args.verbose)
     return 0
 
