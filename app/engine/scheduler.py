@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import mlx.core as mx
 import structlog
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
@@ -37,13 +38,13 @@ from app.core.types import (
     TokenLogprob,
     Usage,
 )
-from app.engine.decode import LogitsGenerationBatch, empty_decode_batch
+from app.engine.decode import LogitsGenerationBatch, use_logits_decode
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
-from app.engine.speculative import SpeculationPolicy, SpeculativeGenerationBatch
+from app.engine.speculative import SpeculationPolicy, use_speculative_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure, InvalidRequest
 
@@ -199,14 +200,16 @@ class ModelBatch:
         return generator
 
     def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:
-        """An empty batch of the decode class this model uses: speculative or plain."""
-        if self._speculation is None:
-            return empty_decode_batch(self._model, fallback_sampler, self._logprob_uids)
-        batch = empty_decode_batch(self._model, fallback_sampler, self._logprob_uids,
-                                   SpeculativeGenerationBatch)
-        assert isinstance(batch, SpeculativeGenerationBatch)
-        batch.setup(self._speculation, self._spec_uids)
-        return batch
+        """An empty batch of the decode class this model uses: speculative or plain. Made by
+        the same functions that set up a generator's one batch, on a stand-in that holds
+        only that batch, so a group is set up exactly as that batch would be."""
+        holder = SimpleNamespace(
+            _generation_batch=GenerationBatch.empty(self._model, fallback_sampler))
+        generator = cast(BatchGenerator, holder)
+        if self._speculation is not None:
+            return use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
+                                          self._speculation)
+        return use_logits_decode(generator, self._logprob_uids)
 
     def _inject(self, point: str) -> None:
         if self.fault is not None:

@@ -14,9 +14,11 @@ import pytest
 from mlx_lm import load
 from mlx_lm.sample_utils import greedy_sampler
 
+from app import metrics
 from app.core.types import Finish, GenerationEvent, TextDelta
 from app.engine.decode_groups import DecodeGroups
 from app.engine.scheduler import ModelBatch, Sequence
+from app.engine.speculative import SpeculationPolicy
 
 pytestmark = pytest.mark.e2e
 
@@ -41,14 +43,16 @@ def chat(tokenizer: Any, question: str) -> list[int]:
 
 
 def answers(demo: tuple[Any, Any], short: list[str], long: str | None, *,
-            separate: bool) -> tuple[dict[str, str], int]:
+            separate: bool, speculation: SpeculationPolicy | None = None
+            ) -> tuple[dict[str, str], int]:
     """Every prompt's greedy answer; the long one (if any) is added once the short ones
     decode. `separate`: any padding is worth a group of its own. Also returns the most
     groups that decoded at once."""
     model, tokenizer = demo
     loop = asyncio.new_event_loop()
     batch = ModelBatch(model, tokenizer, max_batch_size=8, prefill_chunk=512,
-                       prompt_cache_bytes=0, stream=mx.default_stream(mx.default_device()))
+                       prompt_cache_bytes=0, stream=mx.default_stream(mx.default_device()),
+                       speculation=speculation)
     groups = batch._generator._generation_batch
     assert isinstance(groups, DecodeGroups)
     if separate:
@@ -93,3 +97,14 @@ def test_a_long_prompt_in_its_own_group_changes_no_answer(demo: tuple[Any, Any])
     merged, most = answers(demo, SHORT, LONG, separate=False)
     assert most == 1
     assert merged == mixed
+
+
+def test_speculating_groups_answer_as_plain_decoding(demo: tuple[Any, Any]) -> None:
+    """Each group is a speculative batch of its own (drafts verified per group)."""
+    plain, _ = answers(demo, SHORT, LONG, separate=True)
+    drafted = metrics.SPEC_DRAFTED._value.get()
+    speculating, most = answers(demo, SHORT, LONG, separate=True,
+                                speculation=SpeculationPolicy())
+    assert most == 2
+    assert metrics.SPEC_DRAFTED._value.get() > drafted  # drafts were verified
+    assert speculating == plain
