@@ -66,10 +66,11 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
             # No telemetry, error reports, update checks: only the gateway is spoken to.
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         }
+        # Not CLAUDE_CODE_MAX_CONTEXT_TOKENS: given the real window, Claude Code 2.1 keeps
+        # fixed buffers (13k below it to compact, 3k to refuse on its own count) that leave
+        # nothing of an 8k window, so it refuses after the first packed answer.
         sizes = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(target.max_output),
-                 # Read only with DISABLE_COMPACT set; then it is the window Claude Code uses.
-                 "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(target.context),
-                 **_claude_compaction(target),
+                 **_claude_compaction(target, _claude_max_output(target)),
                  # Claude Code drops a stream that sends no message event for 5 minutes (pings
                  # do not count) and sends it again: a long prompt's prefill on a local model
                  # can take that long, and each retry starts it over.
@@ -92,15 +93,28 @@ def plan_for(client: str, target: Target, *, args: list[str], home: Path,
 CLAUDE_MIN_COMPACT_WINDOW = 100_000
 CLAUDE_DEFAULT_WINDOW = 200_000
 CLAUDE_STREAM_IDLE_MS = 1_800_000
+# Claude Code's own prompt with its default tools is ~18.4k tokens (bench/RESULTS.md), and a
+# compaction shrinks only the conversation: below this context the request is back over the
+# threshold a turn after each compaction (Claude Code gives up after three, "Autocompact is
+# thrashing"). There its compaction is turned off and the gateway's packing fits each request.
+CLAUDE_MIN_CONTEXT_TO_COMPACT = 32_768
 
 
-def _claude_compaction(target: Target) -> dict[str, str]:
+def _claude_max_output(target: Target) -> int:
+    """The answer size Claude Code will ask for: the user's own setting wins over ours."""
+    mine = os.environ.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "")
+    return int(mine) if mine.isdigit() and int(mine) > 0 else target.max_output
+
+
+def _claude_compaction(target: Target, max_output: int) -> dict[str, str]:
     """Claude Code's auto-compaction at the model's real size. It compacts when the
     conversation reaches AUTOCOMPACT_PCT_OVERRIDE percent of its window, and that window is
     never below 100k: for a smaller model the percentage carries the real size (an 8k model
     answering up to 2,048: compact at 6,144 tokens of a 100k window = 6.144%)."""
+    if target.context < CLAUDE_MIN_CONTEXT_TO_COMPACT:
+        return {"DISABLE_AUTO_COMPACT": "1"}
     window = min(CLAUDE_DEFAULT_WINDOW, max(CLAUDE_MIN_COMPACT_WINDOW, target.context))
-    threshold = max(1, target.context - target.max_output)
+    threshold = max(1, target.context - max_output)
     percent = round(100 * threshold / window, 3)
     return {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(target.context),
             "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": f"{percent:g}"}

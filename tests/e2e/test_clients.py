@@ -48,13 +48,13 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path
 
 
 def _launch(server: GatewayProcess, client: str, home: Path, *args: str,
-            stdin: str | None = None, extra_env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+            stdin: str | None = None, extra_env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": client_path(), "HOME": str(home), **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "launch", client, "--config",
          str(server.config_path), "--url", server.base_url, "--", *args],
-        input=stdin, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        input=stdin, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.timeout(900)
@@ -109,8 +109,8 @@ def test_claude_code_with_its_default_tools_answers_through_launch_and_pack(
     # over what launch suggests), yet long enough to end by itself: an answer cut at
     # max_tokens makes Claude Code ask again ("Output token limit hit. Resume directly").
     done = _launch(small_window, "claude", tmp_path, "-p", "--max-turns", "1",
-                   stdin="What is the capital of France?",
-                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "128"})
+                   "--output-format", "json", stdin="What is the capital of France?",
+                   extra_env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "128"}, timeout=1100)
     requests = _packed_requests(small_window, "/v1/messages")
     answered = [r for r in requests if r["status"] == 200 and "completion_tokens" in r]
     assert answered, (done.stderr, requests)
@@ -119,12 +119,16 @@ def test_claude_code_with_its_default_tools_answers_through_launch_and_pack(
     assert int(str(first["prompt_tokens"])) <= SMALL_WINDOW - 128
     assert int(str(first["completion_tokens"])) > 0
     assert all(r["status"] != 499 for r in requests)  # none dropped by the client, sent again
-    # The demo model may talk until max_tokens; Claude Code then asks it to resume, with a
-    # last message of ~1.4k tokens of reminders: packing cuts its middle, so that turn is
-    # answered too. (Claude Code then still prints "Prompt is too long" and exits 1 by its own
-    # count of the 6,144-token window: every request it sent was answered, so the exit code
-    # is not checked here.)
+    # The demo model talks until max_tokens; Claude Code then asks it to resume, with a last
+    # message of ~1.4k tokens of reminders: packing cuts its middle, so that turn is answered
+    # too. Every request it sent was answered:
     assert all(r["status"] == 200 for r in requests), requests
+    # and it never refused on its own count of the window ("Prompt is too long", which it
+    # did when told the real window). Its run completes; it still reports an error when the
+    # demo model has not stopped after three resumes, which is the demo model's doing.
+    result = json.loads(done.stdout)
+    assert result["terminal_reason"] == "completed", result
+    assert not result["is_error"] or "output token maximum" in result["result"], result
 
 
 @pytest.mark.timeout(1200)

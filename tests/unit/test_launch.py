@@ -35,12 +35,30 @@ def test_claude_compacts_at_the_models_real_window(tmp_path: Path) -> None:
     def percent(context: int, output: int) -> float:
         plan = plan_for("claude", Target("http://x", "m", context, output, TOKEN), args=[],
                         home=tmp_path, clients_dir=tmp_path)
+        assert "DISABLE_AUTO_COMPACT" not in plan.defaults
         return float(plan.defaults["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"])
 
-    assert percent(8192, 2048) == 6.144  # 6,144 tokens of a 100k window
-    assert percent(32768, 8192) == 24.576
+    assert percent(32768, 8192) == 24.576  # 24,576 tokens of a 100k window
     assert percent(131072, 32768) == 75.0  # 98,304 of a 131,072 window
     assert percent(262144, 65536) == 98.304  # Claude Code caps its window at 200k
+
+
+def test_claude_leaves_a_small_window_to_packing(tmp_path: Path) -> None:
+    """Below 32k its own ~18k-token prompt refills the window after every compaction, and
+    told the real window it refuses on its own count (fixed 13k and 3k buffers): it is told
+    neither, and the gateway packs."""
+    plan = plan_for("claude", Target("http://x", "m", 8192, 2048, TOKEN), args=[],
+                    home=tmp_path, clients_dir=tmp_path)
+    assert plan.defaults["DISABLE_AUTO_COMPACT"] == "1"
+    assert not {"CLAUDE_AUTOCOMPACT_PCT_OVERRIDE", "CLAUDE_CODE_MAX_CONTEXT_TOKENS"} & {
+        *plan.defaults, *plan.env}
+
+
+def test_claude_compaction_leaves_room_for_the_users_answer_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "768")
+    plan = plan_for("claude", TARGET, args=[], home=tmp_path, clients_dir=tmp_path)
+    assert plan.defaults["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"] == "32"  # (32768 - 768) of 100k
 
 
 def test_user_settings_win_over_size_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
