@@ -440,7 +440,8 @@ def rejection_inputs(sampler: TemperatureSampler, logits: mx.array, draft: list[
 
     `draft_probs` is q, the (d, vocabulary) distributions a draft model drew the draft from;
     None: a deterministic draft (prompt lookup), q one-hot, so the chance is p(t) and the
-    residual is p with t removed."""
+    residual is p with t removed. (That rule keeps p whatever chose t; with q, a draft sampled
+    from q stands sum(min(p, q)) of the time instead of sum(p * q).)"""
     d = len(draft)
     scaled = sampler.filtered(logits) * sampler.inverse_temperature
     probs = mx.softmax(scaled.astype(mx.float32), axis=-1)
