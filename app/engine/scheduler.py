@@ -41,6 +41,7 @@ from app.core.types import (
 from app.engine.decode import LogitsGenerationBatch, use_logits_decode
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
+from app.engine.draft_model import DraftModel
 from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
@@ -157,6 +158,7 @@ class ModelBatch:
         prefill_budget: float = 0.0,
         disk: ModelDisk | None = None,
         speculation: SpeculationPolicy | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
@@ -174,6 +176,7 @@ class ModelBatch:
         self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
         self._spec_uids: set[int] = set()  # sequences that may speculate
         self._speculation = speculation  # None: speculative decoding off for this model
+        self.draft_model = draft_model  # drafts instead of prompt lookup (held while resident)
         # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
         self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
         self._forward_bytes = weight_bytes(model)
@@ -208,7 +211,7 @@ class ModelBatch:
         generator = cast(BatchGenerator, holder)
         if self._speculation is not None:
             return use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
-                                          self._speculation)
+                                          self._speculation, self.draft_model)
         return use_logits_decode(generator, self._logprob_uids)
 
     def _inject(self, point: str) -> None:
@@ -489,6 +492,7 @@ class ModelBatch:
     def close(self) -> None:
         self._prefix.clear()
         self._generator.close()
+        self.draft_model = None  # its weights go with the model they draft for
         mx.clear_cache()
 
 
