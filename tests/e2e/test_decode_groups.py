@@ -102,9 +102,10 @@ def test_a_long_prompt_in_its_own_group_changes_no_answer(demo: tuple[Any, Any])
 def test_speculating_groups_answer_as_plain_decoding(demo: tuple[Any, Any]) -> None:
     """Each group is a speculative batch of its own (drafts verified per group)."""
     plain, _ = answers(demo, SHORT, LONG, separate=True)
-    drafted = metrics.SPEC_DRAFTED._value.get()
+    counter = metrics.SPEC_DRAFTED.labels("prompt_lookup")
+    drafted = counter._value.get()
     speculating, most = answers(demo, SHORT, LONG, separate=True,
                                 speculation=SpeculationPolicy())
     assert most == 2
-    assert metrics.SPEC_DRAFTED._value.get() > drafted  # drafts were verified
+    assert counter._value.get() > drafted  # drafts were verified
     assert speculating == plain
