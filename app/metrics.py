@@ -88,14 +88,16 @@ ENGINE_STEP = Histogram(
 )
 SPEC_DRAFTED = Counter(
     "mlxgw_speculative_drafted_tokens_total",
-    "Draft tokens (prompt lookup) verified by speculative decoding steps.",
+    "Draft tokens verified by speculative decoding steps, by where they came from "
+    "(prompt_lookup, draft_model).", ["source"],
 )
 SPEC_ACCEPTED = Counter(
     "mlxgw_speculative_accepted_tokens_total",
-    "Draft tokens the model accepted (acceptance rate = accepted / drafted).",
+    "Draft tokens the model accepted (acceptance rate = accepted / drafted).", ["source"],
 )
 SPEC_STEPS = Counter(
-    "mlxgw_speculative_steps_total", "Decode steps that verified drafts (several tokens a row)."
+    "mlxgw_speculative_steps_total", "Decode steps that verified drafts (several tokens a row).",
+    ["source"],
 )
 STEP_SEQUENCES = Histogram(
     "mlxgw_engine_step_sequences", "Sequences in the batch at each engine step.",

@@ -132,6 +132,10 @@ class ModelEntry(_Section):
         default_factory=SamplingDefaults,
         description="Sampling for fields a request leaves out; over the model's "
                     "generation_config.json, which is over the API defaults.")
+    draft: str | None = Field(
+        None, description="Speculative decoding drafts with this other [[models]] id (a small "
+        "model with the same tokenizer) instead of prompt lookup; loaded and evicted with "
+        "this model, counted in its memory.")
 
     @field_validator("id")
     @classmethod
@@ -346,6 +350,23 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _targets_agree(self) -> Settings:
         check_references(self.upstreams, self.routes)
+        return self
+
+    @model_validator(mode="after")
+    def _drafts_name_models(self) -> Settings:
+        # Only the ids here: whether the tokenizers agree needs the files
+        # (app.models.draft_check, at start and in `doctor`).
+        ids = {entry.id for entry in self.models}
+        for entry in self.models:
+            if entry.draft is None:
+                continue
+            if entry.draft == entry.id:
+                raise ValueError(f"model {entry.id!r}: draft must name another model, not "
+                                 "itself")
+            if entry.draft not in ids:
+                known = ", ".join(sorted(ids - {entry.id})) or "none"
+                raise ValueError(f"model {entry.id!r}: draft {entry.draft!r} is not a "
+                                 f"[[models]] id (configured: {known})")
         return self
 
     @property

@@ -4,7 +4,10 @@ for. mlx-gateway with speculation on and off (the per-request `speculative` fiel
 and mlx_lm.server, on the same weights, one server at a time, the order alternating by round.
 
     python -m bench.edit --model-dir PATH [--edit-rounds 3] [--edit-requests 1]
-        [--edit-max-tokens 500]
+        [--edit-max-tokens 500] [--draft-dir PATH] [--no-mlx-lm]
+
+With --draft-dir, a third gateway variant drafts with that model (`[[models]] draft`, a second
+model id on the same weights in the same process) instead of prompt lookup.
 
 Reports tokens/s per round and their median, the ratios the issue targets (on / mlx_lm.server
 >= 2.5x, on / off >= 2x), the draft acceptance rate from the gateway's /metrics, and how close
@@ -107,10 +110,30 @@ class Round:
     by_variant: dict[str, Sample] = field(default_factory=dict)
     drafted: float = 0.0
     accepted: float = 0.0
+    draft_drafted: float = 0.0  # the draft-model variant's
+    draft_accepted: float = 0.0
 
 
 VARIANTS = {"mlx_lm": "mlx_lm.server", "off": "mlx-gateway, speculation off",
-            "on": "mlx-gateway, speculation on"}
+            "on": "mlx-gateway, speculation on (prompt lookup)",
+            "draft": "mlx-gateway, speculation on (draft model)"}
+DRAFTED_ID, DRAFT_ID = "edit-drafted", "edit-draft"  # with --draft-dir
+
+
+def draft_models(model_dir: Path, draft_dir: Path) -> str:
+    """TOML for the draft variant: the same weights under another id, drafted for by
+    `draft_dir` (the draft is loaded with it and counted in its memory)."""
+    return f"""
+[[models]]
+id = "{DRAFTED_ID}"
+path = "{model_dir}"
+pinned = true
+draft = "{DRAFT_ID}"
+
+[[models]]
+id = "{DRAFT_ID}"
+path = "{draft_dir}"
+"""
 
 
 def code_of(text: str) -> str:
@@ -119,8 +142,9 @@ def code_of(text: str) -> str:
 
 
 def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    """The metric summed over its labels (the speculative counters are by draft source)."""
+    return sum(float(value) for value in
+               re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def _body(spec: servers.ServerSpec, max_tokens: int, extra: dict[str, Any] | None
@@ -130,11 +154,13 @@ def _body(spec: servers.ServerSpec, max_tokens: int, extra: dict[str, Any] | Non
             "stream_options": {"include_usage": True}, **(extra or {})}
 
 
-async def warm_up(spec: servers.ServerSpec) -> None:
+async def warm_up(spec: servers.ServerSpec, model: str | None = None) -> None:
     """One short uncounted request: loads the model, and puts the prompt in the server's
     prompt cache as the counted requests of every variant will find it."""
+    extra = {"model": model} if model else None
     async with httpx.AsyncClient(timeout=900) as client:
-        await stream_chat(client, spec.base_url + "/chat/completions", _body(spec, 8, None), {})
+        await stream_chat(client, spec.base_url + "/chat/completions", _body(spec, 8, extra),
+                          {})
 
 
 async def measure(spec: servers.ServerSpec, requests: int, max_tokens: int,
@@ -156,7 +182,7 @@ def run_round(index: int, specs: dict[str, servers.ServerSpec], args: argparse.N
               workdir: Path) -> Round:
     result = Round()
     order = ["mlx_lm", "gateway"] if index % 2 == 0 else ["gateway", "mlx_lm"]
-    for key in [k for k in order if k in getattr(args, "edit_servers", order)]:
+    for key in [k for k in order if k in specs]:
         spec = specs[key]
         env = servers.bench_env()
         with servers.running(spec, env, workdir / f"edit-{key}-{index}.log"):
@@ -166,17 +192,23 @@ def run_round(index: int, specs: dict[str, servers.ServerSpec], args: argparse.N
                     measure(spec, args.edit_requests, args.edit_max_tokens, None))
                 continue
             metrics_url = spec.base_url.removesuffix("/v1") + "/metrics"
-            modes = ["off", "on"] if index % 2 == 0 else ["on", "off"]
-            for mode in modes:
+            modes = ["off", "on"] + (["draft"] if args.draft_dir else [])
+            if args.draft_dir:
+                asyncio.run(warm_up(spec, DRAFTED_ID))
+            shift = index % len(modes)  # the order rotates by round
+            for mode in modes[shift:] + modes[:shift]:
                 before = httpx.get(metrics_url).text
+                extra: dict[str, Any] = {"speculative": "off" if mode == "off" else "auto"}
+                if mode == "draft":
+                    extra["model"] = DRAFTED_ID
                 result.by_variant[mode] = asyncio.run(measure(
-                    spec, args.edit_requests, args.edit_max_tokens,
-                    {"speculative": "auto" if mode == "on" else "off"}))
+                    spec, args.edit_requests, args.edit_max_tokens, extra))
                 after = httpx.get(metrics_url).text
-                if mode == "on":
+                prefix = {"on": "", "draft": "draft_"}.get(mode)
+                if prefix is not None:
                     for name, attr in (("mlxgw_speculative_drafted_tokens_total", "drafted"),
                                        ("mlxgw_speculative_accepted_tokens_total", "accepted")):
-                        setattr(result, attr, _metric(after, name) - _metric(before, name))
+                        setattr(result, prefix + attr, _metric(after, name) - _metric(before, name))
         log.info("bench.edit_round", round=index + 1, server=key,
                  **{k: round(v.tokens_per_s, 1) for k, v in result.by_variant.items()})
     return result
@@ -214,14 +246,22 @@ def report(rounds: list[Round], args: argparse.Namespace, loads: list[str]) -> s
     drafted = sum(r.drafted for r in rounds)
     accepted = sum(r.accepted for r in rounds)
     rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
-    lines.append(f"Drafts (speculation on, all rounds): {drafted:.0f} drafted, {accepted:.0f} "
+    lines.append(f"Drafts (prompt lookup, all rounds): {drafted:.0f} drafted, {accepted:.0f} "
                  f"accepted: acceptance {rate}.")
+    if args.draft_dir:
+        drafted = sum(r.draft_drafted for r in rounds)
+        accepted = sum(r.draft_accepted for r in rounds)
+        rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
+        lines.append(f"Drafts (draft model {args.draft_dir.name}, all rounds): {drafted:.0f} "
+                     f"drafted, {accepted:.0f} accepted: acceptance {rate}.")
     lines.append("")
     lines.append("| ratio (per-round medians) | value | target | met |")
     lines.append("| --- | ---: | --- | --- |")
     for label, a, b, target in (("on / mlx_lm.server", "on", "mlx_lm", 2.5),
                                 ("on / off", "on", "off", 2.0),
-                                ("off / mlx_lm.server", "off", "mlx_lm", None)):
+                                ("off / mlx_lm.server", "off", "mlx_lm", None),
+                                ("draft model / off", "draft", "off", None),
+                                ("draft model / prompt lookup", "draft", "on", None)):
         ratios = [r.by_variant[a].tokens_per_s / r.by_variant[b].tokens_per_s for r in rounds
                   if a in r.by_variant and b in r.by_variant and r.by_variant[b].tokens_per_s]
         if not ratios:
@@ -238,11 +278,14 @@ def run(model_dir: Path, args: argparse.Namespace) -> str:
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="mlxgw-edit-") as tmp:
         workdir = Path(tmp)
+        extra = draft_models(model_dir, args.draft_dir) if args.draft_dir else ""
         specs = {
             "mlx_lm": servers.mlx_lm_spec(model_dir, servers.free_port(), 1, sys.executable),
             "gateway": servers.gateway_spec(model_dir, servers.free_port(), 1, workdir,
-                                            sys.executable),
+                                            sys.executable, extra=extra),
         }
+        if args.no_mlx_lm:
+            del specs["mlx_lm"]
         for index in range(args.edit_rounds):
             loads.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
             rounds.append(run_round(index, specs, args, workdir))
@@ -254,9 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edit-requests", dest="edit_requests", type=int, default=1,
                         help="Counted requests per variant per round.")
     parser.add_argument("--edit-max-tokens", dest="edit_max_tokens", type=int, default=500)
-    parser.add_argument("--edit-servers", dest="edit_servers", default=["mlx_lm", "gateway"],
-                        type=lambda s: [n for n in s.split(",") if n],
-                        help="Comma-separated: mlx_lm, gateway (both by default).")
+    parser.add_argument("--draft-dir", dest="draft_dir", type=Path, default=None,
+                        help="An MLX model folder with the same tokenizer: adds the variant "
+                        "'speculation on (draft model)'.")
+    parser.add_argument("--no-mlx-lm", dest="no_mlx_lm", action="store_true",
+                        help="Gateway variants only (mlx_lm.server is not started).")
 
 
 def main(argv: list[str] | None = None) -> int:

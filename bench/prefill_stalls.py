@@ -1,12 +1,16 @@
 """Engine-level view of the `mixed` scenario: N streams decode, then one long prompt arrives.
 
     python -m bench.prefill_stalls --model-dir PATH [--streams 8] [--long-tokens 4000]
-        [--budgets 0,1,2] [--prefill-chunk 2048]
+        [--budgets 0,1,2] [--prefill-chunk 2048] [--variants groups:16,merged:4] [--rounds 1]
 
-Runs the gateway's ModelBatch in this process (no HTTP), once per budget, and reports per run:
-the running streams' median step time before the long prompt, the longest step while it
-prefilled, the chunk sizes chosen, the tokens each running stream received during the prefill
-and the long prompt's time to first token. `[engine] prefill_budget = 0` is the old behaviour.
+Runs the gateway's ModelBatch in this process (no HTTP), once per budget and variant, and
+reports per run: the running streams' median step time before the long prompt, the longest
+step while it prefilled, the chunk sizes chosen, the tokens each running stream received during
+the prefill, the long prompt's time to first token, and the median step once all 9 decode.
+`[engine] prefill_budget = 0` is the old behaviour. A variant is `groups` (decode groups,
+app/engine/decode_groups.py) or `merged` (every row in one batch, padded to the longest: the
+behaviour before them), and the prefill budget's chunk floor (`prefill_budget.MIN_CHUNK`):
+before/after comparisons in one sitting.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from app.core.types import GenerationEvent, TextDelta
+from app.engine import prefill_budget
 from app.engine.cpu.tuning import tune_for_cpu
+from app.engine.decode_groups import DecodeGroups
 from app.engine.scheduler import ModelBatch, Sequence
 
 
@@ -46,8 +53,10 @@ class StepRecord:
 @dataclass
 class MixedRun:
     budget: float
+    variant: str = "groups:16"
     before: list[StepRecord] = field(default_factory=list)  # decode only, long prompt not yet in
     during: list[StepRecord] = field(default_factory=list)  # while the long prompt prefilled
+    after: list[StepRecord] = field(default_factory=list)  # every stream and the long decode
     ttft: float = 0.0  # the long prompt's insert to its first token
 
     @property
@@ -61,15 +70,21 @@ class MixedRun:
     def summary(self) -> str:
         chunks = sorted({r.chunk for r in self.during if r.prompt_tokens})
         shown = chunks if len(chunks) <= 6 else [*chunks[:3], "...", *chunks[-2:]]
-        return (f"| {self.budget:g} | {self.median_step * 1000:.0f} "
+        after = statistics.median(r.seconds for r in self.after) if self.after else 0.0
+        during = statistics.median(r.seconds for r in self.during)
+        return (f"| {self.variant} | {self.budget:g} | {self.median_step * 1000:.0f} "
                 f"| {self.longest_step * 1000:.0f} "
-                f"| {self.longest_step / self.median_step:.1f} | {len(self.during)} "
-                f"| {sum(r.decoded for r in self.during)} | {shown} | {self.ttft:.2f} |")
+                f"| {self.longest_step / self.median_step:.1f} "
+                f"| {during / self.median_step:.1f} | {len(self.during)} "
+                f"| {sum(r.decoded for r in self.during)} | {shown} | {self.ttft:.2f} "
+                f"| {after * 1000:.0f} |")
 
 
-HEADER = ("| prefill_budget | median step ms | longest step ms during prefill | longest / median "
-          "| prefill steps | tokens to running streams during prefill | chunks | long TTFT s |\n"
-          "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+HEADER = ("| variant | prefill_budget | median step ms | longest step ms during prefill "
+          "| longest / median | median during / median | prefill steps "
+          "| tokens to running streams during prefill | chunks | long TTFT s "
+          "| median step after, ms |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
 
 
 def no_end(eos: list[int]) -> Callable[[Any, mx.array], mx.array]:
@@ -96,13 +111,30 @@ def long_prompt(tokenizer: Any, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
+def prefix_kv(model: Any, tokens: list[int], chunk: int = 512) -> list[Any]:
+    """The KV of `tokens`, prefilled alone (what the prefix cache would hold for them)."""
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens), chunk):
+        model(mx.array([tokens[start:start + chunk]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
 def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
-              prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0) -> MixedRun:
+              prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0,
+              variant: str = "groups:16",
+              cached: tuple[list[int], list[Any]] | None = None) -> MixedRun:
+    grouping, min_chunk = variant.split(":")
+    prefill_budget.MIN_CHUNK = int(min_chunk)
     batch = ModelBatch(model, tokenizer, max_batch_size=max(16, streams + 1),
                        prefill_chunk=prefill_chunk, prompt_cache_bytes=prompt_cache_bytes,
                        stream=mx.default_stream(mx.default_device()),
                        prefill_budget=budget)
-    run = MixedRun(budget)
+    groups = batch._generator._generation_batch
+    assert isinstance(groups, DecodeGroups)
+    if grouping == "merged":
+        groups.max_groups = 1  # every row in one batch: mlx-lm's own way
+    run = MixedRun(budget, variant)
     endless = no_end(list(tokenizer.eos_token_ids))
     running = [sequence(tokenizer.encode(f"Stream {i}: write a long story about a lighthouse."),
                         100_000, [], f"s{i}", [endless]) for i in range(streams)]
@@ -125,11 +157,14 @@ def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_t
         step()
     run.before = [step() for _ in range(warm_steps)]
     long_sink: list[GenerationEvent] = []
+    if cached is not None:  # the long prompt's prefix was computed before: it only joins
+        batch._prefix.insert("long", cached[0], cached[1], "seed")
     inserted = time.perf_counter()
     batch.add(sequence(long_prompt(tokenizer, long_tokens), 4, long_sink, "long"))
     while not any(isinstance(e, TextDelta) for e in long_sink):
         run.during.append(step())
     run.ttft = time.perf_counter() - inserted
+    run.after = [step() for _ in range(warm_steps)]
     batch.close()
     return run
 
@@ -144,21 +179,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-cache-bytes", type=int, default=512_000_000,
                         help="The prefix cache (the gateway's default; it saves a long prompt's "
                              "KV as soon as it is prefilled).")
+    parser.add_argument("--variants", default=f"groups:{prefill_budget.MIN_CHUNK}",
+                        help="Comma-separated GROUPING:MIN_CHUNK, GROUPING groups or merged.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Repeat every variant, alternating their order.")
+    parser.add_argument("--cached-prefix", action="store_true",
+                        help="All but the last 16 tokens of the long prompt are in the prefix "
+                             "cache (a coding agent's next turn): what its joining costs.")
     parser.add_argument("--verbose", action="store_true", help="Print every prefill step.")
     args = parser.parse_args(argv)
     model, tokenizer = load(str(args.model_dir))[:2]
     tune_for_cpu(model)
+    cached = None
+    if args.cached_prefix:
+        prefix = long_prompt(tokenizer, args.long_tokens)[:-16]
+        cached = (prefix, prefix_kv(model, prefix))
     print(HEADER)
-    for budget in (float(b) for b in args.budgets.split(",")):
-        run = run_mixed(model, tokenizer, budget=budget, streams=args.streams,
-                        long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk,
-                        prompt_cache_bytes=args.prompt_cache_bytes)
-        print(run.summary(), flush=True)
-        if args.verbose:
-            for i, r in enumerate(run.during):
-                print(f"  step {i}: {r.seconds * 1000:.0f} ms, chunk {r.chunk}, "
-                      f"prefilled {r.prompt_tokens}, tokens to streams {r.decoded}")
+    variants = args.variants.split(",")
+    for round_ in range(args.rounds):
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                report(run_mixed(model, tokenizer, budget=budget, streams=args.streams,
+                                 long_tokens=args.long_tokens, prefill_chunk=args.prefill_chunk,
+                                 prompt_cache_bytes=args.prompt_cache_bytes, variant=variant,
+                                 cached=cached),
+                       args.verbose)
     return 0
+
+
+def report(run: MixedRun, verbose: bool) -> None:
+    print(run.summary(), flush=True)
+    if verbose:
+        for i, r in enumerate(run.during):
+            print(f"  step {i}: {r.seconds * 1000:.0f} ms, chunk {r.chunk}, "
+                  f"prefilled {r.prompt_tokens}, tokens to streams {r.decoded}")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def mlx_lm_spec(model_dir: Path, port: int, top_level: int, python: str) -> Serv
 
 
 def gateway_config(model_dir: Path, port: int, top_level: int, workdir: Path,
-                   prompt_cache_bytes: str = "512MB", speculative: str = "auto") -> Path:
+                   prompt_cache_bytes: str = "512MB", speculative: str = "auto",
+                   extra: str = "") -> Path:
     """A throwaway TOML: one pinned model, no auth (loopback only), no limits in the way."""
     batch = max(16, top_level)
     text = f"""\
@@ -111,7 +112,7 @@ max_queue = 256
 
 [log]
 level = "warning"
-"""
+""" + extra  # more tables (e.g. [[models]] a level needs besides the pinned one)
     path = workdir / "gateway.toml"
     path.write_text(text)
     return path
@@ -119,10 +120,10 @@ level = "warning"
 
 def gateway_spec(
     model_dir: Path, port: int, top_level: int, workdir: Path, python: str,
-    prompt_cache_bytes: str = "512MB", speculative: str = "auto",
+    prompt_cache_bytes: str = "512MB", speculative: str = "auto", extra: str = "",
 ) -> ServerSpec:
     config = gateway_config(model_dir, port, top_level, workdir, prompt_cache_bytes,
-                            speculative)
+                            speculative, extra)
     argv = [python, "-m", "app.cli", "serve", "--config", str(config), "--port", str(port)]
     settings = (
         f"[engine] max_batch_size = {max(16, top_level)}, "

@@ -149,8 +149,18 @@ def use_logits_decode(
     running = generator._generation_batch
     if len(running):
         raise RuntimeError("use_logits_decode must be called before any sequence is inserted")
-    batch: LogitsGenerationBatch = batch_class.empty(running.model, running.fallback_sampler)
-    batch.forward = decode_forward(running.model)
-    batch.logprob_uids = set() if logprob_uids is None else logprob_uids
+    batch = empty_decode_batch(running.model, running.fallback_sampler, logprob_uids,
+                               batch_class)
     generator._generation_batch = batch
+    return batch
+
+
+def empty_decode_batch(
+    model: nn.Module, fallback_sampler: Any, logprob_uids: set[int] | None = None,
+    batch_class: type[LogitsGenerationBatch] = LogitsGenerationBatch,
+) -> LogitsGenerationBatch:
+    """An empty generation batch of `batch_class`, ready to be extended with sequences."""
+    batch: LogitsGenerationBatch = batch_class.empty(model, fallback_sampler)
+    batch.forward = decode_forward(model)
+    batch.logprob_uids = set() if logprob_uids is None else logprob_uids
     return batch

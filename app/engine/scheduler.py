@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import mlx.core as mx
 import structlog
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
 from mlx_lm.sample_utils import greedy_sampler
 
 from app import metrics
@@ -37,8 +38,10 @@ from app.core.types import (
     TokenLogprob,
     Usage,
 )
-from app.engine.decode import use_logits_decode
+from app.engine.decode import LogitsGenerationBatch, use_logits_decode
+from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
+from app.engine.draft_model import DraftModel
 from app.engine.prefill_budget import PrefillBudget
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
@@ -155,6 +158,7 @@ class ModelBatch:
         prefill_budget: float = 0.0,
         disk: ModelDisk | None = None,
         speculation: SpeculationPolicy | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # Every sequence leaves the KV it computed here, however it ends; a later prompt of the
@@ -172,8 +176,10 @@ class ModelBatch:
         self._logprob_uids: set[int] = set()  # sequences that asked for logprobs
         self._spec_uids: set[int] = set()  # sequences that may speculate
         self._speculation = speculation  # None: speculative decoding off for this model
+        self.draft_model = draft_model  # drafts instead of prompt lookup (held while resident)
         # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
         self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
+        self._forward_bytes = weight_bytes(model)
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -187,12 +193,26 @@ class ModelBatch:
         )
         self._logprob_uids.clear()  # a new generator holds no sequence yet
         self._spec_uids.clear()
-        if self._speculation is not None:
-            use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
-                                   self._speculation)
-        else:
-            use_logits_decode(generator, self._logprob_uids)
+        running = generator._generation_batch
+        if len(running):
+            raise RuntimeError("a new generator holds no sequence yet")
+        # A long prompt decodes in a group of its own instead of padding every short row's KV
+        # out to its length (decode_groups.py).
+        generator._generation_batch = DecodeGroups(
+            partial(self._decode_group, running.fallback_sampler), self._forward_bytes)
         return generator
+
+    def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:
+        """An empty batch of the decode class this model uses: speculative or plain. Made by
+        the same functions that set up a generator's one batch, on a stand-in that holds
+        only that batch, so a group is set up exactly as that batch would be."""
+        holder = SimpleNamespace(
+            _generation_batch=GenerationBatch.empty(self._model, fallback_sampler))
+        generator = cast(BatchGenerator, holder)
+        if self._speculation is not None:
+            return use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
+                                          self._speculation, self.draft_model)
+        return use_logits_decode(generator, self._logprob_uids)
 
     def _inject(self, point: str) -> None:
         if self.fault is not None:
@@ -472,6 +492,7 @@ class ModelBatch:
     def close(self) -> None:
         self._prefix.clear()
         self._generator.close()
+        self.draft_model = None  # its weights go with the model they draft for
         mx.clear_cache()
 
 

@@ -23,6 +23,11 @@ feed their one pending token and filler; their first position is sampled by the 
 code (`LogitsGenerationBatch._choose`), so their semantics do not change. When no row has a
 worthwhile draft, the step is the plain pipelined decode step.
 
+Drafts come from prompt lookup (`NgramDrafter`), or, for a model configured with
+`draft = "<id>"`, from that small model's continuation instead (`DraftModel`, one KV cache per
+row, rolled back to what was accepted). Then at temperature > 0 the rejection rule uses the
+draft model's probabilities q: accept with min(1, p/q), resample from max(0, p - q).
+
 Because the trim is uniform, a batch advances at the pace of its slowest row: a row that
 accepts drafts while another cannot advance only runs ahead by its pending tokens. So the
 policy weighs the expected advance of the whole batch (`SpeculationPolicy.draft_length`): a
@@ -45,6 +50,7 @@ from app.engine.decode import (
     MultiTokenForward,
     multi_token_forward,
 )
+from app.engine.draft_model import DraftModel, DraftRequest, DraftRow
 from app.engine.sampling import TemperatureSampler
 
 NGRAM_SIZES = (3, 2)  # longest first: a longer match is a better guess
@@ -146,6 +152,9 @@ class SpeculationPolicy:
     wide_step_cost: float = field(default_factory=_wide_step_cost)
     max_step_tokens: int = 96  # B * L at most: verification must stay about one step's cost
     min_gain: float = 1.1  # expected advance per unit of cost vs no drafts (covers the sync)
+    # What one draft token costs to make, in plain steps: 0 for prompt lookup; a draft model's
+    # one-token step (about its weights over the target's, on a bandwidth-bound machine).
+    draft_token_cost: float = 0.0
 
     def draft_length(self, rows: list[RowOutlook]) -> int:
         """Draft tokens a row (each row up to its own `available`) for the best expected KV
@@ -167,7 +176,8 @@ class SpeculationPolicy:
                         break
                 advance += chance
             wide = self.wide_step_cost if width > 1 else 0.0
-            return advance / (1.0 + wide + count * width / self.row_cost_tokens)
+            making = self.draft_token_cost * sum(min(draft, r.available) for r in rows)
+            return advance / (1.0 + wide + making + count * width / self.row_cost_tokens)
 
         best, best_value = 0, value(0) * self.min_gain
         for draft in range(1, self.max_draft + 1):
@@ -183,6 +193,7 @@ class SpeculationPolicy:
 class _RowState:
     carry: list[int] = field(default_factory=list)  # emitted, KV not computed yet
     drafter: NgramDrafter | None = None
+    drafted_by: DraftRow | None = None  # with a draft model: the row's KV cache in it
     stats: RowStats = field(default_factory=RowStats)
 
 
@@ -192,10 +203,14 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
     verify_forward: MultiTokenForward
     _rows: list[_RowState]
 
-    def setup(self, policy: SpeculationPolicy, spec_uids: set[int]) -> None:
+    def setup(self, policy: SpeculationPolicy, spec_uids: set[int],
+              draft_model: DraftModel | None = None) -> None:
         self.policy = policy
         self.spec_uids = spec_uids
         self.verify_forward = multi_token_forward(self.forward, self.model)
+        self.draft_model = draft_model  # None: prompt lookup
+        self.source = "prompt_lookup" if draft_model is None else "draft_model"
+        self._draft_probs: list[mx.array | None] = []  # per row, the draft's q (sampled rows)
         self._rows = []
         self.drafted = 0  # draft tokens verified, and accepted, over this batch's life
         self.accepted = 0
@@ -245,7 +260,8 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
             return True
         outlook = [RowOutlook(0.0, 1, 0) for _ in self.uids]
         for i in eligible:
-            available = len(self._drafter(i, None).propose(self.policy.max_draft))
+            available = self.policy.max_draft if self.draft_model is not None \
+                else len(self._drafter(i, None).propose(self.policy.max_draft))
             outlook[i] = RowOutlook(self._rows[i].stats.rate, 1, available)
         if self.policy.draft_length(outlook) > 0:
             return True
@@ -268,21 +284,50 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         return self._emit(*self._verify(last, drafts))
 
     def _plan(self, eligible: list[int], last: list[int]) -> list[list[int]]:
+        """Every row's draft (empty: none); with a draft model, its q per row is left in
+        `_draft_probs` for `_verify`."""
         rows = len(self.uids)
         room = max(1, self.policy.max_step_tokens // rows)  # L at most (pending always fits)
         proposals: list[list[int]] = [[] for _ in range(rows)]
+        caps = [0] * rows
+        self._draft_probs = [None] * rows
         for i in eligible:
             state = self._rows[i]
-            cap = min(self.policy.max_draft, room - len(state.carry) - 1,
-                      self.max_tokens[i] - self._num_tokens[i] - 1)
-            proposals[i] = self._drafter(i, last[i]).propose(cap)
-        outlook = [RowOutlook(state.stats.rate, len(state.carry) + 1, len(proposal))
-                   for state, proposal in zip(self._rows, proposals, strict=True)]
+            caps[i] = max(0, min(self.policy.max_draft, room - len(state.carry) - 1,
+                                 self.max_tokens[i] - self._num_tokens[i] - 1))
+            if self.draft_model is None:
+                proposals[i] = self._drafter(i, last[i]).propose(caps[i])
+        # A draft model can always draft: the policy picks the length before it is run.
+        available = caps if self.draft_model is not None else [len(p) for p in proposals]
+        outlook = [RowOutlook(state.stats.rate, len(state.carry) + 1, n)
+                   for state, n in zip(self._rows, available, strict=True)]
         draft = self.policy.draft_length(outlook)
         if draft == 0:
             for i in eligible:
                 self._rows[i].stats.recover()
+            return [[] for _ in range(rows)]
+        if self.draft_model is not None:
+            return self._run_draft_model(eligible, last, [min(draft, cap) for cap in caps])
         return [proposal[:draft] for proposal in proposals]
+
+    def _run_draft_model(self, eligible: list[int], last: list[int], lengths: list[int]
+                         ) -> list[list[int]]:
+        assert self.draft_model is not None
+        proposals: list[list[int]] = [[] for _ in self.uids]
+        wanted = [i for i in eligible if lengths[i] > 0]
+        requests = []
+        for i in wanted:
+            state = self._rows[i]
+            if state.drafted_by is None:
+                state.drafted_by = DraftRow()
+            sampler = getattr(self.samplers[i], "inner", self.samplers[i])
+            requests.append(DraftRequest(
+                state.drafted_by, [*self.tokens[i], *state.carry, last[i]], lengths[i],
+                sampler if isinstance(sampler, TemperatureSampler) else None))
+        for i, (tokens, q) in zip(wanted, self.draft_model.propose(requests), strict=True):
+            proposals[i] = tokens
+            self._draft_probs[i] = q
+        return proposals
 
     def _verify(self, last: list[int], drafts: list[list[int]]
                 ) -> tuple[list[list[int]], list[int], list[Any]]:
@@ -306,8 +351,9 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
 
         greedy_rows = [i for i in range(rows) if drafts[i] and not self._temperature(i)]
         argmax = mx.argmax(logits, axis=-1) if greedy_rows else None
+        q = self._draft_probs if len(self._draft_probs) == rows else [None] * rows
         checks = {i: self._rejection_inputs(i, logits[i, at[i]: at[i] + len(drafts[i]) + 1],
-                                            drafts[i])
+                                            drafts[i], q[i])
                   for i in range(rows) if drafts[i] and self._temperature(i)}
         mx.eval(sampled, logprobs, contexts, [] if argmax is None else argmax,
                 list(checks.values()))
@@ -332,9 +378,9 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         if drafted:
             self.drafted += drafted
             self.accepted += sum(accepted)
-            metrics.SPEC_STEPS.inc()
-            metrics.SPEC_DRAFTED.inc(drafted)
-            metrics.SPEC_ACCEPTED.inc(sum(accepted))
+            metrics.SPEC_STEPS.labels(source=self.source).inc()
+            metrics.SPEC_DRAFTED.labels(source=self.source).inc(drafted)
+            metrics.SPEC_ACCEPTED.labels(source=self.source).inc(sum(accepted))
 
         # Keep the KV every row has valid; a row with more carries it as pending.
         valid = [p + d[:a] for p, d, a in zip(pending, drafts, accepted, strict=True)]
@@ -352,9 +398,10 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         return isinstance(getattr(self.samplers[i], "inner", self.samplers[i]),
                           TemperatureSampler)
 
-    def _rejection_inputs(self, i: int, logits: mx.array, draft: list[int]) -> tuple[Any, ...]:
+    def _rejection_inputs(self, i: int, logits: mx.array, draft: list[int],
+                          draft_probs: mx.array | None = None) -> tuple[Any, ...]:
         sampler: TemperatureSampler = getattr(self.samplers[i], "inner", self.samplers[i])
-        return rejection_inputs(sampler, logits, draft)
+        return rejection_inputs(sampler, logits, draft, draft_probs)
 
     def _emit(self, emitted: list[list[int]], chosen: list[int], logprobs: list[Any]
               ) -> list[Any]:
@@ -392,20 +439,35 @@ class SpeculativeGenerationBatch(LogitsGenerationBatch):
         return responses
 
 
-def rejection_inputs(sampler: TemperatureSampler, logits: mx.array, draft: list[int]
+def rejection_inputs(sampler: TemperatureSampler, logits: mx.array, draft: list[int],
+                     draft_probs: mx.array | None = None
                      ) -> tuple[mx.array, mx.array, mx.array]:
-    """For a row's logits at its draft positions plus one (d + 1, vocabulary): the probability
-    the sampler's distribution gives each draft token, a uniform draw per draft token, and one
-    sample per position from the distribution with that position's draft token removed (the
-    last position: the full distribution, the bonus token when every draft is accepted)."""
+    """For a row's logits at its draft positions plus one (d + 1, vocabulary): the chance of
+    accepting each draft token, min(1, p(t) / q(t)), a uniform draw per draft token, and one
+    sample per position from norm(max(0, p - q)) (the last position: from p, the bonus token
+    when every draft is accepted).
+
+    `draft_probs` is q, the (d, vocabulary) distributions a draft model drew the draft from;
+    None: a deterministic draft (prompt lookup), q one-hot, so the chance is p(t) and the
+    residual is p with t removed. (That rule keeps p whatever chose t; with q, a draft sampled
+    from q stands sum(min(p, q)) of the time instead of sum(p * q).)"""
     d = len(draft)
     scaled = sampler.filtered(logits) * sampler.inverse_temperature
     probs = mx.softmax(scaled.astype(mx.float32), axis=-1)
     positions = mx.arange(d)
     tokens = mx.array(draft)
-    chance = probs[positions, tokens]
-    residual = scaled
-    residual[positions, tokens] = -mx.inf
+    if draft_probs is None:
+        chance = probs[positions, tokens]
+        residual = scaled
+        residual[positions, tokens] = -mx.inf
+    else:
+        q = draft_probs.astype(mx.float32)
+        p_t, q_t = probs[positions, tokens], q[positions, tokens]
+        chance = mx.minimum(p_t / mx.maximum(q_t, 1e-30), 1.0)  # q(t) > 0: t was drawn from q
+        left = mx.maximum(probs[:d] - q, 0.0)
+        # p == q leaves nothing (then the draft is always accepted); sample p, never NaN.
+        left = mx.where(mx.sum(left, axis=-1, keepdims=True) > 0, left, probs[:d])
+        residual = mx.concatenate([mx.log(left), scaled[d:].astype(mx.float32)], axis=0)
     uniform_key, sample_key = sampler.keys(2)
     uniform = mx.random.uniform(shape=(d,), key=uniform_key)
     samples = mx.random.categorical(residual, key=sample_key)
@@ -413,9 +475,9 @@ def rejection_inputs(sampler: TemperatureSampler, logits: mx.array, draft: list[
 
 
 def verify_sampled(chance: mx.array, uniform: mx.array, samples: mx.array) -> tuple[int, int]:
-    """Standard speculative sampling with a deterministic draft: accept draft token t with
-    probability p(t); at the first rejection, draw from p with t removed (renormalised), which
-    is exactly max(0, p - q) for a point-mass q. Returns (accepted, next token)."""
+    """Standard speculative sampling: accept draft token t with probability min(1, p(t)/q(t))
+    (p(t) for a deterministic draft); at the first rejection, the token drawn from
+    norm(max(0, p - q)) (`rejection_inputs`). Returns (accepted, next token)."""
     p: list[float] = chance.tolist()  # type: ignore[assignment]
     u: list[float] = uniform.tolist()  # type: ignore[assignment]
     drawn: list[int] = samples.tolist()  # type: ignore[assignment]
@@ -426,11 +488,12 @@ def verify_sampled(chance: mx.array, uniform: mx.array, samples: mx.array) -> tu
 
 
 def use_speculative_decode(generator: Any, logprob_uids: set[int], spec_uids: set[int],
-                           policy: SpeculationPolicy | None = None) -> SpeculativeGenerationBatch:
+                           policy: SpeculationPolicy | None = None,
+                           draft_model: DraftModel | None = None) -> SpeculativeGenerationBatch:
     """Make `generator` decode with SpeculativeGenerationBatch (see `use_logits_decode`)."""
     from app.engine.decode import use_logits_decode
 
     batch = use_logits_decode(generator, logprob_uids, SpeculativeGenerationBatch)
     assert isinstance(batch, SpeculativeGenerationBatch)
-    batch.setup(policy or SpeculationPolicy(), spec_uids)
+    batch.setup(policy or SpeculationPolicy(), spec_uids, draft_model)
     return batch

@@ -24,10 +24,11 @@ from app.http.limits import RateLimitMiddleware
 from app.limits.admission import Admission
 from app.limits.breaker import CircuitBreaker
 from app.limits.factory import build_limiter
+from app.models.draft_check import draft_problems
 from app.models.registry import ModelRegistry
 from app.security.keys import KeyStore, reload_on_sighup
 from app.security.revocations import SharedRevocations
-from app.settings import Settings
+from app.settings import ConfigError, Settings
 from app.store import open_store
 from app.targets.middleware import TargetMiddleware
 from app.targets.resolve import Targets
@@ -37,6 +38,9 @@ log = structlog.get_logger(__name__)
 
 def create_app(settings: Settings) -> FastAPI:
     registry = ModelRegistry.from_settings(settings)
+    problems = draft_problems(registry)
+    if problems:  # a draft whose tokenizer differs would draft nonsense: refuse to start
+        raise ConfigError("\n".join(f"config error: {problem}" for problem in problems))
     limiter = build_limiter(settings)
     limits = settings.limits
     breaker = CircuitBreaker(limiter, global_rpm=limits.global_rpm,

@@ -55,6 +55,9 @@ class ModelSpec:
     # Quantized models: their weights' size dequantized to float32 (what the CPU backend serves,
     # app.models.dequantize); 0 for float models.
     float32_weight_bytes: int = 0
+    # Issue 17: the id of the model whose greedy/sampled continuation drafts for this one
+    # (speculative decoding); None: prompt lookup.
+    draft: str | None = None
 
     @property
     def load_path(self) -> str:
@@ -191,7 +194,8 @@ def _spec_from_entry(entry: ModelEntry, warnings: list[str]) -> ModelSpec:
                       pinned=entry.pinned, ttl=entry.ttl, max_context=entry.max_context)
     configured = {k: v for k, v in entry.sampling.model_dump().items() if v is not None}
     return replace(spec, sampling=tuple({**dict(spec.sampling), **configured}.items()),
-                   overflow=entry.overflow, answer_reserve_tokens=entry.answer_reserve_tokens)
+                   overflow=entry.overflow, answer_reserve_tokens=entry.answer_reserve_tokens,
+                   draft=entry.draft)
 
 
 def _demo_spec(demo_path: Path) -> ModelSpec:

@@ -87,3 +87,54 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             continue
         if item.is_file():  # follows Hugging Face cache symlinks to real bytes
             shutil.copy2(item, dst / item.name)
+
+
+def make_layer_skip_variant(src: Path, dst: Path, keep: list[int], *,
+                            exist_ok: bool = False) -> Path:
+    """Write a copy of the float MLX folder `src` with only the decoder layers `keep` (in
+    order; embeddings, final norm and head kept) to `dst` and return `dst`.
+
+    A shallow model with the same tokenizer and mostly the same predictions: what a
+    self-speculative draft model is (and the only draft model a test or a benchmark can make
+    from the one demo model). Renamed into place like `make_float_variant`.
+    """
+    import json
+    import re
+
+    import mlx.core as mx
+
+    if dst.exists():
+        if exist_ok and (dst / "config.json").is_file():
+            return dst
+        raise FileExistsError(f"{dst} already exists")
+    config = json.loads((src / "config.json").read_text())
+    if "quantization" in config:
+        raise ValueError(f"{src} is quantized: make a float variant of it first")
+    layers = int(config["num_hidden_layers"])
+    if not keep or any(not 0 <= i < layers for i in keep) or len(set(keep)) != len(keep):
+        raise ValueError(f"keep must name distinct layers in 0..{layers - 1}, got {keep}")
+    renumber = {old: new for new, old in enumerate(keep)}
+    weights: dict[str, mx.array] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        for name, value in mx.load(str(file)).items():  # type: ignore[union-attr]
+            match = re.match(r"(.*\.layers\.)(\d+)(\..*)", name)
+            if match is None:
+                weights[name] = value
+            elif int(match.group(2)) in renumber:
+                weights[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = \
+                    value
+    config["num_hidden_layers"] = len(keep)
+    partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+        mx.save_safetensors(str(partial / "model.safetensors"), weights,
+                            metadata={"format": "mlx"})
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        _copy_side_files(src, partial)
+        partial.rename(dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return dst

@@ -383,10 +383,25 @@ def check_models(settings: Settings) -> list[CheckResult]:
         if not Path(folder).expanduser().is_dir():
             results.append(_warn("model dir", f"{folder} is not a folder",
                                  "fix or remove it in [discovery] model_dirs"))
+    results.extend(check_drafts(settings))
     if not settings.models and not settings.discovery.model_dirs:
         results.append(_warn("models", "no [[models]] and no [discovery] model_dirs",
                              "add a [[models]] entry with id and path"))
     return results
+
+
+def check_drafts(settings: Settings) -> list[CheckResult]:
+    """A `draft` model must share its model's tokenizer (serve refuses the config too)."""
+    if not any(model.draft for model in settings.models):
+        return []
+    from app.models.draft_check import draft_problems
+    from app.models.registry import ModelRegistry
+
+    problems = draft_problems(ModelRegistry.build(settings, demo_path=None, log_warnings=False))
+    if problems:
+        return [_fail("draft models", problem, "set draft to a model of the same family "
+                      "(same tokenizer), or remove it") for problem in problems]
+    return [_ok("draft models", "every draft shares its model's tokenizer")]
 
 
 # --- all together ---------------------------------------------------------------------------

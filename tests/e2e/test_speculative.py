@@ -295,12 +295,13 @@ def test_through_http_speculation_is_invisible_but_counted(gateway: GatewayProce
     drafted = {}
     for mode in ("off", "auto"):
         before = metric(httpx.get(gateway.base_url + "/metrics").text,
-                        "mlxgw_speculative_drafted_tokens_total")
+                        "mlxgw_speculative_drafted_tokens_total", source="prompt_lookup")
         response = httpx.post(url, json={**body, "speculative": mode}, timeout=300)
         assert response.status_code == 200, response.text
         texts[mode] = response.json()["choices"][0]["message"]["content"]
         drafted[mode] = metric(httpx.get(gateway.base_url + "/metrics").text,
-                               "mlxgw_speculative_drafted_tokens_total") - before
+                               "mlxgw_speculative_drafted_tokens_total",
+                               source="prompt_lookup") - before
     assert texts["auto"] == texts["off"]
     assert drafted["off"] == 0 and drafted["auto"] > 0
 

@@ -4,6 +4,8 @@ rule for temperature > 0 (a statistical check on a toy distribution, fixed seed)
 from __future__ import annotations
 
 import math
+import random
+import re
 from collections import Counter
 
 import mlx.core as mx
@@ -19,6 +21,8 @@ from app.engine.speculative import (
     rejection_inputs,
     verify_sampled,
 )
+from app.models.draft_check import tokenizer_mismatch
+from app.settings import ConfigError, load_settings
 
 
 def drafter(tokens: list[int]) -> NgramDrafter:
@@ -153,3 +157,108 @@ def test_seeded_verification_is_reproducible() -> None:
         sampler = TemperatureSampler(SamplingParams(temperature=1.0, seed=3))
         runs.append([sample_with_draft(sampler, logits, [1]) for _ in range(50)])
     assert runs[0] == runs[1]
+
+
+# --- a draft model's q (issue 17: `[[models]] draft`) --------------------------------------
+
+DRAFT_Q = [0.1, 0.4, 0.3, 0.1, 0.1]  # the draft model's distribution: unlike TOY
+
+
+def draws(q: list[float], n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return rng.choices(range(len(q)), weights=q, k=n)
+
+
+def test_rejection_with_draft_probabilities_keeps_the_distribution() -> None:
+    """Draft t ~ q, accept with min(1, p/q), else resample from max(0, p - q): the emitted
+    token is distributed as p, and the draft stands sum(min(p, q)) of the time."""
+    sampler = TemperatureSampler(SamplingParams(temperature=1.0, seed=21))
+    logits = mx.log(mx.array([TOY, TOY]))
+    q = mx.array([DRAFT_Q])
+    firsts, kept = [], 0
+    for t in draws(DRAFT_Q, TRIALS, 5):
+        accepted, token = verify_sampled(*rejection_inputs(sampler, logits, [t], q))
+        firsts.append(t if accepted else token)
+        kept += accepted
+    assert close(frequencies(firsts, len(TOY)), TOY, TRIALS)
+    overlap = sum(min(p, r) for p, r in zip(TOY, DRAFT_Q, strict=True))
+    assert abs(kept / TRIALS - overlap) <= 5 * math.sqrt(0.25 / TRIALS)
+
+
+def test_q_is_what_makes_a_sampled_draft_land() -> None:
+    """The point-mass rule (accept t with p(t)) also keeps p whatever picked t, but a draft
+    sampled from q then stands only sum(q * p) of the time; with q, sum(min(p, q))."""
+    sampler = TemperatureSampler(SamplingParams(temperature=1.0, seed=22))
+    logits = mx.log(mx.array([TOY, TOY]))
+    q = mx.array([TOY])  # a draft model that agrees with the target
+    with_q = without_q = 0
+    firsts = []
+    for t in draws(TOY, TRIALS, 6):
+        with_q += verify_sampled(*rejection_inputs(sampler, logits, [t], q))[0]
+        run = sample_with_draft(sampler, logits, [t])
+        without_q += len(run) - 1
+        firsts.append(run[0])
+    assert close(frequencies(firsts, len(TOY)), TOY, TRIALS)
+    assert with_q == TRIALS
+    assert abs(without_q / TRIALS - sum(p * p for p in TOY)) <= 5 * math.sqrt(0.25 / TRIALS)
+
+
+def test_rejection_with_draft_probabilities_over_two_positions() -> None:
+    sampler = TemperatureSampler(SamplingParams(temperature=1.0, seed=23))
+    second = [0.1, 0.1, 0.6, 0.1, 0.1]
+    second_q = [0.3, 0.1, 0.2, 0.3, 0.1]
+    third = [0.05, 0.05, 0.05, 0.05, 0.8]
+    logits = mx.log(mx.array([TOY, second, third]))
+    q = mx.array([DRAFT_Q, second_q])
+    runs = []
+    for a, b in zip(draws(DRAFT_Q, TRIALS, 7), draws(second_q, TRIALS, 8), strict=True):
+        accepted, token = verify_sampled(*rejection_inputs(sampler, logits, [a, b], q))
+        runs.append([*[a, b][:accepted], token])
+    assert close(frequencies([run[0] for run in runs], 5), TOY, TRIALS)
+    after = [run[1] for run in runs if run[0] == 0 and len(run) > 1]
+    assert close(frequencies(after, 5), second, len(after))
+
+
+def test_a_costly_draft_model_drafts_less() -> None:
+    free = SpeculationPolicy(wide_step_cost=0.5)
+    row = [RowOutlook(0.9, 1, 12)]
+    assert free.draft_length(row) == free.max_draft
+    cheap = SpeculationPolicy(wide_step_cost=0.5, draft_token_cost=0.1)
+    assert 0 < cheap.draft_length(row) <= free.draft_length(row)
+    # A draft model as costly as the target (the same weights) never pays.
+    assert SpeculationPolicy(wide_step_cost=0.5, draft_token_cost=1.0).draft_length(row) == 0
+
+
+class FakeTokenizer:
+    def __init__(self, size: int, shift: int = 0) -> None:
+        self.size, self.shift = size, shift
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 97 + self.shift for c in text]
+
+
+def test_a_draft_needs_the_same_tokenizer() -> None:
+    assert tokenizer_mismatch(FakeTokenizer(100), FakeTokenizer(100)) is None
+    assert "vocabularies differ (100 vs 101" in (
+        tokenizer_mismatch(FakeTokenizer(100), FakeTokenizer(101)) or "")
+    assert "different token ids" in (
+        tokenizer_mismatch(FakeTokenizer(100), FakeTokenizer(100, shift=1)) or "")
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ([{"id": "big", "path": "/m/big", "draft": "small"}],
+     "model 'big': draft 'small' is not a [[models]] id"),
+    ([{"id": "big", "path": "/m/big", "draft": "big"}],
+     "model 'big': draft must name another model, not itself"),
+])
+def test_a_draft_must_name_another_configured_model(models: list[dict[str, str]],
+                                                    message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(models=models)
+    settings = load_settings(models=[*models, {"id": "small", "path": "/m/small"}]) \
+        if "itself" not in message else None
+    if settings is not None:
+        assert settings.models[0].draft == "small"

@@ -22,8 +22,9 @@ import structlog
 from app import metrics
 from app.engine.cpu.tuning import on_cpu_backend, tune_for_cpu
 from app.engine.disk_cache import DiskCache, ModelDisk, weights_fingerprint
+from app.engine.draft_model import DraftModel
 from app.engine.residency.policy import EvictReason, ResidencyPolicy
-from app.engine.scheduler import ModelBatch
+from app.engine.scheduler import ModelBatch, _vocab_size
 from app.engine.speculative import SpeculationPolicy
 from app.engine.thread import EngineThread
 from app.errors import (
@@ -32,6 +33,7 @@ from app.errors import (
     ModelLoadFailed,
     Overloaded,
 )
+from app.models.draft_check import tokenizer_mismatch
 from app.models.registry import ModelRegistry, ModelSpec
 from app.settings import Settings, format_bytes
 
@@ -74,10 +76,31 @@ class ModelPool:
 
     def footprint(self, spec: ModelSpec) -> int:
         """Bytes a model is charged: weights, KV for its context, and its prefix cache; a
-        quantized model served from its float32 copy at the copy's size."""
-        weights = spec.float32_estimated_bytes if self.serves_float32(spec) \
-            else spec.estimated_bytes
+        quantized model served from its float32 copy at the copy's size; and its draft
+        model's weights and KV (loaded and evicted with it)."""
+        weights = self._model_bytes(spec)
+        draft = self.draft_of(spec)
+        if draft is not None:
+            weights += self._model_bytes(draft)
         return weights + self.settings.engine.prompt_cache_bytes
+
+    def _model_bytes(self, spec: ModelSpec) -> int:
+        return spec.float32_estimated_bytes if self.serves_float32(spec) \
+            else spec.estimated_bytes
+
+    def _weight_bytes(self, spec: ModelSpec) -> int:
+        return spec.float32_weight_bytes if self.serves_float32(spec) else spec.weight_bytes
+
+    def draft_of(self, spec: ModelSpec) -> ModelSpec | None:
+        """The model that drafts for `spec` (speculative decoding on), or None.
+
+        The draft is a private copy owned by its target's batch: loaded with the target,
+        charged in the target's footprint, freed when the target is evicted, never evicted
+        on its own while the target runs. A client naming the draft's id gets a separate,
+        separately charged copy (keep it simple: no sharing of weights between entries)."""
+        if spec.draft is None or self.settings.engine.speculative != "auto":
+            return None
+        return self.registry.get(spec.draft)
 
     def serves_float32(self, spec: ModelSpec) -> bool:
         """Whether a quantized model is served dequantized (`[engine] cpu_dequantize`): on
@@ -263,18 +286,45 @@ class ModelPool:
         if spec.max_context:
             context = min(context, spec.max_context)
         engine = self.settings.engine
+        draft = self._load_draft(spec, model, tokenizer)
+        speculation = None
+        if engine.speculative == "auto":
+            speculation = SpeculationPolicy()
+            draft_spec = self.draft_of(spec)
+            if draft is not None and draft_spec is not None:
+                # A draft token costs about one step of the small model: on a bandwidth-bound
+                # machine, its weights over the target's.
+                speculation.draft_token_cost = (self._weight_bytes(draft_spec)
+                                                / max(self._weight_bytes(spec), 1))
         batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
                            prefill_chunk=engine.prefill_chunk,
                            prefill_budget=engine.prefill_budget,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
                            stream=self._thread.stream, model_id=spec.id, disk=disk,
-                           speculation=SpeculationPolicy()
-                           if engine.speculative == "auto" else None)
+                           speculation=speculation, draft_model=draft)
         self._thread.attach(spec.id, batch)
         _publish_memory()
         log.info("model load finished", model=spec.id, context_length=context,
                  seconds=round(time.monotonic() - started, 3))
         return LoadedModel(spec=spec, batch=batch, tokenizer=tokenizer, context_length=context)
+
+    def _load_draft(self, spec: ModelSpec, model: Any, tokenizer: Any) -> DraftModel | None:
+        """Load `spec`'s draft model (its own copy, see `draft_of`); refuses a draft whose
+        tokenizer differs (a GGUF pair is only comparable once converted)."""
+        from mlx_lm import load
+
+        draft_spec = self.draft_of(spec)
+        if draft_spec is None:
+            return None
+        log.info("draft model load started", model=spec.id, draft=draft_spec.id)
+        draft_model, draft_tokenizer = load(str(self._mlx_folder(draft_spec)))[:2]
+        why = tokenizer_mismatch(tokenizer, draft_tokenizer)
+        if why is not None:
+            raise ValueError(f"its draft model {draft_spec.id!r} does not share its tokenizer: "
+                             f"{why}")
+        if self.settings.engine.cpu_tuning:
+            tune_for_cpu(draft_model)
+        return DraftModel(draft_model, vocab=_vocab_size(model, tokenizer), model_id=draft_spec.id)
 
     def _disk_for(self, spec: ModelSpec, model: Any) -> ModelDisk | None:
         """The model's disk tier, keyed by the weights it was loaded from (their files and
