@@ -55,6 +55,15 @@ def test_tuned_batched_decode_matches_mlx_lm_token_for_token(demo_float32_dir: P
     use_logits_decode(generator)
     assert isinstance(generator._generation_batch.forward, LlamaDecodeStep)
     uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts))
+    got = _run_to_the_end(generator, uids)
+
+    batched = [got[uid] for uid in uids]
+    assert batched == expected
+    assert "Paris" in tokenizer.decode(batched[0])
+
+
+def _run_to_the_end(generator: BatchGenerator, uids: list[int]) -> dict[int, list[int]]:
+    """Every sequence's tokens, stepping until each has finished; then the generator closes."""
     got: dict[int, list[int]] = {uid: [] for uid in uids}
     finished: set[int] = set()
     while len(finished) < len(uids):
@@ -63,10 +72,7 @@ def test_tuned_batched_decode_matches_mlx_lm_token_for_token(demo_float32_dir: P
             if response.finish_reason is not None:
                 finished.add(response.uid)
     generator.close()
-
-    batched = [got[uid] for uid in uids]
-    assert batched == expected
-    assert "Paris" in tokenizer.decode(batched[0])
+    return got
 
 
 class _Eager(SpeculationPolicy):
@@ -89,14 +95,7 @@ def _batched(model: Any, tokenizer: Any, prompts: list[list[int]], speculate: bo
                   else use_logits_decode(generator))
     uids = generator.insert(prompts, max_tokens=[40] * len(prompts))
     allowed.update(uids)
-    got: dict[int, list[int]] = {uid: [] for uid in uids}
-    finished: set[int] = set()
-    while len(finished) < len(uids):
-        for response in generator.next_generated():
-            got[response.uid].append(response.token)
-            if response.finish_reason is not None:
-                finished.add(response.uid)
-    generator.close()
+    got = _run_to_the_end(generator, uids)
     return [got[uid] for uid in uids], batch
 
 

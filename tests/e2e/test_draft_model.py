@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -36,8 +35,12 @@ from app.models.registry import ModelRegistry
 from app.models.variants import make_layer_skip_variant
 from app.settings import load_settings
 from tests.e2e.gateway_process import GatewayProcess
-from tests.e2e.test_operations import metric
-from tests.e2e.test_speculative import QUESTIONS, Eager, prompts_of
+from tests.e2e.test_speculative import (
+    QUESTIONS,
+    Eager,
+    answers_with_speculation_off_and_auto,
+    prompts_of,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -198,19 +201,7 @@ def test_through_http_a_configured_draft_model_drafts(tmp_path: Path, demo_float
         "models": [{"id": "target", "path": str(demo_float32_dir), "draft": "four"},
                    {"id": "four", "path": str(four)}]}).start()
     try:
-        url = server.base_url + "/v1/chat/completions"
-        body = {"model": "target", "messages": [{"role": "user", "content": QUESTIONS[0]}],
-                "max_tokens": MAX_TOKENS, "temperature": 0}
-        texts, drafted = {}, {}
-        for mode in ("off", "auto"):
-            before = metric(httpx.get(server.base_url + "/metrics").text,
-                            "mlxgw_speculative_drafted_tokens_total", source="draft_model")
-            response = httpx.post(url, json={**body, "speculative": mode}, timeout=300)
-            assert response.status_code == 200, response.text
-            texts[mode] = response.json()["choices"][0]["message"]["content"]
-            drafted[mode] = metric(httpx.get(server.base_url + "/metrics").text,
-                                   "mlxgw_speculative_drafted_tokens_total",
-                                   source="draft_model") - before
+        texts, drafted = answers_with_speculation_off_and_auto(server, "target", "draft_model")
         assert texts["auto"] == texts["off"]
         assert drafted["off"] == 0 and drafted["auto"] > 0
     finally:

@@ -285,26 +285,38 @@ def test_cancelling_a_sequence_mid_draft_is_clean(demo: tuple[Any, Any]) -> None
     loop.close()
 
 
-def test_through_http_speculation_is_invisible_but_counted(gateway: GatewayProcess) -> None:
-    """The gateway speculates by default: the same greedy answer as a request that opts out,
-    drafts counted in /metrics only for the one that speculated; a bad value is a 400."""
-    url = gateway.base_url + "/v1/chat/completions"
-    body = {"model": DEMO_ID, "messages": [{"role": "user", "content": QUESTIONS[0]}],
+def answers_with_speculation_off_and_auto(server: GatewayProcess, model: str, source: str
+                                          ) -> tuple[dict[str, str], dict[str, float]]:
+    """The greedy answer to one question with `speculative` off, then auto, and how many
+    tokens each drafted (from /metrics, by draft source)."""
+    url = server.base_url + "/v1/chat/completions"
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[0]}],
             "max_tokens": MAX_TOKENS, "temperature": 0}
-    texts = {}
-    drafted = {}
+
+    def drafted_so_far() -> float:
+        return metric(httpx.get(server.base_url + "/metrics").text,
+                      "mlxgw_speculative_drafted_tokens_total", source=source)
+
+    texts, drafted = {}, {}
     for mode in ("off", "auto"):
-        before = metric(httpx.get(gateway.base_url + "/metrics").text,
-                        "mlxgw_speculative_drafted_tokens_total", source="prompt_lookup")
+        before = drafted_so_far()
         response = httpx.post(url, json={**body, "speculative": mode}, timeout=300)
         assert response.status_code == 200, response.text
         texts[mode] = response.json()["choices"][0]["message"]["content"]
-        drafted[mode] = metric(httpx.get(gateway.base_url + "/metrics").text,
-                               "mlxgw_speculative_drafted_tokens_total",
-                               source="prompt_lookup") - before
+        drafted[mode] = drafted_so_far() - before
+    return texts, drafted
+
+
+def test_through_http_speculation_is_invisible_but_counted(gateway: GatewayProcess) -> None:
+    """The gateway speculates by default: the same greedy answer as a request that opts out,
+    drafts counted in /metrics only for the one that speculated; a bad value is a 400."""
+    texts, drafted = answers_with_speculation_off_and_auto(gateway, DEMO_ID, "prompt_lookup")
     assert texts["auto"] == texts["off"]
     assert drafted["off"] == 0 and drafted["auto"] > 0
 
+    url = gateway.base_url + "/v1/chat/completions"
+    body = {"model": DEMO_ID, "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "max_tokens": MAX_TOKENS, "temperature": 0}
     refused = httpx.post(url, json={**body, "speculative": "always"}, timeout=60)
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "speculative"

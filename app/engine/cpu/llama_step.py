@@ -190,7 +190,7 @@ class LlamaDecodeStep:
         return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks, length)
 
     def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         batch, traditional = plan.batch, self.rope.traditional
         normed = layer.input_layernorm(hidden)
         queries = (normed @ attention.q_proj.weight_t)[:batch]
@@ -206,18 +206,12 @@ class LlamaDecodeStep:
         keys, values = cache.update_and_fetch(keys, values)
         attended = self._attend(queries, keys, values, plan)
         attended = attended.reshape(batch, self.heads * self.head_dim)
-        if hidden.shape[0] != batch:
-            attended = mx.pad(attended, [(0, hidden.shape[0] - batch), (0, 0)])
-        hidden = hidden + attended @ attention.o_proj.weight_t
-        normed = layer.post_attention_layernorm(hidden)
-        gated = swiglu(normed @ mlp.gate_proj.weight_t, normed @ mlp.up_proj.weight_t)
-        out: mx.array = hidden + gated @ mlp.down_proj.weight_t
-        return out
+        return _project_and_mlp(layer, hidden, attended)
 
     def _layer_many(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any
                     ) -> mx.array:
         """`_layer` for `plan.length` tokens a row: hidden rows are (batch * length) tokens."""
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         batch, length, traditional = plan.batch, plan.length, self.rope.traditional
         count = batch * length
         kv_heads, group, head_dim = self.kv_heads, self.group, self.head_dim
@@ -239,13 +233,7 @@ class LlamaDecodeStep:
         attended = self._attend(queries, keys, values, plan)  # (b, kv, L * g, d)
         attended = attended.reshape(batch, kv_heads, length, group, head_dim)
         attended = attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)
-        if hidden.shape[0] != count:
-            attended = mx.pad(attended, [(0, hidden.shape[0] - count), (0, 0)])
-        hidden = hidden + attended @ attention.o_proj.weight_t
-        normed = layer.post_attention_layernorm(hidden)
-        gated = swiglu(normed @ mlp.gate_proj.weight_t, normed @ mlp.up_proj.weight_t)
-        out: mx.array = hidden + gated @ mlp.down_proj.weight_t
-        return out
+        return _project_and_mlp(layer, hidden, attended)
 
     @staticmethod
     def _attend(queries: mx.array, keys: mx.array, values: mx.array,
@@ -286,3 +274,16 @@ class LlamaDecodeStep:
             cos = cos.reshape(batch, length, 1, 1, dims)
             sin = sin.reshape(batch, length, 1, 1, dims)
         return cos, sin
+
+
+def _project_and_mlp(layer: Any, hidden: mx.array, attended: mx.array) -> mx.array:
+    """The rest of a layer after attention: output projection, residual, norm and MLP.
+    `attended` has the real token rows; `hidden` may carry zero rows of padding below them."""
+    if hidden.shape[0] != attended.shape[0]:
+        attended = mx.pad(attended, [(0, hidden.shape[0] - attended.shape[0]), (0, 0)])
+    mlp = layer.mlp
+    hidden = hidden + attended @ layer.self_attn.o_proj.weight_t
+    normed = layer.post_attention_layernorm(hidden)
+    gated = swiglu(normed @ mlp.gate_proj.weight_t, normed @ mlp.up_proj.weight_t)
+    out: mx.array = hidden + gated @ mlp.down_proj.weight_t
+    return out
