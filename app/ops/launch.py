@@ -109,8 +109,9 @@ def _claude_max_output(target: Target) -> int:
 def _claude_compaction(target: Target, max_output: int) -> dict[str, str]:
     """Claude Code's auto-compaction at the model's real size. It compacts when the
     conversation reaches AUTOCOMPACT_PCT_OVERRIDE percent of its window, and that window is
-    never below 100k: for a smaller model the percentage carries the real size (an 8k model
-    answering up to 2,048: compact at 6,144 tokens of a 100k window = 6.144%)."""
+    never below 100k: for a smaller model the percentage carries the real size (a 32k model
+    answering up to 8,192: compact at 24,576 tokens of a 100k window = 24.576%). Below
+    CLAUDE_MIN_CONTEXT_TO_COMPACT it is off."""
     if target.context < CLAUDE_MIN_CONTEXT_TO_COMPACT:
         return {"DISABLE_AUTO_COMPACT": "1"}
     window = min(CLAUDE_DEFAULT_WINDOW, max(CLAUDE_MIN_COMPACT_WINDOW, target.context))
