@@ -185,6 +185,11 @@ class EngineSettings(_Section):
         "cost about this many decode steps, so running streams keep receiving tokens while a "
         "long prompt prefills (a longer TTFT for that prompt); 0 = off, always prefill_chunk."
     )
+    long_prompt_tokens: int = Field(
+        1024, ge=0, description="While sequences decode, prompts of up to this many new tokens "
+        "are prefilled whole, up to this many tokens a step (running streams wait for that "
+        "step); only longer prompts are chunked by prefill_budget. 0 = chunk every prompt."
+    )
     prompt_cache_bytes: int = Field(
         512_000_000, ge=0, description="Bytes of reusable prompt KV per model (LRU); 0 = off."
     )

@@ -122,7 +122,7 @@ def prefix_kv(model: Any, tokens: list[int], chunk: int = 512) -> list[Any]:
 
 def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
               prefill_chunk: int, warm_steps: int = 6, prompt_cache_bytes: int = 0,
-              variant: str | None = None,
+              variant: str | None = None, long_prompt_tokens: int = 1024,
               cached: tuple[list[int], list[Any]] | None = None) -> MixedRun:
     """One run of the scenario; `variant` GROUPING:MIN_CHUNK (default: the gateway's own),
     the chunk floor set for this run only."""
@@ -133,19 +133,20 @@ def run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_t
         return _run_mixed(model, tokenizer, budget=budget, streams=streams,
                           long_tokens=long_tokens, prefill_chunk=prefill_chunk,
                           warm_steps=warm_steps, prompt_cache_bytes=prompt_cache_bytes,
-                          variant=f"{grouping}:{min_chunk}", cached=cached)
+                          variant=f"{grouping}:{min_chunk}", cached=cached,
+                          long_prompt_tokens=long_prompt_tokens)
     finally:
         prefill_budget.MIN_CHUNK = floor
 
 
 def _run_mixed(model: Any, tokenizer: Any, *, budget: float, streams: int, long_tokens: int,
                prefill_chunk: int, warm_steps: int, prompt_cache_bytes: int, variant: str,
-               cached: tuple[list[int], list[Any]] | None) -> MixedRun:
+               cached: tuple[list[int], list[Any]] | None, long_prompt_tokens: int) -> MixedRun:
     grouping = variant.split(":")[0]
     batch = ModelBatch(model, tokenizer, max_batch_size=max(16, streams + 1),
                        prefill_chunk=prefill_chunk, prompt_cache_bytes=prompt_cache_bytes,
                        stream=mx.default_stream(mx.default_device()),
-                       prefill_budget=budget)
+                       prefill_budget=budget, long_prompt_tokens=long_prompt_tokens)
     groups = batch._generator._generation_batch
     assert isinstance(groups, DecodeGroups)
     if grouping == "merged":

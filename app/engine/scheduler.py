@@ -14,6 +14,7 @@ point where a fault can be injected ("add", "step", "advance", "cache_insert", "
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from app.engine.decode import LogitsGenerationBatch, use_logits_decode
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.draft_model import DraftModel
-from app.engine.prefill_budget import PrefillBudget
+from app.engine.prefill_budget import PrefillBudget, PrefillPlan
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.speculative import SpeculationPolicy, use_speculative_decode
@@ -134,6 +135,11 @@ class Sequence:
         self.flush_events()
 
 
+def _tokens_left(segments: list[list[int]]) -> int:
+    """Prompt tokens a row of mlx-lm's prefill queue still has to prefill."""
+    return sum(len(segment) for segment in segments)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -156,6 +162,7 @@ class ModelBatch:
         self, model: Any, tokenizer: Any, *, max_batch_size: int, prefill_chunk: int,
         prompt_cache_bytes: int, stream: Any, model_id: str = "model",
         prefill_budget: float = 0.0,
+        long_prompt_tokens: int = 1024,
         disk: ModelDisk | None = None,
         speculation: SpeculationPolicy | None = None,
         draft_model: DraftModel | None = None,
@@ -169,7 +176,7 @@ class ModelBatch:
         self._model = model
         self._generator_options: dict[str, Any] = dict(
             completion_batch_size=max_batch_size,
-            prefill_batch_size=max_batch_size,  # a burst of arrivals prefills together
+            prefill_batch_size=max_batch_size,  # set per step by _plan_prefill
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
@@ -178,7 +185,9 @@ class ModelBatch:
         self._speculation = speculation  # None: speculative decoding off for this model
         self.draft_model = draft_model  # drafts instead of prompt lookup (held while resident)
         # Running streams keep getting tokens while a long prompt prefills (prefill_budget.py).
-        self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget)
+        self.prefill = PrefillBudget(max_chunk=prefill_chunk, decode_steps=prefill_budget,
+                                     long_prompt_tokens=long_prompt_tokens)
+        self._prefill_rows = max_batch_size  # a burst of arrivals prefills together
         self._forward_bytes = weight_bytes(model)
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
@@ -317,7 +326,7 @@ class ModelBatch:
         self._unpark()
         if not self._by_uid:
             return
-        decoding, chunk = self._size_prefill()
+        decoding, plan = self._plan_prefill()
         prompt_tokens = self._generator._counters.prompt_tokens
         started = time.perf_counter()
         try:
@@ -327,7 +336,8 @@ class ModelBatch:
             self._fail_all(error)
             return
         elapsed = time.perf_counter() - started
-        self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=chunk,
+        self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=plan.chunk,
+                             budgeted=plan.budgeted,
                              prompt_tokens=self._generator._counters.prompt_tokens - prompt_tokens)
         metrics.ENGINE_STEP.observe(elapsed)
         metrics.STEP_SEQUENCES.observe(len(self._by_uid))
@@ -369,18 +379,26 @@ class ModelBatch:
         if done:
             self._forget(done)
 
-    def _size_prefill(self) -> tuple[bool, int]:
-        """Set this step's prefill chunk from the budget; (whether rows decode, the chunk)."""
+    def _plan_prefill(self) -> tuple[bool, PrefillPlan]:
+        """Set this step's prefill chunk and the prompts that join it (prefill_budget.py);
+        (whether rows decode, the plan)."""
         generator = self._generator
         decoding = len(generator._generation_batch) > 0
-        rows = len(generator._currently_processing) + len(generator._unprocessed_sequences)
-        chunk = self.prefill.chunk(decoding=decoding,
-                                   rows=min(max(rows, 1), generator.prefill_batch_size))
-        generator.prefill_step_size = chunk
+        room = generator.completion_batch_size - len(generator._generation_batch)
+        plan = self.prefill.plan(
+            decoding=decoding,
+            # mlx-lm's row: [segments left, tokens done, new tokens in all]
+            prefilling=[(_tokens_left(row[0]), row[2]) for row in
+                        generator._currently_processing],
+            waiting=[_tokens_left(queued[1]) for queued in
+                     itertools.islice(generator._unprocessed_sequences, max(room, 0))],
+            max_rows=self._prefill_rows)
+        generator.prefill_step_size = plan.chunk
+        generator.prefill_batch_size = max(plan.rows, 1)
         # A prompt batch made at a small chunk keeps that size for its inner loop: a later
         # full-size chunk would run as many small model calls.
         generator._prompt_batch.prefill_step_size = self.prefill.max_chunk
-        return decoding, chunk
+        return decoding, plan
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
         long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling]

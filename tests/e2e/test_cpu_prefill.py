@@ -1,7 +1,8 @@
 """Prefill on the CPU backend with the real demo model, in process.
 
 - While a long prompt prefills, the running streams keep getting a token every step: the budget
-  splits it into chunks that start small and at most double (with the budget off, one chunk).
+  splits it into chunks that start small and at most double (with the budget off, one chunk);
+  a short prompt is prefilled whole, in one step.
 - The 4-bit demo model and its float32 copy (what `cpu_dequantize` serves) answer the same.
 """
 
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.e2e,
 
 STREAMS = 2
 LONG = 600  # tokens: more than FIRST_CHUNK * (1 + 2 + 4 + 8): at least five chunks
+LONG_PROMPT = 256  # long_prompt_tokens: LONG is a long prompt here, a 200-token one is not
 CHUNK = 1024  # prefill_chunk: the whole long prompt in one step without the budget
 
 
@@ -41,7 +43,7 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(
         float32_model: tuple[object, object]) -> None:
     model, tokenizer = float32_model
     run = run_mixed(model, tokenizer, budget=1.0, streams=STREAMS, long_tokens=LONG,
-                    prefill_chunk=CHUNK, warm_steps=2)
+                    prefill_chunk=CHUNK, warm_steps=2, long_prompt_tokens=LONG_PROMPT)
     chunks = [r.chunk for r in run.during if r.prompt_tokens]
     assert sum(r.prompt_tokens for r in run.during) >= LONG - 1
     # Small first, never more than doubling: the running streams never wait for a big chunk.
@@ -55,8 +57,24 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(
 
     # The same scenario without the budget: one chunk, the streams wait for all of it.
     off = run_mixed(model, tokenizer, budget=0.0, streams=STREAMS, long_tokens=LONG,
-                    prefill_chunk=CHUNK, warm_steps=2)
+                    prefill_chunk=CHUNK, warm_steps=2, long_prompt_tokens=LONG_PROMPT)
     assert [r.chunk for r in off.during if r.prompt_tokens] == [CHUNK]
+
+
+def test_a_short_prompt_beside_running_streams_is_prefilled_in_one_step(
+        float32_model: tuple[object, object]) -> None:
+    """Chunked to one decode step's cost, a short prompt waited dozens of steps for its first
+    token; prefilled whole, the running streams wait one step for it."""
+    model, tokenizer = float32_model
+    run = run_mixed(model, tokenizer, budget=1.0, streams=STREAMS, long_tokens=200,
+                    prefill_chunk=CHUNK, warm_steps=2, long_prompt_tokens=LONG_PROMPT)
+    prefills = [r for r in run.during if r.prompt_tokens]
+    assert len(prefills) == 1 and prefills[0].prompt_tokens >= 199
+    assert all(r.decoded == STREAMS for r in run.during)
+    # long_prompt_tokens = 0: the same prompt in budgeted chunks.
+    chunked = run_mixed(model, tokenizer, budget=1.0, streams=STREAMS, long_tokens=200,
+                        prefill_chunk=CHUNK, warm_steps=2, long_prompt_tokens=0)
+    assert len([r for r in chunked.during if r.prompt_tokens]) >= 3
 
 
 def greedy(model: object, prompt: list[int], n: int) -> list[int]:

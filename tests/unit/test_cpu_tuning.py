@@ -87,10 +87,28 @@ def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads
         ours = decode_attention(q, k, v, None, 0.25, mask)
         theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
         assert mx.allclose(ours, theirs, atol=1e-5)
-    # Several queries (prefill) and the "causal" mask go to mlx-lm's own version.
-    q4 = mx.random.normal((batch, heads, 4, 16))
-    assert mx.array_equal(decode_attention(q4, k, v, None, 0.25, "causal"),
-                          mlx_lm_attention(q4, k, v, None, scale=0.25, mask="causal"))
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),
+                         [(1, 4, 2, 4, 7), (2, 9, 3, 16, 60), (3, 8, 8, 31, 33)])
+def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
+                                             length: int, context: int) -> None:
+    """A few queries a sequence (a small prefill chunk, draft verification) attend grouped by
+    key/value head with the exp2 softmax: mlx-lm's numbers for every boolean mask form;
+    additive masks of several queries go to mlx-lm's own version."""
+    q = mx.random.normal((batch, heads, length, 16))
+    k = mx.random.normal((batch, kv_heads, context, 16))
+    v = mx.random.normal((batch, kv_heads, context, 16))
+    causal = mx.arange(context)[None, :] <= mx.arange(length)[:, None] + (context - length)
+    padded = mx.broadcast_to(causal, (batch, 1, length, context)) & (
+        mx.arange(context) >= mx.arange(batch)[:, None])[:, None, None, :]
+    for mask in ("causal", None, padded, causal):
+        ours = decode_attention(q, k, v, None, 0.25, mask)
+        theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
+        assert mx.allclose(ours, theirs, atol=1e-5), mask
+    additive = mx.where(padded, 0.0, -1e9).astype(mx.float32)
+    assert mx.array_equal(decode_attention(q, k, v, None, 0.25, additive),
+                          mlx_lm_attention(q, k, v, None, scale=0.25, mask=additive))
 
 
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.prefill_budget import FIRST_CHUNK, MIN_CHUNK, PrefillBudget
+from app.engine.prefill_budget import FIRST_CHUNK, MIN_CHUNK, PrefillBudget, PrefillPlan
 
 
 def test_full_chunks_when_nothing_decodes_or_the_budget_is_off() -> None:
@@ -62,3 +62,84 @@ def test_converges_to_a_prefill_costing_the_budget(decode_steps: float, overhead
     chunk = budget.chunk(decoding=True)
     expected = (decode_steps * decode - overhead) / per_token
     assert abs(chunk - expected) <= 0.1 * expected + 1, (chunk, expected)
+
+
+# ------------------------------------------------------------ plan: the chunk and who joins
+
+
+def measured(long_prompt_tokens: int = 1024) -> PrefillBudget:
+    """A budget that has seen a 0.1 s decode step and 1 ms a prompt token at 128-token chunks."""
+    budget = PrefillBudget(max_chunk=2048, decode_steps=1.0,
+                           long_prompt_tokens=long_prompt_tokens)
+    budget.observe(seconds=0.1, decoded=True, prompt_tokens=0, chunk=2048)
+    budget.observe(seconds=0.1 + 0.128, decoded=True, prompt_tokens=128, chunk=128)
+    return budget
+
+
+def test_short_prompts_beside_decoding_rows_prefill_whole() -> None:
+    plan = measured().plan(decoding=True, prefilling=[], waiting=[600], max_rows=16)
+    assert plan == PrefillPlan(chunk=2048, rows=1, budgeted=False)
+
+
+def test_a_long_prompt_beside_decoding_rows_gets_the_budget() -> None:
+    plan = measured().plan(decoding=True, prefilling=[(3000, 3000)], waiting=[], max_rows=16)
+    assert plan == PrefillPlan(chunk=100, rows=1, budgeted=True)  # 0.1 s at 1 ms a token
+    # With nothing decoding nobody waits: full chunks.
+    idle = measured().plan(decoding=False, prefilling=[(3000, 3000)], waiting=[], max_rows=16)
+    assert idle == PrefillPlan(chunk=2048, rows=1, budgeted=False)
+    # Its last 1,000 tokens are still a long prompt's: not one 1,000-token step.
+    tail = measured().plan(decoding=True, prefilling=[(1000, 3000)], waiting=[], max_rows=16)
+    assert tail == PrefillPlan(chunk=100, rows=1, budgeted=True)
+
+
+def test_prompts_that_arrive_beside_a_budgeted_long_one_share_its_chunk() -> None:
+    plan = measured().plan(decoding=True, prefilling=[(3000, 3000)], waiting=[40, 600], max_rows=16)
+    assert plan.budgeted and plan.rows == 3 and plan.chunk == 100 // 3
+
+
+def test_whole_prompts_beside_decoding_rows_are_capped_per_step() -> None:
+    """A step next to decoding streams prefills at most long_prompt_tokens whole tokens; a long
+    prompt waiting behind short ones joins the step after, under the budget."""
+    budget = measured()
+    assert budget.plan(decoding=True, prefilling=[], waiting=[600, 600],
+                       max_rows=16).rows == 1
+    assert budget.plan(decoding=True, prefilling=[], waiting=[100, 5000],
+                       max_rows=16).rows == 1
+    assert budget.plan(decoding=True, prefilling=[], waiting=[5000, 100],
+                       max_rows=16).budgeted
+
+
+def test_prompts_of_very_different_lengths_are_not_padded_together() -> None:
+    """The bench's 40/80/250/600-token prompts arriving at once: padded to 600, 8 rows cost
+    4,800 tokens for 1,940 real ones."""
+    budget = PrefillBudget(max_chunk=2048, decode_steps=1.0)
+    waiting = [40, 80, 250, 600, 40, 80, 250, 600]
+    assert budget.plan(decoding=False, prefilling=[], waiting=waiting, max_rows=16).rows == 2
+    assert budget.plan(decoding=False, prefilling=[], waiting=[250, 260, 240, 600],
+                       max_rows=16).rows == 3
+    # Tiny prompts batch freely: their padding costs less than a step of their own.
+    assert budget.plan(decoding=False, prefilling=[], waiting=[10, 60, 5, 70],
+                       max_rows=16).rows == 4
+    assert budget.plan(decoding=False, prefilling=[], waiting=[250, 260, 240],
+                       max_rows=2).rows == 2
+
+
+def test_a_row_that_needs_more_steps_takes_others_along_whatever_their_padding() -> None:
+    """Waiting for a 6,000-token prompt's every chunk would cost a short one more than the
+    padding of one step."""
+    plan = PrefillBudget(max_chunk=2048, decode_steps=1.0).plan(
+        decoding=False, prefilling=[(6000, 6000)], waiting=[40], max_rows=16)
+    assert plan.rows == 2
+
+
+def test_whole_prompt_steps_do_not_teach_the_budget() -> None:
+    budget = measured()
+    rate = budget.seconds_per_token
+    budget.observe(seconds=0.2, decoded=True, prompt_tokens=600, chunk=2048, budgeted=False)
+    assert budget.seconds_per_token == rate and budget.last_chunk == 128
+
+
+def test_long_prompt_tokens_zero_chunks_every_prompt() -> None:
+    plan = measured(long_prompt_tokens=0).plan(decoding=True, prefilling=[], waiting=[40],
+                                               max_rows=16)
+    assert plan == PrefillPlan(chunk=100, rows=1, budgeted=True)

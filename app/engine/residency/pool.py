@@ -299,6 +299,7 @@ class ModelPool:
         batch = ModelBatch(model, tokenizer, max_batch_size=engine.max_batch_size,
                            prefill_chunk=engine.prefill_chunk,
                            prefill_budget=engine.prefill_budget,
+                           long_prompt_tokens=engine.long_prompt_tokens,
                            prompt_cache_bytes=engine.prompt_cache_bytes,
                            stream=self._thread.stream, model_id=spec.id, disk=disk,
                            speculation=speculation, draft_model=draft)
