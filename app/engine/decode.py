@@ -136,6 +136,35 @@ class LogitsGenerationBatch(GenerationBatch):  # type: ignore[misc]
         return sampled, logprobs, contexts, tokens
 
 
+class PromptForward:
+    """The model as mlx-lm's prompt batch calls it, `model(tokens, cache=...)`: a chunk of a
+    few tokens a row (what the prefill budget gives a long prompt beside decoding streams)
+    goes through the tuned multi-token step, which costs less than the model's own call for
+    so few tokens on the CPU (bench/RESULTS.md); anything else through the model itself."""
+
+    def __init__(self, model: nn.Module, step: LlamaDecodeStep, max_tokens: int) -> None:
+        self.model = model
+        self.step = step
+        self.max_tokens = max_tokens
+
+    def __call__(self, tokens: mx.array, cache: list[Any] | None = None,
+                 **options: Any) -> mx.array:
+        if options or cache is None or tokens.ndim != 2 or tokens.shape[1] > self.max_tokens:
+            return self.model(tokens, cache=cache, **options)  # type: ignore[no-any-return]
+        return self.step.many(tokens, cache)
+
+    def __getattr__(self, name: str) -> Any:  # layers, make_cache, ...: the model's
+        return getattr(self.model, name)
+
+
+def prompt_forward(model: nn.Module, max_tokens: int) -> nn.Module | PromptForward:
+    """What a prompt batch should call for `model`: `PromptForward` where the tuned step
+    applies, else the model."""
+    if max_tokens > 1 and LlamaDecodeStep.supports(model):
+        return PromptForward(model, LlamaDecodeStep(model), max_tokens)
+    return model
+
+
 def use_logits_decode(
     generator: BatchGenerator, logprob_uids: set[int] | None = None,
     batch_class: type[LogitsGenerationBatch] = LogitsGenerationBatch,

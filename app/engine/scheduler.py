@@ -39,7 +39,7 @@ from app.core.types import (
     TokenLogprob,
     Usage,
 )
-from app.engine.decode import LogitsGenerationBatch, use_logits_decode
+from app.engine.decode import LogitsGenerationBatch, prompt_forward, use_logits_decode
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.draft_model import DraftModel
@@ -59,6 +59,9 @@ FaultHook = Callable[[str], None]
 # completes (a second request with the same long prefix needn't wait for the first to finish);
 # shorter ones only when they end: one copy of their KV fewer, and they are cheap to redo.
 EARLY_INSERT_MIN_TOKENS = 256
+# Prefill chunks of at most this many tokens a row go through the tuned multi-token step
+# (`decode.PromptForward`); see bench/RESULTS.md for where it stops paying.
+SMALL_CHUNK_MAX_TOKENS = 8
 
 
 @dataclass(eq=False)
@@ -209,6 +212,9 @@ class ModelBatch:
         # out to its length (decode_groups.py).
         generator._generation_batch = DecodeGroups(
             partial(self._decode_group, running.fallback_sampler), self._forward_bytes)
+        # Small prefill chunks through the tuned multi-token step (every later prompt batch is
+        # this one, extended and split).
+        generator._prompt_batch.model = prompt_forward(self._model, SMALL_CHUNK_MAX_TOKENS)
         return generator
 
     def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:

@@ -16,7 +16,7 @@ from mlx_lm.generate import BatchGenerator  # noqa: E402
 
 from app.engine.cpu.llama_step import LlamaDecodeStep  # noqa: E402
 from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
-from app.engine.decode import use_logits_decode  # noqa: E402
+from app.engine.decode import PromptForward, prompt_forward, use_logits_decode  # noqa: E402
 from app.engine.speculative import (  # noqa: E402
     RowOutlook,
     SpeculationPolicy,
@@ -37,29 +37,56 @@ QUESTIONS = [
 MAX_TOKENS = 24
 
 
-def test_tuned_batched_decode_matches_mlx_lm_token_for_token(demo_float32_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def mlx_lm_answers(demo_float32_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """(the QUESTIONS' prompts, mlx-lm's own greedy answers to them, one at a time)."""
     reference, tokenizer = load(str(demo_float32_dir))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                              add_generation_prompt=True) for q in QUESTIONS]
-    expected = []
-    for prompt in prompts:
-        tokens = [r.token for r in stream_generate(reference, tokenizer, prompt,
-                                                   max_tokens=MAX_TOKENS)]
-        expected.append(tokens)
-    del reference
+    expected = [[r.token for r in stream_generate(reference, tokenizer, prompt,
+                                                  max_tokens=MAX_TOKENS)] for prompt in prompts]
+    return prompts, expected
 
-    tuned, _ = load(str(demo_float32_dir))
+
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_tuned_batched_decode_matches_mlx_lm_token_for_token(
+        demo_float32_dir: Path, mlx_lm_answers: tuple[list[list[int]], list[list[int]]],
+        small_chunks: bool) -> None:
+    """With `small_chunks` the prompts (of different lengths: right-padded together) are also
+    prefilled 4 tokens a step through the tuned multi-token step (`decode.PromptForward`),
+    as the prefill budget prefills a long prompt beside decoding streams."""
+    prompts, expected = mlx_lm_answers
+    tuned, tokenizer = load(str(demo_float32_dir))
     assert tune_for_cpu(tuned) > 0
     generator = BatchGenerator(tuned, completion_batch_size=16, prefill_batch_size=16,
-                               stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+                               stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                               prefill_step_size=4 if small_chunks else 2048)
     use_logits_decode(generator)
     assert isinstance(generator._generation_batch.forward, LlamaDecodeStep)
+    if small_chunks:
+        generator._prompt_batch.model = prompt_forward(tuned, max_tokens=8)
+        assert isinstance(generator._prompt_batch.model, PromptForward)
+        calls = _count_calls(generator._prompt_batch.model.step)
     uids = generator.insert(prompts, max_tokens=[MAX_TOKENS] * len(prompts))
     got = _run_to_the_end(generator, uids)
 
     batched = [got[uid] for uid in uids]
     assert batched == expected
     assert "Paris" in tokenizer.decode(batched[0])
+    if small_chunks:
+        assert calls["many"] >= max(len(p) for p in prompts) // 4 - 1
+
+
+def _count_calls(step: LlamaDecodeStep) -> dict[str, int]:
+    calls = {"many": 0}
+    many = step.many
+
+    def counted(tokens: Any, caches: list[Any]) -> Any:
+        calls["many"] += 1
+        return many(tokens, caches)
+
+    step.many = counted  # type: ignore[method-assign]
+    return calls
 
 
 def _run_to_the_end(generator: BatchGenerator, uids: list[int]) -> dict[int, list[int]]:
