@@ -89,6 +89,19 @@ def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads
         assert mx.allclose(ours, theirs, atol=1e-5)
 
 
+def _chunk_inputs(batch: int, heads: int, kv_heads: int, length: int, context: int
+                  ) -> tuple[mx.array, ...]:
+    """Queries, keys, values and two boolean masks of a prefill chunk: causal after earlier
+    chunks, and that with each sequence's left padding (sequence i padded by i positions)."""
+    q = mx.random.normal((batch, heads, length, 16))
+    k = mx.random.normal((batch, kv_heads, context, 16))
+    v = mx.random.normal((batch, kv_heads, context, 16))
+    causal = mx.arange(context)[None, :] <= mx.arange(length)[:, None] + (context - length)
+    padded = mx.broadcast_to(causal, (batch, 1, length, context)) & (
+        mx.arange(context) >= mx.arange(batch)[:, None])[:, None, None, :]
+    return q, k, v, causal, padded
+
+
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),
                          [(1, 4, 2, 4, 7), (2, 9, 3, 16, 60), (3, 8, 8, 31, 33)])
 def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
@@ -96,12 +109,7 @@ def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: i
     """A few queries a sequence (a small prefill chunk, draft verification) attend grouped by
     key/value head with the exp2 softmax: mlx-lm's numbers for every boolean mask form;
     additive masks of several queries go to mlx-lm's own version."""
-    q = mx.random.normal((batch, heads, length, 16))
-    k = mx.random.normal((batch, kv_heads, context, 16))
-    v = mx.random.normal((batch, kv_heads, context, 16))
-    causal = mx.arange(context)[None, :] <= mx.arange(length)[:, None] + (context - length)
-    padded = mx.broadcast_to(causal, (batch, 1, length, context)) & (
-        mx.arange(context) >= mx.arange(batch)[:, None])[:, None, None, :]
+    q, k, v, causal, padded = _chunk_inputs(batch, heads, kv_heads, length, context)
     for mask in ("causal", None, padded, causal):
         ours = decode_attention(q, k, v, None, 0.25, mask)
         theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
@@ -118,12 +126,7 @@ def test_numpy_prefill_attention_equals_mlx_lm(batch: int, heads: int, kv_heads:
     """Prefill chunks attend in NumPy: the same numbers as mlx-lm's attention for every mask
     form a batch prefill uses (causal after earlier chunks, left padding as booleans, one
     table for all, additive)."""
-    q = mx.random.normal((batch, heads, length, 16))
-    k = mx.random.normal((batch, kv_heads, context, 16))
-    v = mx.random.normal((batch, kv_heads, context, 16))
-    causal = mx.arange(context)[None, :] <= mx.arange(length)[:, None] + (context - length)
-    padded = mx.broadcast_to(causal, (batch, 1, length, context)) & (
-        mx.arange(context) >= mx.arange(batch)[:, None])[:, None, None, :]
+    q, k, v, causal, padded = _chunk_inputs(batch, heads, kv_heads, length, context)
     additive = mx.where(padded, 0.0, -1e9).astype(mx.float32)
     for mask in ("causal", None, padded, causal, additive):
         ours = decode_attention(q, k, v, None, 0.25, mask)
