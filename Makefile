@@ -62,7 +62,7 @@ run: install demo-model
 	$(PRELOAD) $(BIN)/mlx-gateway serve $(ARGS)
 
 test: install system-deps demo-model clients
-	$(PRELOAD) $(BIN)/python -m pytest -q $(ARGS)
+	$(PRELOAD) $(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
