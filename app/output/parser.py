@@ -59,6 +59,9 @@ class OutputParser:
         if start_in_reasoning and self._think:
             self._mode = _REASONING
         self._ws = ""  # content's trailing whitespace, held until more content follows
+        # ... only where a call can follow it (its separator is no part of the content); else
+        # whitespace is content, sent as it comes (holding it delays a stream by a token).
+        self._hold_ws = bool(blocks)
         self._rws = ""  # the same for reasoning
         self._content_started = False
         self._reasoning_started = False
@@ -139,13 +142,14 @@ class OutputParser:
             self._emit_text(out, text)
 
     def _emit_text(self, out: list[OutputEvent], text: str) -> None:
-        """Content, less the whitespace at its very start and end: separators the templates put
-        around think blocks and calls are no part of it. Whitespace inside is kept."""
+        """Content, less the whitespace at its very start and (where a call can follow) at its
+        end: separators the templates put around think blocks and calls are no part of it.
+        Whitespace inside is kept."""
         if not self._content_started:
             text = text.lstrip()
         if not text:
             return
-        core = text.rstrip()
+        core = text.rstrip() if self._hold_ws else text
         if not core:
             self._ws += text
             return

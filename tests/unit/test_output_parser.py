@@ -84,6 +84,23 @@ def test_text_streams_and_only_a_possible_marker_is_held_back() -> None:
     assert parser.feed("box> is a tag") == [TextDelta(" <toolbox> is a tag")]
 
 
+def test_whitespace_is_sent_as_it_comes_where_no_call_can_follow() -> None:
+    # A stream's "\n\n" between paragraphs reaches the client with its own token, not with
+    # the next word: nothing could make it a separator to drop.
+    plain = _parser(parse_tools=False)
+    assert plain.feed("The end.") == [TextDelta("The end.")]
+    assert plain.feed("\n\n") == [TextDelta("\n\n")]
+    assert plain.feed("Next") == [TextDelta("Next")]
+    assert plain.finish() == []
+    # Where a call may follow, it waits for the next text: before a call it is the template's.
+    tools = _parser()
+    assert tools.feed("The end.") == [TextDelta("The end.")]
+    assert tools.feed("\n\n") == []
+    assert tools.feed("Next") == [TextDelta("\n\nNext")]
+    assert _merged(_run(_parser(), ["Look.\n\n", '<tool_call>{"name": "f", "arguments": {}}'
+                                    "</tool_call>"]))["content"] == "Look."
+
+
 def test_unparseable_call_comes_back_as_text_and_is_counted() -> None:
     before = metrics.TOOL_CALL_PARSE_FAILURES.labels("generic")._value.get()
     events = _run(_parser(), ['Sure. <tool_call>{"name": get_weather}</tool_call>'])
