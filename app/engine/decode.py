@@ -22,8 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import BatchKVCache
 
-from app.engine.cpu.llama_step import LlamaDecodeStep
+from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot
 
 # (tokens (batch,), per-layer caches) -> logits (batch, vocabulary) for one new token each.
 DecodeForward = Callable[[mx.array, list[Any]], mx.array]
@@ -142,13 +143,28 @@ class PromptForward:
     goes through the tuned multi-token step, which costs less than the model's own call for
     so few tokens on the CPU (bench/RESULTS.md); anything else through the model itself."""
 
-    def __init__(self, model: nn.Module, step: LlamaDecodeStep, max_tokens: int) -> None:
+    def __init__(self, model: nn.Module, step: LlamaDecodeStep, max_tokens: int,
+                 riders: RiderSlot) -> None:
         self.model = model
         self.step = step
         self.max_tokens = max_tokens
+        self.riders = riders  # shared with the model's decode steps (`offer`)
+
+    def offer(self, tokens: list[list[int]], caches: list[Any]) -> None:
+        """Let the next decode forward of this model compute the prompt batch's next chunk
+        (`tokens`, equal lengths) along with its own rows: one pass over the weights for both.
+        The prompt batch's own call then finds it done; if no decode forward took it, that call
+        computes it as usual."""
+        if all(type(cache) is BatchKVCache for cache in caches):  # what the tuned step reads
+            self.riders.rider = Rider(mx.array(tokens), caches)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None,
                  **options: Any) -> mx.array:
+        rider, self.riders.rider = self.riders.rider, None
+        if rider is not None and rider.taken and cache is rider.caches and not options:
+            if tokens.shape != rider.tokens.shape or not mx.array_equal(tokens, rider.tokens):
+                raise RuntimeError("a prefill chunk was computed for other tokens than its own")
+            return rider.tokens  # its KV is in the caches; mlx-lm reads nothing back
         if options or cache is None or tokens.ndim != 2 or tokens.shape[1] > self.max_tokens:
             return self.model(tokens, cache=cache, **options)  # type: ignore[no-any-return]
         return self.step.many(tokens, cache)
@@ -157,11 +173,12 @@ class PromptForward:
         return getattr(self.model, name)
 
 
-def prompt_forward(model: nn.Module, max_tokens: int) -> nn.Module | PromptForward:
+def prompt_forward(model: nn.Module, max_tokens: int, riders: RiderSlot | None = None
+                   ) -> nn.Module | PromptForward:
     """What a prompt batch should call for `model`: `PromptForward` where the tuned step
-    applies, else the model."""
+    applies, else the model. `riders`: the slot the model's decode steps take chunks from."""
     if max_tokens > 1 and LlamaDecodeStep.supports(model):
-        return PromptForward(model, LlamaDecodeStep(model), max_tokens)
+        return PromptForward(model, LlamaDecodeStep(model), max_tokens, riders or RiderSlot())
     return model
 
 

@@ -53,6 +53,9 @@ class PrefillBudget:
     max_chunk: int  # `[engine] prefill_chunk`
     decode_steps: float  # `[engine] prefill_budget`; 0 turns the budget off
     long_prompt_tokens: int = 1024  # `[engine] long_prompt_tokens`
+    # Beside decoding rows a chunk never exceeds this: what the decode forward can carry
+    # (scheduler.RIDER_MAX_TOKENS on the CPU backend); past it the cost per token jumps.
+    max_decoding_chunk: int | None = None
     decode_seconds: float | None = None  # running average of a decode-only step
     seconds_per_token: float | None = None  # running average of prefill cost per prompt token
     # The chunk of the last step that decoded and prefilled; None before the first such step,
@@ -64,6 +67,8 @@ class PrefillBudget:
         if not decoding or self.decode_steps <= 0:
             return self.max_chunk
         cap = FIRST_CHUNK if self.last_chunk is None else 2 * self.last_chunk
+        if self.max_decoding_chunk is not None:
+            cap = min(cap, self.max_decoding_chunk)
         if self.decode_seconds is None or self.seconds_per_token is None:
             return min(self.max_chunk, cap)
         fits = self.decode_steps * self.decode_seconds / self.seconds_per_token / max(1, rows)

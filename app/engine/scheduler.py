@@ -39,7 +39,13 @@ from app.core.types import (
     TokenLogprob,
     Usage,
 )
-from app.engine.decode import LogitsGenerationBatch, prompt_forward, use_logits_decode
+from app.engine.cpu.llama_step import LlamaDecodeStep, RiderSlot
+from app.engine.decode import (
+    LogitsGenerationBatch,
+    PromptForward,
+    prompt_forward,
+    use_logits_decode,
+)
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.draft_model import DraftModel
@@ -59,9 +65,15 @@ FaultHook = Callable[[str], None]
 # completes (a second request with the same long prefix needn't wait for the first to finish);
 # shorter ones only when they end: one copy of their KV fewer, and they are cheap to redo.
 EARLY_INSERT_MIN_TOKENS = 256
+# ... unless it may write at most this many tokens: its end comes first, with one copy fewer
+# (a 4,000-token prompt's KV is 185 MB for the demo model, ~250 ms to copy on a 2-core CPU).
+ENDS_SOON_TOKENS = 16
 # Prefill chunks of at most this many tokens a row go through the tuned multi-token step
 # (`decode.PromptForward`); see bench/RESULTS.md for where it stops paying.
 SMALL_CHUNK_MAX_TOKENS = 8
+# Prefill chunks of at most this many tokens a row beside decoding rows are computed in the
+# decode step's own forward (`_offer_chunk`).
+RIDER_MAX_TOKENS = 64
 
 
 @dataclass(eq=False)
@@ -192,6 +204,8 @@ class ModelBatch:
                                      long_prompt_tokens=long_prompt_tokens)
         self._prefill_rows = max_batch_size  # a burst of arrivals prefills together
         self._forward_bytes = weight_bytes(model)
+        # A prefill chunk beside decoding rows is computed in their forward (`_offer_chunk`).
+        self._riders = RiderSlot()
         self._generator = self._new_generator()
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
@@ -214,7 +228,10 @@ class ModelBatch:
             partial(self._decode_group, running.fallback_sampler), self._forward_bytes)
         # Small prefill chunks through the tuned multi-token step (every later prompt batch is
         # this one, extended and split).
-        generator._prompt_batch.model = prompt_forward(self._model, SMALL_CHUNK_MAX_TOKENS)
+        generator._prompt_batch.model = prompt_forward(self._model, SMALL_CHUNK_MAX_TOKENS,
+                                                       self._riders)
+        if isinstance(generator._prompt_batch.model, PromptForward) and RIDER_MAX_TOKENS:
+            self.prefill.max_decoding_chunk = RIDER_MAX_TOKENS
         return generator
 
     def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:
@@ -224,10 +241,15 @@ class ModelBatch:
         holder = SimpleNamespace(
             _generation_batch=GenerationBatch.empty(self._model, fallback_sampler))
         generator = cast(BatchGenerator, holder)
+        group: LogitsGenerationBatch
         if self._speculation is not None:
-            return use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
-                                          self._speculation, self.draft_model)
-        return use_logits_decode(generator, self._logprob_uids)
+            group = use_speculative_decode(generator, self._logprob_uids, self._spec_uids,
+                                           self._speculation, self.draft_model)
+        else:
+            group = use_logits_decode(generator, self._logprob_uids)
+        if isinstance(group.forward, LlamaDecodeStep):
+            group.forward.riders = self._riders  # computes prefill chunks it is offered
+        return group
 
     def _inject(self, point: str) -> None:
         if self.fault is not None:
@@ -333,12 +355,20 @@ class ModelBatch:
         if not self._by_uid:
             return
         decoding, plan = self._plan_prefill()
+        self._riders.rider = None
+        if decoding:
+            self._offer_chunk()
         prompt_tokens = self._generator._counters.prompt_tokens
         started = time.perf_counter()
         try:
             self._inject("step")
             prompt_responses, responses = self._generator.next()
+            unclaimed, self._riders.rider = self._riders.rider, None
+            if unclaimed is not None and unclaimed.taken:
+                raise RuntimeError("a prefill chunk computed with the decode step was not the "
+                                   "prompt batch's next one")
         except Exception as error:  # a broken step fails its sequences, not the server
+            self._riders.rider = None
             self._fail_all(error)
             return
         elapsed = time.perf_counter() - started
@@ -349,6 +379,7 @@ class ModelBatch:
         metrics.STEP_SEQUENCES.observe(len(self._by_uid))
         done: list[int] = []
         ended: set[int] = set()  # finished this step: later tokens of theirs are not theirs
+        keeps: list[Callable[[], None]] = []  # their KV into the prefix cache
         now = time.monotonic()
         for response in responses:  # a speculating sequence may get several tokens in a step
             seq = self._by_uid.get(response.uid)
@@ -370,11 +401,10 @@ class ModelBatch:
                 done.append(seq.uid)
                 ended.add(seq.uid)
                 if response.finish_reason is not None and response.prompt_cache is not None:
-                    self._keep(seq, list(response.all_tokens or []),
-                               partial(list, response.prompt_cache), "finished")
+                    keeps.append(partial(self._keep, seq, list(response.all_tokens or []),
+                                         partial(list, response.prompt_cache), "finished"))
                 else:  # a stop string ended it while mlx-lm still runs it
-                    self._save([seq.uid], "finished")
-        self._save_prefilled(prompt_responses)
+                    keeps.append(partial(self._save, [seq.uid], "finished"))
         done.extend(self._fail_faulted())
         # One hop to the event loop per step for every sequence: each hop wakes the loop,
         # and the loop shares the GIL with this thread.
@@ -382,6 +412,11 @@ class ModelBatch:
                  if seq._pending]
         if ready:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
+        # Into the prefix cache once the tokens are out: the streams need not wait for the
+        # copies (a 4,000-token prompt's KV is ~250 ms of copying on this CPU).
+        for keep in keeps:
+            keep()
+        self._save_prefilled(prompt_responses)
         if done:
             self._forget(done)
 
@@ -406,8 +441,32 @@ class ModelBatch:
         generator._prompt_batch.prefill_step_size = self.prefill.max_chunk
         return decoding, plan
 
+    def _offer_chunk(self) -> None:
+        """Offer this step's prefill chunk to the decode forward (`PromptForward.offer`) when
+        it is certain what mlx-lm's step will prefill: the rows already prefilling, none
+        joining or moving on to decode, every row's chunk the same length."""
+        generator = self._generator
+        forward = generator._prompt_batch.model
+        rows = generator._currently_processing
+        if (not isinstance(forward, PromptForward) or not rows
+                or len(generator._prompt_batch) != len(rows)
+                or len(generator._generation_batch) >= generator.completion_batch_size
+                or (generator._unprocessed_sequences
+                    and generator.prefill_batch_size > len(rows))):
+            return
+        chunks = []
+        for segments, _, _ in rows:
+            if len(segments) == 1 and len(segments[0]) == 1:
+                return  # its last token: it moves on to decoding this step
+            chunks.append(segments[0][:generator.prefill_step_size])
+        if len({len(chunk) for chunk in chunks}) == 1 and len(chunks[0]) <= RIDER_MAX_TOKENS:
+            forward.offer(chunks, generator._prompt_batch.prompt_cache)
+
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
-        long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling]
+        # A sequence that ends within a few tokens is inserted then (one copy of its KV, not
+        # two); sequences parked on it wait for that.
+        long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling
+                and self._by_uid[r.uid].max_tokens > ENDS_SOON_TOKENS]
         if long:
             self._save(long, "prefilled")
             self._prefilling.difference_update(long)

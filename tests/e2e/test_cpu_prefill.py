@@ -17,10 +17,14 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
+from app.core.types import GenerationEvent, TextDelta
+from app.engine import scheduler
+from app.engine.cpu.tuning import tune_for_cpu
 from app.engine.prefill_budget import FIRST_CHUNK
+from app.engine.scheduler import ModelBatch
 from app.models.dequantize import is_copy_of
 from app.models.registry import _make_spec
-from bench.prefill_stalls import run_mixed
+from bench.prefill_stalls import long_prompt, run_mixed, sequence
 from tests.e2e.conftest import DEMO_ID
 from tests.e2e.gateway_process import GatewayProcess
 
@@ -75,6 +79,63 @@ def test_a_short_prompt_beside_running_streams_is_prefilled_in_one_step(
     chunked = run_mixed(model, tokenizer, budget=1.0, streams=STREAMS, long_tokens=200,
                         prefill_chunk=CHUNK, warm_steps=2, long_prompt_tokens=0)
     assert len([r for r in chunked.during if r.prompt_tokens]) >= 3
+
+
+@pytest.fixture(scope="module")
+def tuned_model(demo_float32_dir: Path) -> tuple[object, object]:
+    model, tokenizer = load(str(demo_float32_dir))[:2]
+    assert tune_for_cpu(model) > 0
+    return model, tokenizer
+
+
+def _mixed_answers(model: object, tokenizer: object, long: list[int]
+                   ) -> tuple[list[str], int]:
+    """Two streams decode, then `long` arrives and prefills beside them by the budget; every
+    sequence's greedy text, and how many prefill chunks a decode forward computed."""
+    batch = ModelBatch(model, tokenizer, max_batch_size=16, prefill_chunk=CHUNK,
+                       prompt_cache_bytes=0, stream=mx.default_stream(mx.default_device()),
+                       prefill_budget=1.0, long_prompt_tokens=LONG_PROMPT)
+    taken = 0
+    take = batch._riders.take
+
+    def counting_take() -> object:
+        nonlocal taken
+        rider = take()
+        taken += rider is not None
+        return rider
+
+    batch._riders.take = counting_take  # type: ignore[method-assign]
+    sinks: list[list[GenerationEvent]] = [[] for _ in range(3)]
+    for i, question in enumerate(["Write a story about a lighthouse.", "Why is the sky blue?"]):
+        prompt = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": question}], add_generation_prompt=True)
+        batch.add(sequence(prompt, 48, sinks[i], f"s{i}"))
+    for _ in range(4):
+        batch.step()
+    batch.add(sequence(long, 12, sinks[2], "long"))
+    while len(batch):
+        batch.step()
+    batch.close()
+    return ["".join(e.text for e in sink if isinstance(e, TextDelta)) for sink in sinks], taken
+
+
+def test_prefill_chunks_computed_in_the_decode_forward_change_no_answer(
+        tuned_model: tuple[object, object], float32_model: tuple[object, object],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prompt's small chunks beside decoding rows ride in their forward (one pass over
+    the weights for both, `decode.PromptForward.offer`): every answer is what it is when each
+    chunk is a forward of its own, and the long prompt's is mlx-lm's own greedy answer."""
+    model, tokenizer = tuned_model
+    long = long_prompt(tokenizer, LONG)
+    riding, taken = _mixed_answers(model, tokenizer, long)
+    assert taken >= 5
+    monkeypatch.setattr(scheduler, "RIDER_MAX_TOKENS", 0)
+    alone, none_taken = _mixed_answers(model, tokenizer, long)
+    assert none_taken == 0
+    assert riding == alone
+    assert all(riding)
+    expected = tokenizer.decode(greedy(float32_model[0], long, 12))  # type: ignore[attr-defined]
+    assert riding[2] == expected
 
 
 def greedy(model: object, prompt: list[int], n: int) -> list[int]:

@@ -35,6 +35,14 @@ def test_the_chunk_fits_the_budget_at_the_measured_rate() -> None:
     assert budget.chunk(decoding=True, rows=100) == MIN_CHUNK
 
 
+def test_beside_decoding_rows_a_chunk_stays_within_what_the_decode_forward_carries() -> None:
+    budget = PrefillBudget(max_chunk=2048, decode_steps=2.0, max_decoding_chunk=64)
+    budget.observe(seconds=0.1, decoded=True, prompt_tokens=0, chunk=2048)
+    budget.observe(seconds=0.1 + 0.064, decoded=True, prompt_tokens=64, chunk=64)
+    assert budget.chunk(decoding=True) == 64  # 200 fit the budget at 1 ms a token
+    assert budget.chunk(decoding=False) == 2048
+
+
 def test_growth_is_at_most_twofold_per_step() -> None:
     budget = PrefillBudget(max_chunk=2048, decode_steps=1.0)
     budget.observe(seconds=1.0, decoded=True, prompt_tokens=0, chunk=2048)

@@ -22,6 +22,10 @@ causal within the new tokens on top of the padding mask, positions offset..offse
 forward for it (through the tuned layers) costs about twice a single-token step on this CPU;
 this one about 1.x (see bench/RESULTS.md, "verify step").
 
+A `Rider` is a prefill chunk computed in the same pass as a decode or verify step: its rows
+join the hidden state after the step's own, share every projection and MLP product (one read
+of the weights for both, which is what a small step costs), and attend over their own cache.
+
 Everything else is the model's own: its weights, its norms' functions, its KV cache objects.
 Prefill and anything this class does not know go through the model's own `__call__`.
 """
@@ -84,6 +88,30 @@ class _StepPlan:
     length: int = 1  # new tokens a row
 
 
+@dataclass
+class Rider:
+    """A prefill chunk to compute inside the next decode forward of its model."""
+
+    tokens: mx.array  # (rows, L) prompt tokens, every row the same length
+    caches: list[Any]  # the prompt batch's per-layer caches (BatchKVCache)
+    taken: bool = False  # a forward computed it: the prompt batch must not compute it again
+
+
+class RiderSlot:
+    """Where a model's scheduler leaves a `Rider` for the next decode forward of that model
+    (every `LlamaDecodeStep` of the model holds the same slot; the first forward takes it)."""
+
+    def __init__(self) -> None:
+        self.rider: Rider | None = None
+
+    def take(self) -> Rider | None:
+        rider = self.rider
+        if rider is None or rider.taken:
+            return None
+        rider.taken = True
+        return rider
+
+
 class LlamaDecodeStep:
     """`logits = step(tokens, caches)` for mlx-lm's llama Model after `tune_for_cpu`."""
 
@@ -99,6 +127,7 @@ class LlamaDecodeStep:
         self.rope: CpuRoPE = attention.rope
         tied = "lm_head" not in model
         self.output_t: mx.array = (inner.embed_tokens if tied else model.lm_head).weight_t
+        self.riders: RiderSlot | None = None  # prefill chunks to compute with a decode step
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -127,36 +156,39 @@ class LlamaDecodeStep:
         if not all(type(cache) is BatchKVCache for cache in caches):
             logits: mx.array = self.model(tokens[:, None], cache=caches)[:, -1, :]
             return logits
-        batch = tokens.shape[0]
-        rows = batch + (-batch % ROW_BLOCK if batch > 1 else 0)
-        inner = self.model.model
-        hidden = inner.embed_tokens(tokens)  # (batch, features)
-        if rows != batch:
-            hidden = mx.pad(hidden, [(0, rows - batch), (0, 0)])
-        plan = self._plan(batch, caches[0])
-        for layer, cache in zip(self.layers, caches, strict=True):
-            hidden = self._layer(layer, hidden, plan, cache)
-        out: mx.array = (inner.norm(hidden) @ self.output_t)[:batch]
-        return out
+        return self._forward(tokens[:, None], caches, pad_from=2)[:, 0]
 
     def many(self, tokens: mx.array, caches: list[Any]) -> mx.array:
         """Logits (batch, L, vocabulary) for L new tokens a row (batch, L), as the model's own
         `model(tokens, cache=caches)` computes them; the caches advance by L."""
-        batch, length = tokens.shape
-        if length == 1:
+        if tokens.shape[1] == 1:
             return self(tokens[:, 0], caches)[:, None, :]
         if not all(type(cache) is BatchKVCache for cache in caches):
             logits: mx.array = self.model(tokens, cache=caches)
             return logits
-        count = batch * length  # rows of the hidden state: row b * length + j
-        rows = count + (-count % ROW_BLOCK if count >= MANY_PAD_MIN_ROWS else 0)
+        return self._forward(tokens, caches, pad_from=MANY_PAD_MIN_ROWS)
+
+    def _forward(self, tokens: mx.array, caches: list[Any], pad_from: int) -> mx.array:
+        """Logits (batch, L, vocabulary) for `tokens` (batch, L); a waiting rider's chunk is
+        computed in the same pass (its rows after these, no logits of its own)."""
+        batch, length = tokens.shape
+        count = batch * length  # hidden rows of these tokens: row b * length + j
+        parts = [(self._plan(batch, caches[0], length), caches)]
+        ids = tokens.reshape(count)
+        rider = self.riders.take() if self.riders is not None else None
+        if rider is not None:
+            rows, chunk = rider.tokens.shape
+            parts.append((self._plan(rows, rider.caches[0], chunk), rider.caches))
+            ids = mx.concatenate([ids, rider.tokens.reshape(rows * chunk)])
+        total = ids.shape[0]
         inner = self.model.model
-        hidden = inner.embed_tokens(tokens.reshape(count))
-        if rows != count:
-            hidden = mx.pad(hidden, [(0, rows - count), (0, 0)])
-        plan = self._plan(batch, caches[0], length)
-        for layer, cache in zip(self.layers, caches, strict=True):
-            hidden = self._layer_many(layer, hidden, plan, cache)
+        hidden = inner.embed_tokens(ids)  # (total, features)
+        if _padded(total, pad_from) != total:
+            hidden = mx.pad(hidden, [(0, _padded(total, pad_from) - total), (0, 0)])
+        for index, layer in enumerate(self.layers):
+            hidden = self._layer(layer, hidden, [(plan, cache[index]) for plan, cache in parts])
+        if rider is not None:  # logits for these tokens only, still in whole row blocks
+            hidden = hidden[:_padded(count, pad_from)]
         out: mx.array = (inner.norm(hidden) @ self.output_t)[:count]
         return out.reshape(batch, length, -1)
 
@@ -189,51 +221,59 @@ class LlamaDecodeStep:
                 count, self.kv_heads, length * self.group, context)
         return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, masks, length)
 
-    def _layer(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any) -> mx.array:
+    def _layer(self, layer: Any, hidden: mx.array, parts: list[tuple[_StepPlan, Any]]
+               ) -> mx.array:
+        """One layer for the hidden rows of every part (a plan and that part's cache of this
+        layer), in order: the projections and MLP over all rows at once, attention per part."""
         attention = layer.self_attn
-        batch, traditional = plan.batch, self.rope.traditional
         normed = layer.input_layernorm(hidden)
-        queries = (normed @ attention.q_proj.weight_t)[:batch]
+        queries = normed @ attention.q_proj.weight_t
+        keys = normed @ attention.k_proj.weight_t
+        values = normed @ attention.v_proj.weight_t
+        attended, start = [], 0
+        for plan, cache in parts:
+            rows = slice(start, start + plan.batch * plan.length)
+            attend = self._attend_one if plan.length == 1 else self._attend_many
+            attended.append(attend(queries[rows], keys[rows], values[rows], plan, cache))
+            start = rows.stop
+        return _project_and_mlp(
+            layer, hidden, attended[0] if len(attended) == 1 else mx.concatenate(attended))
+
+    def _attend_one(self, queries: mx.array, keys: mx.array, values: mx.array,
+                    plan: _StepPlan, cache: Any) -> mx.array:
+        """Attention for one new token a row: (batch, heads * head_dim)."""
+        batch, traditional = plan.batch, self.rope.traditional
         queries = queries.reshape(batch, self.kv_heads, self.group, self.head_dim)
         queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
         if plan.query_scale != 1.0:
             queries = queries * plan.query_scale
-        keys = (normed @ attention.k_proj.weight_t)[:batch]
         keys = keys.reshape(batch, self.kv_heads, 1, self.head_dim)
         keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
-        values = (normed @ attention.v_proj.weight_t)[:batch]
         values = values.reshape(batch, self.kv_heads, 1, self.head_dim)
         keys, values = cache.update_and_fetch(keys, values)
         attended = self._attend(queries, keys, values, plan)
-        attended = attended.reshape(batch, self.heads * self.head_dim)
-        return _project_and_mlp(layer, hidden, attended)
+        return attended.reshape(batch, self.heads * self.head_dim)
 
-    def _layer_many(self, layer: Any, hidden: mx.array, plan: _StepPlan, cache: Any
-                    ) -> mx.array:
-        """`_layer` for `plan.length` tokens a row: hidden rows are (batch * length) tokens."""
-        attention = layer.self_attn
+    def _attend_many(self, queries: mx.array, keys: mx.array, values: mx.array,
+                     plan: _StepPlan, cache: Any) -> mx.array:
+        """`_attend_one` for `plan.length` tokens a row: rows are (batch * length) tokens."""
         batch, length, traditional = plan.batch, plan.length, self.rope.traditional
         count = batch * length
         kv_heads, group, head_dim = self.kv_heads, self.group, self.head_dim
-        normed = layer.input_layernorm(hidden)
-        queries = (normed @ attention.q_proj.weight_t)[:count]
         queries = queries.reshape(batch, length, kv_heads, group, head_dim)
         queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
         if plan.query_scale != 1.0:
             queries = queries * plan.query_scale
         # Grouped by key/value head, each head's queries token by token: (b, kv, L * g, d).
         queries = queries.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
-        keys = (normed @ attention.k_proj.weight_t)[:count]
         keys = keys.reshape(batch, length, kv_heads, 1, head_dim)
         keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
         keys = keys.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
-        values = (normed @ attention.v_proj.weight_t)[:count]
         values = values.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
         keys, values = cache.update_and_fetch(keys, values)
         attended = self._attend(queries, keys, values, plan)  # (b, kv, L * g, d)
         attended = attended.reshape(batch, kv_heads, length, group, head_dim)
-        attended = attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)
-        return _project_and_mlp(layer, hidden, attended)
+        return attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)
 
     @staticmethod
     def _attend(queries: mx.array, keys: mx.array, values: mx.array,
@@ -274,6 +314,11 @@ class LlamaDecodeStep:
             cos = cos.reshape(batch, length, 1, 1, dims)
             sin = sin.reshape(batch, length, 1, 1, dims)
         return cos, sin
+
+
+def _padded(rows: int, pad_from: int) -> int:
+    """`rows` rounded up to whole ROW_BLOCKs, from `pad_from` rows on."""
+    return rows + (-rows % ROW_BLOCK if rows >= pad_from else 0)
 
 
 def _project_and_mlp(layer: Any, hidden: mx.array, attended: mx.array) -> mx.array:
