@@ -169,6 +169,9 @@ async def test_failed_prompt_cache_insert_costs_nothing(engine: Engine) -> None:
     streams = [await engine.submit(request()) for _ in range(2)]
     hook.go()
     ends = await asyncio.gather(*(outcome(s) for s in streams))
+    # A finished sequence's KV goes into the cache right after its last events are sent: one
+    # round trip to the engine thread is after that step.
+    await engine._thread.call(lambda: None)
     assert hook.hits == 2, ends
     assert all(isinstance(end, Finish) for end in ends), ends
     await assert_healthy(engine)
