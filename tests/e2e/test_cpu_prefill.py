@@ -17,11 +17,12 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from app.core.types import GenerationEvent, TextDelta
+from app.core.types import GenerationEvent, LogprobsDelta, TextDelta
 from app.engine import scheduler
 from app.engine.cpu.tuning import tune_for_cpu
 from app.engine.prefill_budget import FIRST_CHUNK
 from app.engine.scheduler import ModelBatch
+from app.engine.speculative import SpeculationPolicy
 from app.models.dequantize import is_copy_of
 from app.models.registry import _make_spec
 from bench.prefill_stalls import long_prompt, run_mixed, sequence
@@ -89,12 +90,15 @@ def tuned_model(demo_float32_dir: Path) -> tuple[object, object]:
 
 
 def _mixed_answers(model: object, tokenizer: object, long: list[int]
-                   ) -> tuple[list[str], int]:
+                   ) -> tuple[list[str], list[float], int]:
     """Two streams decode, then `long` arrives and prefills beside them by the budget; every
-    sequence's greedy text, and how many prefill chunks a decode forward computed."""
+    sequence's greedy text, the long answer's log-probabilities (they show any KV it lacks
+    even where the greedy tokens do not), and how many prefill chunks a decode forward
+    computed."""
     batch = ModelBatch(model, tokenizer, max_batch_size=16, prefill_chunk=CHUNK,
                        prompt_cache_bytes=0, stream=mx.default_stream(mx.default_device()),
-                       prefill_budget=1.0, long_prompt_tokens=LONG_PROMPT)
+                       prefill_budget=1.0, long_prompt_tokens=LONG_PROMPT,
+                       speculation=SpeculationPolicy())  # chunks ride verify forwards too
     taken = 0
     take = batch._riders.take
 
@@ -106,17 +110,25 @@ def _mixed_answers(model: object, tokenizer: object, long: list[int]
 
     batch._riders.take = counting_take  # type: ignore[method-assign]
     sinks: list[list[GenerationEvent]] = [[] for _ in range(3)]
-    for i, question in enumerate(["Write a story about a lighthouse.", "Why is the sky blue?"]):
+    # Answers that repeat their prompts: the steps verify prompt-lookup drafts.
+    for i, bird in enumerate(["heron", "crane"]):
+        listing = "\n".join(f"{n}. the {bird} carried {n + 2} stones" for n in range(1, 9))
+        question = f"Repeat this list exactly:\n{listing}"
         prompt = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
             [{"role": "user", "content": question}], add_generation_prompt=True)
         batch.add(sequence(prompt, 32, sinks[i], f"s{i}"))
     for _ in range(4):
         batch.step()
-    batch.add(sequence(long, 12, sinks[2], "long"))
+    answer = sequence(long, 12, sinks[2], "long")
+    answer.logprobs = 0
+    answer.token_bytes = lambda token: tokenizer.decode([token]).encode()  # type: ignore[attr-defined]
+    batch.add(answer)
     while len(batch):
         batch.step()
     batch.close()
-    return ["".join(e.text for e in sink if isinstance(e, TextDelta)) for sink in sinks], taken
+    texts = ["".join(e.text for e in sink if isinstance(e, TextDelta)) for sink in sinks]
+    logprobs = [t.logprob for e in sinks[2] if isinstance(e, LogprobsDelta) for t in e.tokens]
+    return texts, logprobs, taken
 
 
 def test_prefill_chunks_computed_in_the_decode_forward_change_no_answer(
@@ -127,12 +139,14 @@ def test_prefill_chunks_computed_in_the_decode_forward_change_no_answer(
     chunk is a forward of its own, and the long prompt's is mlx-lm's own greedy answer."""
     model, tokenizer = tuned_model
     long = long_prompt(tokenizer, LONG_PROMPT + 64)  # long here, and soon prefilled
-    riding, taken = _mixed_answers(model, tokenizer, long)
-    assert taken >= 3
+    riding, riding_logprobs, taken = _mixed_answers(model, tokenizer, long)
+    assert taken >= 2
     monkeypatch.setattr(scheduler, "RIDER_MAX_TOKENS", 0)
-    alone, none_taken = _mixed_answers(model, tokenizer, long)
+    alone, alone_logprobs, none_taken = _mixed_answers(model, tokenizer, long)
     assert none_taken == 0
     assert riding == alone
+    assert len(riding_logprobs) == len(alone_logprobs) > 0
+    assert max(abs(a - b) for a, b in zip(riding_logprobs, alone_logprobs, strict=True)) < 1e-3
     assert all(riding)
     expected = tokenizer.decode(greedy(float32_model[0], long, 12))  # type: ignore[attr-defined]
     assert riding[2] == expected
