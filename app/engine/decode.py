@@ -22,9 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
-from mlx_lm.models.cache import BatchKVCache
 
-from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot
+from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot, tuned_step_reads
 
 # (tokens (batch,), per-layer caches) -> logits (batch, vocabulary) for one new token each.
 DecodeForward = Callable[[mx.array, list[Any]], mx.array]
@@ -155,7 +154,7 @@ class PromptForward:
         (`tokens`, equal lengths) along with its own rows: one pass over the weights for both.
         The prompt batch's own call then finds it done; if no decode forward took it, that call
         computes it as usual."""
-        if all(type(cache) is BatchKVCache for cache in caches):  # what the tuned step reads
+        if tuned_step_reads(caches):
             self.riders.rider = Rider(mx.array(tokens), caches)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None,

@@ -207,6 +207,8 @@ class ModelBatch:
         # A prefill chunk beside decoding rows is computed in their forward (`_offer_chunk`).
         self._riders = RiderSlot()
         self._generator = self._new_generator()
+        if isinstance(self._generator._prompt_batch.model, PromptForward) and RIDER_MAX_TOKENS:
+            self.prefill.max_decoding_chunk = RIDER_MAX_TOKENS  # what a decode forward carries
         self.vocab_size = _vocab_size(model, tokenizer)
         self._by_uid: dict[int, Sequence] = {}
         self._prefilling: set[int] = set()  # uids prefilling >= EARLY_INSERT_MIN_TOKENS
@@ -230,8 +232,6 @@ class ModelBatch:
         # this one, extended and split).
         generator._prompt_batch.model = prompt_forward(self._model, SMALL_CHUNK_MAX_TOKENS,
                                                        self._riders)
-        if isinstance(generator._prompt_batch.model, PromptForward) and RIDER_MAX_TOKENS:
-            self.prefill.max_decoding_chunk = RIDER_MAX_TOKENS
         return generator
 
     def _decode_group(self, fallback_sampler: Any) -> LogitsGenerationBatch:
@@ -355,7 +355,6 @@ class ModelBatch:
         if not self._by_uid:
             return
         decoding, plan = self._plan_prefill()
-        self._riders.rider = None
         if decoding:
             self._offer_chunk()
         prompt_tokens = self._generator._counters.prompt_tokens
@@ -363,14 +362,15 @@ class ModelBatch:
         try:
             self._inject("step")
             prompt_responses, responses = self._generator.next()
-            unclaimed, self._riders.rider = self._riders.rider, None
+            unclaimed = self._riders.rider  # the prompt batch's call empties the slot
             if unclaimed is not None and unclaimed.taken:
                 raise RuntimeError("a prefill chunk computed with the decode step was not the "
                                    "prompt batch's next one")
         except Exception as error:  # a broken step fails its sequences, not the server
-            self._riders.rider = None
             self._fail_all(error)
             return
+        finally:
+            self._riders.rider = None  # an offer is for this step only
         elapsed = time.perf_counter() - started
         self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=plan.chunk,
                              budgeted=plan.budgeted,

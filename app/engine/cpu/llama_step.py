@@ -153,7 +153,7 @@ class LlamaDecodeStep:
         return True
 
     def __call__(self, tokens: mx.array, caches: list[Any]) -> mx.array:
-        if not all(type(cache) is BatchKVCache for cache in caches):
+        if not tuned_step_reads(caches):
             logits: mx.array = self.model(tokens[:, None], cache=caches)[:, -1, :]
             return logits
         return self._forward(tokens[:, None], caches, pad_from=2)[:, 0]
@@ -163,7 +163,7 @@ class LlamaDecodeStep:
         `model(tokens, cache=caches)` computes them; the caches advance by L."""
         if tokens.shape[1] == 1:
             return self(tokens[:, 0], caches)[:, None, :]
-        if not all(type(cache) is BatchKVCache for cache in caches):
+        if not tuned_step_reads(caches):
             logits: mx.array = self.model(tokens, cache=caches)
             return logits
         return self._forward(tokens, caches, pad_from=MANY_PAD_MIN_ROWS)
@@ -177,14 +177,15 @@ class LlamaDecodeStep:
         ids = tokens.reshape(count)
         rider = self.riders.take() if self.riders is not None else None
         if rider is not None:
-            rows, chunk = rider.tokens.shape
-            parts.append((self._plan(rows, rider.caches[0], chunk), rider.caches))
-            ids = mx.concatenate([ids, rider.tokens.reshape(rows * chunk)])
+            prompts, chunk = rider.tokens.shape
+            parts.append((self._plan(prompts, rider.caches[0], chunk), rider.caches))
+            ids = mx.concatenate([ids, rider.tokens.reshape(prompts * chunk)])
         total = ids.shape[0]
+        rows = _padded(total, pad_from)
         inner = self.model.model
         hidden = inner.embed_tokens(ids)  # (total, features)
-        if _padded(total, pad_from) != total:
-            hidden = mx.pad(hidden, [(0, _padded(total, pad_from) - total), (0, 0)])
+        if rows != total:
+            hidden = mx.pad(hidden, [(0, rows - total), (0, 0)])
         for index, layer in enumerate(self.layers):
             hidden = self._layer(layer, hidden, [(plan, cache[index]) for plan, cache in parts])
         if rider is not None:  # logits for these tokens only, still in whole row blocks
@@ -314,6 +315,11 @@ class LlamaDecodeStep:
             cos = cos.reshape(batch, length, 1, 1, dims)
             sin = sin.reshape(batch, length, 1, 1, dims)
         return cos, sin
+
+
+def tuned_step_reads(caches: list[Any]) -> bool:
+    """Whether the tuned step can use these per-layer caches (mlx-lm's BatchKVCache)."""
+    return all(type(cache) is BatchKVCache for cache in caches)
 
 
 def _padded(rows: int, pad_from: int) -> int:
