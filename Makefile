@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 UNAME  := $(shell uname -s)
 # Debian's OpenBLAS makes MLX float32 matmul ~30x faster than the BLAS bundled with mlx-cpu;
-# the thread timeout stops its idle worker spinning on a core (see app/ops/system_blas.py,
-# which `mlx-gateway serve` applies to itself; this is for the tests and the bench).
+# the thread timeout stops its idle worker spinning on a core, and a CPU newer than the library
+# gets its kernels named (app/ops/system_blas.py, which `mlx-gateway serve` applies to itself;
+# this is for the tests and the bench). Expanded when a recipe runs: after system-deps.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-PRELOAD  := $(if $(and $(filter Linux,$(UNAME)),$(wildcard $(OPENBLAS))),LD_PRELOAD=$(OPENBLAS) OPENBLAS_THREAD_TIMEOUT=16,)
+PRELOAD   = $(shell $(PYTHON) app/ops/system_blas.py)
 APT_PACKAGES := redis-server caddy libopenblas0-pthread chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

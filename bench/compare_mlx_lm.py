@@ -244,6 +244,8 @@ def report(
             + (f"`OPENBLAS_THREAD_TIMEOUT={timeout}` for both" if args.mlx_lm_blas == "same"
                else f"`OPENBLAS_THREAD_TIMEOUT={timeout}` for mlx-gateway (what `serve` sets), "
                     "OpenBLAS's default for mlx_lm.server")
+            + (f"; `OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}` for both (the library does "
+               "not know this CPU)" if "OPENBLAS_CORETYPE" in env else "")
             if OPENBLAS.exists() else "MLX's default BLAS (OpenBLAS not found)")
     invocation = shlex.join(["python", "-m", "bench.compare_mlx_lm", *sys.argv[1:]])
     loads = ", ".join(f"{a:.1f}/{b:.1f}/{c:.1f}" for a, b, c in load or [])

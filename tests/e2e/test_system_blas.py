@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.ops.system_blas import OPENBLAS, THREAD_TIMEOUT
+from app.ops.system_blas import (
+    FALLBACK_KERNELS,
+    OPENBLAS,
+    THREAD_TIMEOUT,
+    best_kernels,
+    cpu_flags,
+    kernels_for_this_cpu,
+    with_system_blas,
+)
 from tests.e2e.conftest import DEMO_ID
 from tests.e2e.gateway_process import GatewayProcess
 
@@ -22,7 +32,7 @@ def test_serve_preloads_the_system_openblas_into_itself(tmp_path: Path,
         "auth": {"enabled": False},
         "models": [{"id": DEMO_ID, "path": str(demo_model_dir)}],
     })
-    for name in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT"):
+    for name in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE"):
         server.env.pop(name, None)
     server.start()
     try:
@@ -32,6 +42,7 @@ def test_serve_preloads_the_system_openblas_into_itself(tmp_path: Path,
                        (proc / "environ").read_text().split("\0") if "=" in entry)
         assert OPENBLAS.as_posix() in environ["LD_PRELOAD"].split(":")
         assert environ["OPENBLAS_THREAD_TIMEOUT"] == THREAD_TIMEOUT
+        assert environ.get("OPENBLAS_CORETYPE") == kernels_for_this_cpu()
         assert "openblas" in (proc / "maps").read_text()
         answer = httpx.post(server.base_url + "/v1/chat/completions", timeout=120, json={
             "model": DEMO_ID, "max_tokens": 12, "temperature": 0,
@@ -41,3 +52,18 @@ def test_serve_preloads_the_system_openblas_into_itself(tmp_path: Path,
     finally:
         server.stop()
     assert "Traceback" not in server.logs()
+
+
+def test_our_processes_run_the_kernels_this_cpu_supports() -> None:
+    """OpenBLAS, loaded with the settings our processes get, never runs its generic SSE3
+    kernels on a CPU with AVX2 (a CPU model newer than the library falls back to them)."""
+    env = with_system_blas({k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"})
+    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
+            "f.restype = ctypes.c_char_p; print(f().decode())")
+    done = subprocess.run([sys.executable, "-c", code, str(OPENBLAS)], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    kernels = done.stdout.strip()
+    if "OPENBLAS_CORETYPE" in env:
+        assert kernels == env["OPENBLAS_CORETYPE"]
+    if best_kernels(cpu_flags()) is not None:
+        assert kernels != FALLBACK_KERNELS

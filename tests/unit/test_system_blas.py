@@ -41,3 +41,45 @@ def test_nothing_without_the_library_or_off_linux(tmp_path: Path,
     present.write_bytes(b"")
     monkeypatch.setattr(system_blas.sys, "platform", "darwin")
     assert with_system_blas({"A": "1"}, present) == {"A": "1"}
+
+
+def test_names_kernels_only_for_a_cpu_the_library_does_not_know(
+        library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(system_blas, "cpu_flags", lambda: frozenset({"avx2", "fma", "sse3"}))
+    monkeypatch.setattr(system_blas, "detected_kernels", lambda _: "Prescott")
+    assert with_system_blas({}, library)["OPENBLAS_CORETYPE"] == "Haswell"
+    # The operator's choice stands.
+    assert with_system_blas({"OPENBLAS_CORETYPE": "Zen"}, library)["OPENBLAS_CORETYPE"] == "Zen"
+    # A CPU the library recognises keeps the library's own choice.
+    monkeypatch.setattr(system_blas, "detected_kernels", lambda _: "SkylakeX")
+    assert "OPENBLAS_CORETYPE" not in with_system_blas({}, library)
+    # Unknown to the library, but no better kernels run on it.
+    monkeypatch.setattr(system_blas, "detected_kernels", lambda _: "Prescott")
+    monkeypatch.setattr(system_blas, "cpu_flags", lambda: frozenset({"sse3", "avx"}))
+    assert "OPENBLAS_CORETYPE" not in with_system_blas({}, library)
+
+
+@pytest.mark.parametrize(("flags", "kernels"), [
+    ({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx2", "fma"},
+     "Cooperlake"),
+    ({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}, "SkylakeX"),
+    ({"avx512f", "avx2", "fma"}, "Haswell"),  # AVX-512 Foundation alone is not SkylakeX's set
+    ({"avx2"}, None),
+    (set(), None),
+])
+def test_best_kernels_follow_the_instruction_set(flags: set[str], kernels: str | None) -> None:
+    assert system_blas.best_kernels(frozenset(flags)) == kernels
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse3 avx2 fma\n\nprocessor\t: 1\n"
+                       "flags\t\t: fpu\n")
+    assert system_blas.cpu_flags(cpuinfo) == {"fpu", "sse3", "avx2", "fma"}
+    assert system_blas.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_a_library_that_cannot_be_asked_names_no_kernels(library: Path) -> None:
+    # `library` is an empty file: loading it fails in the child, which is not an error here.
+    assert system_blas.detected_kernels(library) is None
+    assert system_blas.kernels_for_this_cpu(library) is None
