@@ -321,6 +321,30 @@ def _safe_redis_url(url: str) -> str:
     return url
 
 
+# --- the CPU's BLAS (Linux) ------------------------------------------------------------------
+
+
+def check_blas() -> CheckResult | None:
+    """On Linux MLX multiplies float32 on the CPU with the BLAS it finds: which one `serve`
+    runs with, and which kernels. None elsewhere (a Mac computes on Metal)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from app.ops import system_blas
+
+    library = system_blas.OPENBLAS
+    if not library.exists():
+        return _warn("blas", "MLX's bundled BLAS: float32 products ~30x slower than OpenBLAS",
+                     "install libopenblas0-pthread (make system-deps)")
+    detected = system_blas.detected_kernels(library)
+    if detected is None:
+        return _warn("blas", f"{library} does not load", "reinstall libopenblas0-pthread")
+    named = system_blas.with_system_blas(os.environ, library).get("OPENBLAS_CORETYPE")
+    if named is None or named == detected:
+        return _ok("blas", f"OpenBLAS, {detected} kernels (its own choice for this CPU)")
+    return _ok("blas", f"OpenBLAS, {named} kernels (OPENBLAS_CORETYPE; by itself it would run "
+                       f"{detected})")
+
+
 # --- models ---------------------------------------------------------------------------------
 
 
@@ -427,6 +451,9 @@ def run_checks(settings: Settings, *, url: str | None = None, key: str | None = 
     if redis_result is not None:
         results.append(redis_result)
     results.extend(check_models(settings))
+    blas = check_blas()
+    if blas is not None:
+        results.append(blas)
     results.extend(check_upstreams(settings))
     return results
 

@@ -6,6 +6,7 @@ import http.server
 import json
 import shutil
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,8 +326,9 @@ path = "{folder}"
     out = capsys.readouterr().out
     assert code == 0, out
     results = _by_name(run_doctor(config, key=KEY))
+    blas = {"blas"} if sys.platform.startswith("linux") else set()
     assert set(results) == {"config", "keys", "port", "health", "ready", "v1/models", "redis",
-                            "model m"}
+                            "model m", *blas}
     assert all(r.status == "ok" for r in results.values()), out
     assert "in use by mlx-gateway" in results["port"].detail
     assert "1 model(s) with the key: m" in results["v1/models"].detail
@@ -393,3 +395,48 @@ def test_format_results_aligns_columns() -> None:
         "                       line two",
         "                       fix: do this",
     ]
+
+
+@pytest.fixture
+def on_linux(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from app.ops import system_blas
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    library = tmp_path / "libblas.so.3"
+    library.write_bytes(b"")
+    monkeypatch.setattr(system_blas, "OPENBLAS", library)
+    monkeypatch.setattr(system_blas, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    return library
+
+
+def test_blas_check_names_the_kernels_serve_runs(
+        on_linux: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.ops import doctor, system_blas
+
+    monkeypatch.setattr(system_blas, "detected_kernels", lambda _: "Prescott")
+    result = doctor.check_blas()
+    assert result is not None and result.status == "ok"
+    assert "Haswell kernels (OPENBLAS_CORETYPE; by itself it would run Prescott)" in result.detail
+    monkeypatch.setattr(system_blas, "detected_kernels", lambda _: "SkylakeX")
+    result = doctor.check_blas()
+    assert result is not None and "SkylakeX kernels (its own choice" in result.detail
+
+
+def test_blas_check_warns_without_openblas(on_linux: Path) -> None:
+    from app.ops import doctor
+
+    on_linux.unlink()
+    result = doctor.check_blas()
+    assert result is not None and result.status == "warn"
+    assert "libopenblas0-pthread" in result.fix
+    on_linux.write_bytes(b"")  # there, but not a library
+    result = doctor.check_blas()
+    assert result is not None and result.status == "warn" and "does not load" in result.detail
+
+
+def test_no_blas_check_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.ops import doctor
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert doctor.check_blas() is None
