@@ -321,7 +321,8 @@ class ModelBatch:
         """Bytes the prefix cache holds (its own arrays: what is counted is what is held)."""
         return self._prefix.nbytes
 
-    def _save(self, uids: list[int], reason: str, *, decode_only: bool = False) -> None:
+    def _save(self, uids: list[int], reason: str, *, decode_only: bool = False,
+              background: bool = False) -> None:
         """Put what `uids` have computed so far into the prefix cache (they are ending, or a
         long prompt just finished prefilling). `decode_only` after a failed step: a prefill
         chunk that broke may have left some layers written and others not, while a decoding
@@ -334,17 +335,18 @@ class ModelBatch:
             if seq is None or stage == 0 or (decode_only and stage == 1):
                 continue  # stage 0: not started, its cache came from the prefix cache
             batch = generator._generation_batch if stage == 2 else generator._prompt_batch
-            self._keep(seq, list(batch.tokens[idx]), partial(batch.extract_cache, idx), reason)
+            self._keep(seq, list(batch.tokens[idx]), partial(batch.extract_cache, idx), reason,
+                       background=background)
 
     def _keep(self, seq: Sequence, tokens: list[int], layers: Callable[[], list[Any]],
-              reason: str) -> None:
+              reason: str, *, background: bool = False) -> None:
         """Insert `seq`'s KV for `tokens`. The cache only saves work later: a failure here is
         logged and costs that entry, never the sequence or the batch."""
         if not self._prefix.enabled or len(tokens) <= seq.cached_tokens:
             return  # nothing was computed beyond what came from the cache
         try:
             self._inject("cache_insert")
-            self._prefix.insert(seq.owner, tokens, layers(), reason)
+            self._prefix.insert(seq.owner, tokens, layers(), reason, background=background)
         except Exception:
             log.exception("prefix cache insert failed", request_id=seq.request_id)
 
@@ -371,6 +373,7 @@ class ModelBatch:
             return
         finally:
             self._riders.rider = None  # an offer is for this step only
+        self._prefix.flush()  # last step's background copies: done beside this step's forward
         elapsed = time.perf_counter() - started
         self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=plan.chunk,
                              budgeted=plan.budgeted,
@@ -402,9 +405,10 @@ class ModelBatch:
                 ended.add(seq.uid)
                 if response.finish_reason is not None and response.prompt_cache is not None:
                     keeps.append(partial(self._keep, seq, list(response.all_tokens or []),
-                                         partial(list, response.prompt_cache), "finished"))
+                                         partial(list, response.prompt_cache), "finished",
+                                         background=True))
                 else:  # a stop string ended it while mlx-lm still runs it
-                    keeps.append(partial(self._save, [seq.uid], "finished"))
+                    keeps.append(partial(self._save, [seq.uid], "finished", background=True))
         done.extend(self._fail_faulted())
         # One hop to the event loop per step for every sequence: each hop wakes the loop,
         # and the loop shares the GIL with this thread.
@@ -412,13 +416,15 @@ class ModelBatch:
                  if seq._pending]
         if ready:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
-        # Into the prefix cache once the tokens are out: the streams need not wait for the
-        # copies (a 4,000-token prompt's KV is ~250 ms of copying on this CPU).
+        # Into the prefix cache once the tokens are out, copied beside the next step: the
+        # streams need not wait for the copies (a 4,000-token prompt's KV: 130-250 ms here).
         for keep in keeps:
             keep()
         self._save_prefilled(prompt_responses)
         if done:
             self._forget(done)
+        if not self._by_uid:
+            self._prefix.flush()  # no next step to wait for
 
     def _plan_prefill(self) -> tuple[bool, PrefillPlan]:
         """Set this step's prefill chunk and the prompts that join it (prefill_budget.py);
@@ -468,7 +474,7 @@ class ModelBatch:
         long = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._prefilling
                 and self._by_uid[r.uid].max_tokens > ENDS_SOON_TOKENS]
         if long:
-            self._save(long, "prefilled")
+            self._save(long, "prefilled", background=True)
             self._prefilling.difference_update(long)
             self._unpark()
 
