@@ -62,9 +62,12 @@ EventSink = Callable[[list[GenerationEvent]], None]
 FaultHook = Callable[[str], None]
 
 # A prompt with at least this many new tokens is put in the prefix cache as soon as its prefill
-# completes (a second request with the same long prefix needn't wait for the first to finish);
-# shorter ones only when they end: one copy of their KV fewer, and they are cheap to redo.
-EARLY_INSERT_MIN_TOKENS = 256
+# completes, and a request arriving meanwhile with the same prefix waits for that instead of
+# computing it alongside; shorter ones only when they end (one copy of their KV fewer, and they
+# are cheap to redo). At 256, the 10-client level's 227-token prompt was prefilled twice at
+# once: ~1 s of a 10-stream step on a 2-core CPU, against a ~10 MB copy (TTFT p95 6.5-6.8 s
+# -> 5.1-5.4 s, tokens/s within noise; ABAB probe 2026-12-01).
+EARLY_INSERT_MIN_TOKENS = 128
 # ... unless it may write at most this many tokens: its end comes first, with one copy fewer
 # (a 4,000-token prompt's KV is 185 MB for the demo model, ~250 ms to copy on a 2-core CPU).
 ENDS_SOON_TOKENS = 16
