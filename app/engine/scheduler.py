@@ -376,7 +376,6 @@ class ModelBatch:
             return
         finally:
             self._riders.rider = None  # an offer is for this step only
-        self._prefix.flush()  # last step's background copies: done beside this step's forward
         elapsed = time.perf_counter() - started
         self.prefill.observe(seconds=elapsed, decoded=decoding, chunk=plan.chunk,
                              budgeted=plan.budgeted,
@@ -419,6 +418,9 @@ class ModelBatch:
                  if seq._pending]
         if ready:
             next(iter(self._by_uid.values())).loop.call_soon_threadsafe(_deliver_all, ready)
+        # The last step's copies went beside this step's forward: to the disk tier now that
+        # the tokens are out (handing them over waits for any copy not done yet).
+        self._prefix.flush()
         # Into the prefix cache once the tokens are out, copied beside the next step: the
         # streams need not wait for the copies (a 4,000-token prompt's KV: 130-250 ms here).
         for keep in keeps:
