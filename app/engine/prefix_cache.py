@@ -18,6 +18,7 @@ saves enough prefill is loaded, put back in memory, and served from there.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,7 +62,7 @@ def _own_copy(layers: list[Any], length: int, *, background: bool = False
     130-250 ms of copying on a 2-core CPU, mostly faulting in fresh pages, that every running
     stream would otherwise wait for). Whatever reads them later waits for them."""
     out: list[Any] = []
-    with mx.stream(_copy_stream() if background else mx.default_stream(mx.default_device())):
+    with mx.stream(_copy_stream()) if background else contextlib.nullcontext():
         for layer in layers:
             if isinstance(layer, KVCache):
                 if layer.keys is None or layer.offset < length:

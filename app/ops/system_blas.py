@@ -101,12 +101,16 @@ _CORENAME = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_core
 
 @cache
 def detected_kernels(library: Path = OPENBLAS) -> str | None:
-    """The kernel set `library` picks by itself on this CPU (None if it cannot be asked).
+    """The kernel set `library` picks by itself on this CPU (None if it cannot be asked)."""
+    return kernels_loaded_with({k: v for k, v in os.environ.items()
+                                if k not in ("OPENBLAS_CORETYPE", "LD_PRELOAD",
+                                             "OPENBLAS_VERBOSE")}, library)
 
-    Asked in a fresh interpreter: the library reads the CPU (and OPENBLAS_CORETYPE) once, when
-    it loads, and this process may have loaded it already with other settings."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "LD_PRELOAD", "OPENBLAS_VERBOSE")}
+
+def kernels_loaded_with(env: Mapping[str, str], library: Path = OPENBLAS) -> str | None:
+    """The kernel set `library` runs when a process with `env` loads it (None if it cannot be
+    asked). Asked in a fresh interpreter: the library reads the CPU (and OPENBLAS_CORETYPE)
+    once, when it loads, and this process may have loaded it already with other settings."""
     try:
         done = subprocess.run([sys.executable, "-c", _CORENAME, str(library)], env=env,
                               capture_output=True, text=True, timeout=60, check=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from app.ops.system_blas import (
     best_kernels,
     cpu_flags,
     kernels_for_this_cpu,
+    kernels_loaded_with,
     with_system_blas,
 )
 from tests.e2e.conftest import DEMO_ID
@@ -58,11 +58,8 @@ def test_our_processes_run_the_kernels_this_cpu_supports() -> None:
     """OpenBLAS, loaded with the settings our processes get, never runs its generic SSE3
     kernels on a CPU with AVX2 (a CPU model newer than the library falls back to them)."""
     env = with_system_blas({k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"})
-    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
-            "f.restype = ctypes.c_char_p; print(f().decode())")
-    done = subprocess.run([sys.executable, "-c", code, str(OPENBLAS)], env=env,
-                          capture_output=True, text=True, timeout=60, check=True)
-    kernels = done.stdout.strip()
+    kernels = kernels_loaded_with(env)
+    assert kernels is not None
     if "OPENBLAS_CORETYPE" in env:
         assert kernels == env["OPENBLAS_CORETYPE"]
     if best_kernels(cpu_flags()) is not None:
