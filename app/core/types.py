@@ -163,6 +163,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens, those written inside think blocks
 
     @property
     def total_tokens(self) -> int:

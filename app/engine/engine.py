@@ -53,7 +53,7 @@ from app.output import grammar
 from app.output.detect import starts_in_reasoning
 from app.output.harmony import HarmonyParser
 from app.output.parser import OutputParser
-from app.output.reasoning_budget import reasoning_budget
+from app.output.reasoning_budget import reasoning_budget, think_tracker
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -350,6 +350,8 @@ class Engine:
             keep_leading_space=request.prompt is not None,
             stop=list(request.stop),
             owner=request.owner or "anonymous",  # prefix-cache namespace
+            think=(think_tracker(loaded.tokenizer, prompt.output, prompt.text)
+                   if prompt.output is not None else None),
             deliver=lambda events: stream.deliver(events),
             loop=loop,
         )

@@ -55,6 +55,7 @@ from app.engine.sampling import SequenceFault, reseed_global_prng
 from app.engine.speculative import SpeculationPolicy, use_speculative_decode
 from app.engine.stops import StopStringMatcher
 from app.errors import EngineFailure, InvalidRequest
+from app.output.reasoning_budget import ThinkTracker
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +103,7 @@ class Sequence:
     uid: int = -1
     generated: int = 0
     cached_tokens: int = 0
+    think: ThinkTracker | None = None  # counts the answer's reasoning tokens, for usage
     first_token_at: float | None = None
     fault: SequenceFault = field(default_factory=SequenceFault)
     _pending: list[GenerationEvent] = field(default_factory=list)
@@ -116,7 +118,8 @@ class Sequence:
 
     def finish(self, reason: FinishReason) -> None:
         usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated,
-                      cached_tokens=self.cached_tokens)
+                      cached_tokens=self.cached_tokens,
+                      reasoning_tokens=self.think.spent if self.think is not None else 0)
         matched = self._stops.matched if self._stops is not None else None
         self._pending.append(Finish(reason=reason, usage=usage, stop_sequence=matched))
 
@@ -490,6 +493,8 @@ class ModelBatch:
         is_eos = token in self._eos
         if not is_eos:
             seq.generated += 1
+            if seq.think is not None:
+                seq.think.feed(token)
             seq._detokenizer.add_token(token)
             seq.text(seq._detokenizer.last_segment)
         assert seq._stops is not None

@@ -44,8 +44,9 @@ def demo_float32_dir(demo_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_thinking_dir(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir: Path) -> Path:
-    """The demo weights under a Qwen3-style template that opens a think block unless
-    `enable_thinking` is false: a reasoning model as far as the gateway can tell. (The demo
+    """The demo weights under a Qwen3-style template that opens a think block when
+    `enable_thinking` is true (mlx-lm passes false for a vocabulary without think tokens) or a
+    reasoning effort is asked for: a reasoning model as far as the gateway can tell. (The demo
     model itself never closes the block; what closes it is the gateway's thinking budget.)"""
     target = tmp_path_factory.mktemp("thinking") / "smollm2-thinking"
     target.mkdir()
@@ -53,8 +54,10 @@ def demo_thinking_dir(tmp_path_factory: pytest.TempPathFactory, demo_float32_dir
         if item.name != "tokenizer_config.json":
             (target / item.name).symlink_to(item)
     config = json.loads((demo_float32_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] += ("{% if add_generation_prompt and (enable_thinking is not defined "
-                                "or enable_thinking) %}{{ '<think>\\n' }}{% endif %}")
+    config["chat_template"] += (
+        "{% if add_generation_prompt and (enable_thinking is not defined or enable_thinking or "
+        "(reasoning_effort is defined and reasoning_effort != 'none')) %}{{ '<think>\\n' }}"
+        "{% endif %}")
     (target / "tokenizer_config.json").write_text(json.dumps(config))
     return target
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import DEMO_ID
+from tests.e2e.conftest import DEMO_ID, THINKING_ID
 from tests.e2e.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +32,30 @@ def test_capital_of_france(client: openai.OpenAI) -> None:
     usage = reply.usage
     assert usage is not None and usage.prompt_tokens > 10 and usage.completion_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_usage_counts_reasoning_tokens(client: openai.OpenAI) -> None:
+    """Asked to think, the thinking variant opens a think block the demo model never closes:
+    every token it writes is reasoning, in the answer's usage and the stream's alike; not asked,
+    none is."""
+    ask = {"model": THINKING_ID, "messages": FRANCE, "temperature": 0, "max_tokens": 12}
+    think = {"chat_template_kwargs": {"enable_thinking": True}}
+    reply = client.chat.completions.create(**ask, extra_body=think)  # type: ignore[call-overload]
+    usage = reply.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens > 0
+    assert reply.choices[0].message.model_extra["reasoning_content"]  # type: ignore[index]
+    chunks = list(client.chat.completions.create(**ask, extra_body=think, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage
+    assert streamed is not None and streamed.completion_tokens_details is not None
+    assert streamed.completion_tokens_details.model_dump() == \
+        usage.completion_tokens_details.model_dump()
+    plain = client.chat.completions.create(**ask)
+    assert plain.usage is not None and plain.usage.completion_tokens > 0
+    assert plain.usage.completion_tokens_details is not None
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+    assert plain.choices[0].message.content
 
 
 def test_stream_helper_and_chunk_contract(client: openai.OpenAI, gateway: GatewayProcess) -> None:

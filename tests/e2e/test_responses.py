@@ -15,7 +15,7 @@ import openai
 import pytest
 import redis
 
-from tests.e2e.conftest import DEMO_ID
+from tests.e2e.conftest import DEMO_ID, THINKING_ID
 from tests.e2e.gateway_process import ROOT, GatewayProcess
 from tests.redis_server import RedisServer, running_redis
 
@@ -85,6 +85,19 @@ def test_create_non_stream_has_every_key(client: openai.OpenAI, gateway: Gateway
     assert via_sdk.output_text == part["text"]  # greedy: the same answer through the SDK
     assert client.responses.retrieve(body["id"]).output_text == part["text"]
     assert httpx.get(f"{gateway.base_url}/v1/responses/{body['id']}").json() == body
+
+
+def test_reasoning_is_an_item_and_counted_in_usage(client: openai.OpenAI) -> None:
+    """Asked for a reasoning effort, the thinking variant thinks; its think block (which the
+    demo model never closes) comes back as a reasoning item, then the one message clients
+    expect (empty), and all of its tokens as reasoning_tokens."""
+    response = client.responses.create(model=THINKING_ID, input=FRANCE, temperature=0,
+                                       max_output_tokens=12, reasoning={"effort": "high"})
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output_text == ""
+    assert response.usage is not None
+    details = response.usage.output_tokens_details
+    assert details.reasoning_tokens == response.usage.output_tokens > 0
 
 
 def test_stream_events_in_contract_order(client: openai.OpenAI) -> None:

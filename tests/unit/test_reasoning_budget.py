@@ -1,12 +1,19 @@
-"""The thinking budget, driven token by token with the demo tokenizer (no model needed)."""
+"""The think-block tracker and the thinking budget, driven token by token with the demo
+tokenizer (no model needed)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.output.reasoning_budget import ReasoningBudget
+from app.output.reasoning_budget import ReasoningBudget, ThinkTracker
 
 VOCAB = 49152
+
+
+def make_budget(tokenizer: Any, budget: int, *, start_in_reasoning: bool) -> ReasoningBudget:
+    tracker = ThinkTracker(tokenizer, think=("<think>", "</think>"),
+                           start_in_reasoning=start_in_reasoning)
+    return ReasoningBudget(tokenizer, budget=budget, tracker=tracker)
 
 
 def drive(tokenizer: Any, budget: ReasoningBudget, text: str) -> str:
@@ -25,8 +32,7 @@ def drive(tokenizer: Any, budget: ReasoningBudget, text: str) -> str:
 
 
 def test_closes_an_open_block_after_the_budget(tokenizer: Any) -> None:
-    budget = ReasoningBudget(tokenizer, budget=4, think=("<think>", "</think>"),
-                             start_in_reasoning=True)
+    budget = make_budget(tokenizer, 4, start_in_reasoning=True)
     out = drive(tokenizer, budget, " one two three four five six seven eight nine ten")
     thought, _, answer = out.partition("</think>")
     assert thought == " one two three four" and answer  # four tokens, the tag, then an answer
@@ -35,8 +41,7 @@ def test_closes_an_open_block_after_the_budget(tokenizer: Any) -> None:
 
 
 def test_a_block_the_model_opens_counts_and_the_budget_spans_blocks(tokenizer: Any) -> None:
-    budget = ReasoningBudget(tokenizer, budget=5, think=("<think>", "</think>"),
-                             start_in_reasoning=False)
+    budget = make_budget(tokenizer, 5, start_in_reasoning=False)
     text = "Hi <think> a b</think> ok <think> c d e f g h i j"
     out = drive(tokenizer, budget, text)
     assert out.startswith("Hi <think> a b</think> ok <think>")
@@ -45,7 +50,30 @@ def test_a_block_the_model_opens_counts_and_the_budget_spans_blocks(tokenizer: A
 
 
 def test_nothing_is_masked_when_the_model_never_thinks(tokenizer: Any) -> None:
-    budget = ReasoningBudget(tokenizer, budget=1, think=("<think>", "</think>"),
-                             start_in_reasoning=False)
+    budget = make_budget(tokenizer, 1, start_in_reasoning=False)
     text = "The capital of France is Paris, a city on the Seine."
     assert drive(tokenizer, budget, text) == text
+
+
+def spent(tokenizer: Any, text: str, *, start_in_reasoning: bool) -> tuple[int, int]:
+    """(tokens of `text`, of those written inside think blocks) as the tracker counts them."""
+    tracker = ThinkTracker(tokenizer, think=("<think>", "</think>"),
+                           start_in_reasoning=start_in_reasoning)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    for token in tokens:
+        tracker.feed(token)
+    return len(tokens), tracker.spent
+
+
+def test_the_tracker_counts_think_blocks_up_to_their_closing_tags(tokenizer: Any) -> None:
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    thought = " weigh the options"
+    total, inside = spent(tokenizer, thought + "</think> The answer.", start_in_reasoning=True)
+    assert inside == count(thought + "</think>") and total > inside
+    # A block the model opens counts from the token after its opening tag; blocks add up.
+    text = "Hi <think> a b</think> ok <think> c</think> done"
+    assert spent(tokenizer, text, start_in_reasoning=False)[1] == \
+        count(" a b</think>") + count(" c</think>")
+    assert spent(tokenizer, "No thinking here, just an answer.", start_in_reasoning=False)[1] == 0

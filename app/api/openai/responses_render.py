@@ -35,7 +35,7 @@ def response_usage(usage: Usage) -> dict[str, Any]:
         # cache_write_tokens: newer SDKs require it; nothing is written to a paid cache here.
         "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
     }
 
