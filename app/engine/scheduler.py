@@ -70,7 +70,7 @@ FaultHook = Callable[[str], None]
 # -> 5.1-5.4 s, tokens/s within noise; ABAB probe 2026-12-01).
 EARLY_INSERT_MIN_TOKENS = 128
 # ... unless it may write at most this many tokens: its end comes first, with one copy fewer
-# (a 4,000-token prompt's KV is 185 MB for the demo model, ~250 ms to copy on a 2-core CPU).
+# (a 4,000-token prompt's KV is 185 MB for the demo model, 130-250 ms to copy on a 2-core CPU).
 ENDS_SOON_TOKENS = 16
 # Prefill chunks of at most this many tokens a row go through the tuned multi-token step
 # (`decode.PromptForward`); see bench/RESULTS.md for where it stops paying.
