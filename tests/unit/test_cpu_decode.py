@@ -87,17 +87,24 @@ def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied:
         expected = model(tokens, cache=theirs)
         got = step.many(tokens, ours)
         assert got.shape == expected.shape == (batch, length, 300)
-        # Not bit for bit: MLX's fused attention sums in another order. Logits here span
-        # about +-30, so 1e-3 is float32 rounding through two layers, far below a wrong mask
+        # Not bit for bit: MLX's fused attention sums in another order, and some BLAS kernels
+        # (OpenBLAS's Zen ones) round a projection differently by its row count, so the KV
+        # kept from earlier rounds differs by ~1e-6 too. Logits here span about +-40: 1e-2 is
+        # float32 rounding carried through these rounds (2.6e-3 seen), far below a wrong mask
         # or position (those move logits by whole units).
-        assert mx.allclose(got, expected, rtol=1e-4, atol=1e-3), float(mx.abs(got - expected).max())
+        assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
         # Roll back all but the first token (a rejected draft), on both sides alike.
         for cache in (*ours, *theirs):
             cache.trim(length - 1)
         assert mx.array_equal(ours[0].offset, theirs[0].offset)
-    # After the trims the next single-token step still equals the model's own, bit for bit.
+    # After the trims the next single-token step still equals the model's own. Not bit for
+    # bit: the KV each side kept came from projections of a different number of rows, and
+    # some BLAS kernels (OpenBLAS's Zen ones) block, and so round, by the row count: the
+    # caches differ by ~1e-6 before this step, though a single-token step over equal caches
+    # is bit for bit (test_decode_step_equals_the_models_own_forward).
     tokens = mx.array([(3 * i) % 300 for i in range(batch)])
-    assert mx.array_equal(step(tokens, ours), model(tokens[:, None], cache=theirs)[:, -1, :])
+    got, expected = step(tokens, ours), model(tokens[:, None], cache=theirs)[:, -1, :]
+    assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
 
 
 def test_multi_token_step_falls_back_to_the_models_own_forward() -> None:
