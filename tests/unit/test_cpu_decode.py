@@ -11,7 +11,8 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
 
-from app.engine.cpu.llama_step import LlamaDecodeStep  # noqa: E402
+from app.engine.cpu import llama_step  # noqa: E402
+from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot  # noqa: E402
 from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import decode_forward  # noqa: E402
 from tests.unit.test_cpu_tuning import tiny_model  # noqa: E402
@@ -69,13 +70,34 @@ def test_other_models_and_caches_use_the_models_own_forward() -> None:
                           tuned(tokens[:, None], cache=reference)[:, -1, :])
 
 
+def _attention_in(path: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the decode step attend several new tokens a row in MLX or in NumPy whatever the
+    depth (the real threshold wants thousands of positions); the returned list counts the
+    NumPy calls. The model's own forward, the reference, keeps the real threshold: MLX here."""
+    monkeypatch.setattr(llama_step, "numpy_attention_pays",
+                        lambda length, context: path == "numpy" and length > 1)
+    calls: list[int] = []
+    real = llama_step.attend_in_numpy
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(llama_step, "attend_in_numpy", counted)
+    return calls
+
+
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("path", ["mlx", "numpy"])
 def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied: bool,
-                                                        batch: int) -> None:
+                                                        batch: int, path: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The verify forward of speculative decoding: L new tokens a row, causal among them,
-    left padding hidden, and rolled back by a trim as the speculative step does."""
+    left padding hidden, and rolled back by a trim as the speculative step does; attending in
+    MLX (shallow, or one row) and in NumPy (several rows deep in context)."""
+    numpy_calls = _attention_in(path, monkeypatch)
     model = tiny_model(seed=100 + batch, rope_traditional=traditional, tie_word_embeddings=tied)
     tune_for_cpu(model)
     step = LlamaDecodeStep(model)
@@ -105,6 +127,43 @@ def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied:
     tokens = mx.array([(3 * i) % 300 for i in range(batch)])
     got, expected = step(tokens, ours), model(tokens[:, None], cache=theirs)[:, -1, :]
     assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
+    assert bool(numpy_calls) == (path == "numpy" and batch > 1)  # one row stays in MLX
+
+
+@pytest.mark.parametrize("path", ["mlx", "numpy"])
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_a_prefill_chunk_riding_a_decode_step_equals_its_own_forward(
+        path: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `Rider` (a prefill chunk computed in the decode step's forward) leaves the decoding
+    rows' logits and its prompt's KV as they are when the chunk is a forward of its own."""
+    numpy_calls = _attention_in(path, monkeypatch)
+    model = tiny_model(seed=7)
+    tune_for_cpu(model)
+    step = LlamaDecodeStep(model)
+    step.riders = slot = RiderSlot()
+    rows = [[(5 * i + j) % 300 for j in range(4 + 3 * i)] for i in range(3)]
+    ours, theirs = _prefilled(model, rows), _prefilled(model, rows)
+    prompt = [(11 * j) % 300 for j in range(40)]
+    ours_prompt, theirs_prompt = _prefilled(model, [prompt]), _prefilled(model, [prompt])
+    tokens = mx.array([9, 99, 199])
+    pieces = mx.array([[(3 * j + 1) % 300 for j in range(chunk)]])
+    slot.rider = Rider(pieces, ours_prompt)
+    got = step(tokens, ours)
+    expected = model(tokens[:, None], cache=theirs)[:, -1, :]
+    model(pieces, cache=theirs_prompt)
+    assert slot.rider.taken
+    assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
+    # The chunk's KV is the prompt's own (every layer after the first holds what its
+    # attention computed), so the prompt's next tokens see the same context.
+    for mine, reference in zip(ours_prompt, theirs_prompt, strict=True):
+        assert mx.array_equal(mine.offset, reference.offset)
+        for got_kv, expected_kv in zip(mine.state[:2], reference.state[:2], strict=True):
+            assert mx.allclose(got_kv, expected_kv, atol=1e-3), float(
+                mx.abs(got_kv - expected_kv).max())
+    after = mx.array([[17, 23, 29]])
+    got, expected = model(after, cache=ours_prompt), model(after, cache=theirs_prompt)
+    assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
+    assert bool(numpy_calls) == (path == "numpy" and chunk > 1)
 
 
 def test_multi_token_step_falls_back_to_the_models_own_forward() -> None:

@@ -16,13 +16,13 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention 
 
 from app.core.types import SamplingParams  # noqa: E402
 from app.engine.cpu.tuning import (  # noqa: E402
-    NUMPY_ATTENTION_MIN_QUERIES,
     CpuLinear,
     CpuRMSNorm,
     CpuRoPE,
     CpuTiedEmbedding,
     decode_attention,
     multiply_padded,
+    numpy_attention_pays,
     tune_for_cpu,
 )
 from app.engine.decode import LogitsGenerationBatch, use_logits_decode  # noqa: E402
@@ -106,9 +106,10 @@ def _chunk_inputs(batch: int, heads: int, kv_heads: int, length: int, context: i
                          [(1, 4, 2, 4, 7), (2, 9, 3, 16, 60), (3, 8, 8, 31, 33)])
 def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
                                              length: int, context: int) -> None:
-    """A few queries a sequence (a small prefill chunk, draft verification) attend grouped by
-    key/value head with the exp2 softmax: mlx-lm's numbers for every boolean mask form;
-    additive masks of several queries go to mlx-lm's own version."""
+    """A few queries a sequence at shallow depth (a small prefill chunk, draft verification)
+    attend grouped by key/value head with the exp2 softmax: mlx-lm's numbers for every boolean
+    mask form; additive masks of several queries go to mlx-lm's own version."""
+    assert not numpy_attention_pays(length, context)
     q, k, v, causal, padded = _chunk_inputs(batch, heads, kv_heads, length, context)
     for mask in ("causal", None, padded, causal):
         ours = decode_attention(q, k, v, None, 0.25, mask)
@@ -120,20 +121,20 @@ def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: i
 
 
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),
-                         [(1, 9, 3, 32, 32), (2, 4, 2, 40, 100), (3, 8, 8, 64, 64)])
-def test_numpy_prefill_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
-                                               length: int, context: int) -> None:
-    """Prefill chunks attend in NumPy: the same numbers as mlx-lm's attention for every mask
-    form a batch prefill uses (causal after earlier chunks, left padding as booleans, one
-    table for all, additive)."""
+                         [(1, 9, 3, 4, 2100), (2, 4, 2, 40, 300), (3, 8, 8, 64, 160)])
+def test_numpy_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int, length: int,
+                                       context: int) -> None:
+    """Several queries a sequence at depth (a prefill chunk; a 4-token one from ~2,000 tokens
+    of context) attend in NumPy: the same numbers as mlx-lm's attention for every mask form a
+    batch prefill uses (causal after earlier chunks, left padding as booleans, one table for
+    all, additive)."""
+    assert numpy_attention_pays(length, context)
     q, k, v, causal, padded = _chunk_inputs(batch, heads, kv_heads, length, context)
     additive = mx.where(padded, 0.0, -1e9).astype(mx.float32)
     for mask in ("causal", None, padded, causal, additive):
         ours = decode_attention(q, k, v, None, 0.25, mask)
         theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
         assert mx.allclose(ours, theirs, atol=1e-5), mask
-    # Below the threshold (draft verification, tiny chunks) MLX's own version runs.
-    assert NUMPY_ATTENTION_MIN_QUERIES > 8
 
 
 def test_compiled_rope_and_norm_equal_the_layers_they_replace() -> None:

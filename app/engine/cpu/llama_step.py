@@ -25,6 +25,8 @@ this one about 1.x (see bench/RESULTS.md, "verify step").
 A `Rider` is a prefill chunk computed in the same pass as a decode or verify step: its rows
 join the hidden state after the step's own, share every projection and MLP product (one read
 of the weights for both, which is what a small step costs), and attend over their own cache.
+Several new tokens a row deep in context (a rider at depth; several rows verifying) attend in
+NumPy, whose vectorised softmax beats MLX's scalar CPU `exp` (`tuning.numpy_attention_pays`).
 
 Everything else is the model's own: its weights, its norms' functions, its KV cache objects.
 Prefill and anything this class does not know go through the model's own `__call__`.
@@ -49,7 +51,10 @@ from app.engine.cpu.tuning import (
     CpuRoPE,
     CpuTiedEmbedding,
     attend_grouped,
+    attend_in_numpy,
     batch_parts,
+    numpy_attention_pays,
+    numpy_mask,
     on_two_streams,
 )
 
@@ -86,6 +91,10 @@ class _StepPlan:
     query_scale: float  # 1.0 when the scale is folded into query_cos/query_sin
     masks: dict[int, mx.array | None]  # additive, by the first row of each `batch_parts`
     length: int = 1  # new tokens a row
+    # Several new tokens a row deep in context attend in NumPy (`numpy_attention_pays`), with
+    # this mask (`numpy_mask`; None: nothing hidden) instead of `masks`.
+    in_numpy: bool = False
+    hidden: Any = None
 
 
 @dataclass
@@ -173,7 +182,11 @@ class LlamaDecodeStep:
         computed in the same pass (its rows after these, no logits of its own)."""
         batch, length = tokens.shape
         count = batch * length  # hidden rows of these tokens: row b * length + j
-        parts = [(self._plan(batch, caches[0], length), caches)]
+        # One row's verify step stays in MLX: there NumPy's evaluation per layer cost more than
+        # it saved (13 tokens at 650-1,000 of context: 256-271 ms a step against 196-222);
+        # several rows' (8 rows, 8-13 tokens at 650-1,100: 597-837 ms against 773-1,158) and a
+        # prefill chunk's beside decoding rows (4 tokens at 3,800: ~270 against ~330) gain.
+        parts = [(self._plan(batch, caches[0], length, numpy_ok=batch > 1), caches)]
         ids = tokens.reshape(count)
         rider = self.riders.take() if self.riders is not None else None
         if rider is not None:
@@ -193,7 +206,8 @@ class LlamaDecodeStep:
         out: mx.array = (inner.norm(hidden) @ self.output_t)[:count]
         return out.reshape(batch, length, -1)
 
-    def _plan(self, batch: int, cache: Any, length: int = 1) -> _StepPlan:
+    def _plan(self, batch: int, cache: Any, length: int = 1, *, numpy_ok: bool = True
+              ) -> _StepPlan:
         # Every layer's cache holds the same positions and padding: they are filled, extended
         # and filtered together.
         cos, sin = self._rotation(cache.offset, length)
@@ -203,6 +217,11 @@ class LlamaDecodeStep:
         # What the model makes for `length` new tokens a sequence: (batch or 1, 1, length,
         # context), causal within the new tokens, padding hidden.
         mask = cache.make_mask(length)
+        if numpy_ok and mask is not None and numpy_attention_pays(length, mask.shape[-1]):
+            hidden = numpy_mask(mask, length, mask.shape[-1])
+            if hidden is not False:
+                return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, {}, length,
+                                 in_numpy=True, hidden=hidden)
         masks: dict[int, mx.array | None] = {}
         for part in batch_parts(batch):
             if mask is None:
@@ -263,15 +282,19 @@ class LlamaDecodeStep:
         kv_heads, group, head_dim = self.kv_heads, self.group, self.head_dim
         queries = queries.reshape(batch, length, kv_heads, group, head_dim)
         queries = _rotate_compiled(queries, plan.query_cos, plan.query_sin, traditional)
-        if plan.query_scale != 1.0:
-            queries = queries * plan.query_scale
-        # Grouped by key/value head, each head's queries token by token: (b, kv, L * g, d).
-        queries = queries.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
         keys = keys.reshape(batch, length, kv_heads, 1, head_dim)
         keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
         keys = keys.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
         values = values.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
         keys, values = cache.update_and_fetch(keys, values)
+        if plan.in_numpy:  # the model's head order: (b, heads, L, d)
+            queries = queries.reshape(batch, length, self.heads, head_dim).transpose(0, 2, 1, 3)
+            attended = attend_in_numpy(queries, keys, values, plan.query_scale, plan.hidden)
+            return attended.transpose(0, 2, 1, 3).reshape(count, self.heads * head_dim)
+        if plan.query_scale != 1.0:
+            queries = queries * plan.query_scale
+        # Grouped by key/value head, each head's queries token by token: (b, kv, L * g, d).
+        queries = queries.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
         attended = self._attend(queries, keys, values, plan)  # (b, kv, L * g, d)
         attended = attended.reshape(batch, kv_heads, length, group, head_dim)
         return attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)

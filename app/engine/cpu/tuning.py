@@ -19,12 +19,13 @@ Measured with Debian's OpenBLAS on a 2-core x86 box (see bench/RESULTS.md):
   halves run on both cores (a 10-sequence step: 153 ms -> 136 ms in one sitting).
 - MLX's CPU `exp` is scalar (about 50M a second here; NumPy's vectorised one does 700M), so
   the softmax of a prefill chunk's attention dominates it as the context grows: a 512-token
-  chunk against 4,096 tokens spends 400 of its 500 ms per layer there. Prefill chunks of
-  `NUMPY_ATTENTION_MIN_QUERIES` queries or more attend in NumPy (products through its BLAS,
-  softmax vectorised): 90 ms for that chunk and layer. Everywhere else (decode steps, draft
-  verification, small prefill chunks) the softmax takes exp(x) as 2^(x log2 e): MLX's CPU
-  `power` runs about 3.5x faster than its `exp`, as accurate (`softmax_exp2`). A 4-token chunk
-  at a 4,000-token context, through mlx-lm's attention: 324 ms; grouped with it: see RESULTS.
+  chunk against 4,096 tokens spends 400 of its 500 ms per layer there. Several queries a
+  sequence attend in NumPy (products through its BLAS, softmax vectorised) once queries x
+  context reaches `NUMPY_ATTENTION_MIN_SCORES`: 90 ms for that chunk and layer, and a 4-token
+  chunk at 3,800 tokens of context costs half what it does in MLX. Everywhere else (decode
+  steps, short chunks and draft verification at shallow depth) the softmax takes exp(x) as
+  2^(x log2 e): MLX's CPU `power` runs about 3.5x faster than its `exp`, as accurate
+  (`softmax_exp2`).
 - MLX has no fused RoPE or RMSNorm kernel on the CPU: each call becomes a dozen or more graph
   nodes, and every node costs dispatch time on both the calling thread and MLX's compute thread.
   Compiled for the decode shape, the 30-layer model's step drops from about 4,560 nodes to
@@ -57,9 +58,16 @@ LOG2_E = 1.4426950408889634
 # What a hidden position scores, as MLX's attention uses: a row whose every key is hidden (left
 # padding) averages the values instead of becoming NaN.
 _LOWEST = float(np.finfo(np.float32).min)
-# Prefill chunks this long attend in NumPy (shorter ones, and decode and draft-verification
-# steps, stay in MLX: a conversion per layer is not worth it for a few queries).
-NUMPY_ATTENTION_MIN_QUERIES = 32
+# Several queries a sequence attend in NumPy from this many scores per query head (queries x
+# context): a 4-token chunk from ~2,000 tokens of context, a 16-token one from ~500. Below it
+# (and for one query a sequence: decode steps) the evaluation NumPy needs in the middle of the
+# graph costs more than the faster softmax saves (bench/RESULTS.md, "small chunks at depth").
+NUMPY_ATTENTION_MIN_SCORES = 8192
+
+
+def numpy_attention_pays(length: int, context: int) -> bool:
+    """Whether `length` new queries a sequence against `context` keys attend in NumPy."""
+    return length > 1 and length * context >= NUMPY_ATTENTION_MIN_SCORES
 
 
 def multiply_padded(x: mx.array, weight_t: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -144,19 +152,20 @@ class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
 
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                      scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
-    """mlx-lm's `scaled_dot_product_attention` for the CPU: long prefill chunks in NumPy
-    (`prefill_attention`); a few queries a sequence (a small chunk, draft verification) with
+    """mlx-lm's `scaled_dot_product_attention` for the CPU: several queries a sequence at
+    depth in NumPy (`attend_in_numpy`); a few at shallow depth (a small chunk, draft
+    verification) with
     one product per key/value head (`attend_chunk`); one query a sequence (a decode step) the
     same way, each half of the batch on its own CPU stream (`on_two_streams`). Forms these do
     not take (sinks, quantized caches, additive masks of several queries) go to mlx-lm's.
     """
     batch, heads, length, dims = queries.shape
     kv_heads = keys.shape[1]
-    if (length >= NUMPY_ATTENTION_MIN_QUERIES and sinks is None and not hasattr(cache, "bits")
-            and heads % kv_heads == 0):
-        hidden = _numpy_mask(mask, length, keys.shape[2])
+    if (numpy_attention_pays(length, keys.shape[2]) and sinks is None
+            and not hasattr(cache, "bits") and heads % kv_heads == 0):
+        hidden = numpy_mask(mask, length, keys.shape[2])
         if hidden is not False:
-            return prefill_attention(queries, keys, values, scale, hidden)
+            return attend_in_numpy(queries, keys, values, scale, hidden)
     if sinks is not None or hasattr(cache, "bits") or heads % kv_heads:
         attention: mx.array = _MLX_LM_ATTENTION(queries, keys, values, cache, scale=scale,
                                                 mask=mask, sinks=sinks)
@@ -183,11 +192,12 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache:
     return on_two_streams(batch, part)
 
 
-def prefill_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                      hidden: np.ndarray[Any, Any] | None) -> mx.array:
-    """Attention of a prefill chunk computed in NumPy, the query heads grouped by the
-    key/value head they share; `hidden` from `_numpy_mask`. Same arithmetic as MLX's: float32
-    products, a max-subtracted softmax; only the exp is vectorised."""
+def attend_in_numpy(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                    hidden: np.ndarray[Any, Any] | None) -> mx.array:
+    """Attention of several queries a sequence, (batch, heads, length, dims), computed in NumPy
+    with the query heads grouped by the key/value head they share; `hidden` from `numpy_mask`.
+    Same arithmetic as MLX's: float32 products, a max-subtracted softmax; only the exp is
+    vectorised. Reading the inputs evaluates them: a sync point in the lazy graph."""
     batch, heads, length, dims = queries.shape
     kv_heads, context = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -200,17 +210,18 @@ def prefill_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
         if hidden.dtype == np.bool_:  # True hides the position
             # The lowest finite float, as MLX uses: a row with every key hidden (left padding)
             # averages the values instead of becoming NaN and poisoning later layers.
-            scores[np.broadcast_to(hidden, scores.shape)] = np.finfo(np.float32).min
+            np.copyto(scores, np.finfo(np.float32).min, where=hidden)
         else:
             scores += hidden
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores.reshape(batch, kv_heads, group * length, context), v)
+    weights = scores.reshape(batch, kv_heads, group * length, context)
+    # Normalised after the product: a division over (queries, dims), not (queries, context).
+    out = np.matmul(weights, v) / weights.sum(axis=-1, keepdims=True)
     return mx.array(out.reshape(batch, heads, length, dims)).astype(queries.dtype)
 
 
-def _numpy_mask(mask: Any, length: int, context: int) -> Any:
+def numpy_mask(mask: Any, length: int, context: int) -> Any:
     """The mask as NumPy laid out like the grouped scores (batch, kv_heads, group, length,
     context): boolean where True hides a position, or additive; None for no mask; False for
     a form this path does not take."""
