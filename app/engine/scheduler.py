@@ -49,6 +49,7 @@ from app.engine.decode import (
 from app.engine.decode_groups import DecodeGroups, weight_bytes
 from app.engine.disk_cache import ModelDisk
 from app.engine.draft_model import DraftModel
+from app.engine.kv_growth import KVGrowth
 from app.engine.prefill_budget import PrefillBudget, PrefillPlan
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SequenceFault, reseed_global_prng
@@ -78,6 +79,9 @@ SMALL_CHUNK_MAX_TOKENS = 8
 # Prefill chunks of at most this many tokens a row beside decoding rows are computed in the
 # decode step's own forward (`_offer_chunk`).
 RIDER_MAX_TOKENS = 64
+# The most positions a decode forward writes a row: a verify step of speculative decoding
+# (max_draft + 1). Decoding rows' KV gets its next block before it has less room than this.
+DECODE_STEP_MOST_TOKENS = 16
 
 
 @dataclass(eq=False)
@@ -212,6 +216,9 @@ class ModelBatch:
         self._forward_bytes = weight_bytes(model)
         # A prefill chunk beside decoding rows is computed in their forward (`_offer_chunk`).
         self._riders = RiderSlot()
+        # KV arrays grown a few layers a step before they fill (kv_growth.py): decoding rows',
+        # and the prompt batch's while its chunks ride decode forwards.
+        self._decode_growth, self._prompt_growth = KVGrowth(), KVGrowth()
         self._generator = self._new_generator()
         if isinstance(self._generator._prompt_batch.model, PromptForward) and RIDER_MAX_TOKENS:
             self.prefill.max_decoding_chunk = RIDER_MAX_TOKENS  # what a decode forward carries
@@ -365,6 +372,8 @@ class ModelBatch:
         decoding, plan = self._plan_prefill()
         if decoding:
             self._offer_chunk()
+            self._decode_growth.prepare(self._generator._generation_batch.prompt_cache,
+                                        DECODE_STEP_MOST_TOKENS)
         prompt_tokens = self._generator._counters.prompt_tokens
         started = time.perf_counter()
         try:
@@ -475,6 +484,8 @@ class ModelBatch:
             chunks.append(segments[0][:generator.prefill_step_size])
         if len({len(chunk) for chunk in chunks}) == 1 and len(chunks[0]) <= RIDER_MAX_TOKENS:
             forward.offer(chunks, generator._prompt_batch.prompt_cache)
+            self._prompt_growth.prepare(generator._prompt_batch.prompt_cache, len(chunks[0]),
+                                        per_step=len(chunks[0]))
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
         # A sequence that ends within a few tokens is inserted then (one copy of its KV, not
