@@ -69,6 +69,10 @@ class KVGrowth:
                     waiting[:math.ceil(len(waiting) / (steps_left + 1))]]
             mx.async_eval([a for c in made for a in (c.keys, c.values)])  # type: ignore[no-untyped-call]
 
+    def forget(self) -> None:
+        """Let go of every copy (the caches they were for are done with, or will be)."""
+        self._copies.clear()
+
     def _copy_of(self, cache: Any) -> _Copy | None:
         entry = self._copies.get(id(cache))
         if entry is None:

@@ -370,8 +370,9 @@ class ModelBatch:
         if not self._by_uid:
             return
         decoding, plan = self._plan_prefill()
+        if not (decoding and self._offer_chunk()):
+            self._prompt_growth.forget()  # its copies were for chunks riding decode forwards
         if decoding:
-            self._offer_chunk()
             self._decode_growth.prepare(self._generator._generation_batch.prompt_cache,
                                         DECODE_STEP_MOST_TOKENS)
         prompt_tokens = self._generator._counters.prompt_tokens
@@ -464,10 +465,10 @@ class ModelBatch:
         generator._prompt_batch.prefill_step_size = self.prefill.max_chunk
         return decoding, plan
 
-    def _offer_chunk(self) -> None:
+    def _offer_chunk(self) -> bool:
         """Offer this step's prefill chunk to the decode forward (`PromptForward.offer`) when
         it is certain what mlx-lm's step will prefill: the rows already prefilling, none
-        joining or moving on to decode, every row's chunk the same length."""
+        joining or moving on to decode, every row's chunk the same length. Whether it did."""
         generator = self._generator
         forward = generator._prompt_batch.model
         rows = generator._currently_processing
@@ -476,16 +477,18 @@ class ModelBatch:
                 or len(generator._generation_batch) >= generator.completion_batch_size
                 or (generator._unprocessed_sequences
                     and generator.prefill_batch_size > len(rows))):
-            return
+            return False
         chunks = []
         for segments, _, _ in rows:
             if len(segments) == 1 and len(segments[0]) == 1:
-                return  # its last token: it moves on to decoding this step
+                return False  # its last token: it moves on to decoding this step
             chunks.append(segments[0][:generator.prefill_step_size])
         if len({len(chunk) for chunk in chunks}) == 1 and len(chunks[0]) <= RIDER_MAX_TOKENS:
             forward.offer(chunks, generator._prompt_batch.prompt_cache)
             self._prompt_growth.prepare(generator._prompt_batch.prompt_cache, len(chunks[0]),
                                         per_step=len(chunks[0]))
+            return True
+        return False
 
     def _save_prefilled(self, prompt_responses: list[Any]) -> None:
         # A sequence that ends within a few tokens is inserted then (one copy of its KV, not

@@ -89,3 +89,13 @@ def test_copies_of_a_batch_whose_rows_changed_or_rolled_back_are_dropped() -> No
                                      strict=True):
                 assert mx.array_equal(got, expected), n
     assert all(c.keys.shape[2] > 252 for c in ours)
+
+
+def test_forget_lets_go_of_every_copy() -> None:
+    """A prompt batch's copies go when its chunks stop riding (it joins the decoding rows)."""
+    caches = _filled(256 - 3 - 4)
+    growth = KVGrowth()
+    growth.prepare(caches, 3, per_step=3)
+    assert growth._copies
+    growth.forget()
+    assert not growth._copies
