@@ -41,14 +41,14 @@ class KVGrowth:
     """Staged growth of BatchKVCache layers (one instance per model batch, engine thread)."""
 
     def __init__(self) -> None:
-        self._copies: dict[int, tuple[Any, _Copy]] = {}  # id(cache) -> (cache, its copy)
+        self._copies: dict[Any, _Copy] = {}  # by cache (mlx-lm's caches hash by identity)
 
     def prepare(self, caches: list[Any], most: int, per_step: int = 1) -> None:
         """Before a forward that writes up to `most` positions a row into `caches` (about
         `per_step` a step from here on): copy a share of the layers that fill within
         LEAD_STEPS steps; give the copies to the layers where `most` may not fit."""
-        live = {id(c) for c in caches}
-        self._copies = {k: v for k, v in self._copies.items() if k in live}
+        live = set(caches)
+        self._copies = {c: copy for c, copy in self._copies.items() if c in live}
         waiting: list[Any] = []  # layers that fill soon, not copied yet
         steps_left = LEAD_STEPS
         for cache in caches:
@@ -74,13 +74,10 @@ class KVGrowth:
         self._copies.clear()
 
     def _copy_of(self, cache: Any) -> _Copy | None:
-        entry = self._copies.get(id(cache))
-        if entry is None:
-            return None
-        copy = entry[1]
-        if cache.left_padding is not copy.left_padding or cache.keys.shape != copy.shape \
-                or cache._idx < copy.kept:
-            del self._copies[id(cache)]  # rows changed, or rolled back past the copy
+        copy = self._copies.get(cache)
+        if copy is not None and (cache.left_padding is not copy.left_padding
+                                 or cache.keys.shape != copy.shape or cache._idx < copy.kept):
+            del self._copies[cache]  # rows changed, or rolled back past the copy
             return None
         return copy
 
@@ -92,7 +89,7 @@ class KVGrowth:
                             mx.zeros((*kv.shape[:2], room, kv.shape[3]), kv.dtype)], axis=2)
             for kv in (cache.keys, cache.values))
         copy = _Copy(keys, values, kept, cache.left_padding, tuple(cache.keys.shape))
-        self._copies[id(cache)] = (cache, copy)
+        self._copies[cache] = copy
         return copy
 
     def _install(self, cache: Any, copy: _Copy) -> None:
@@ -100,4 +97,4 @@ class KVGrowth:
         copy.keys[..., written, :] = cache.keys[..., written, :]
         copy.values[..., written, :] = cache.values[..., written, :]
         cache.keys, cache.values = copy.keys, copy.values
-        del self._copies[id(cache)]
+        del self._copies[cache]

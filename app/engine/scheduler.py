@@ -79,8 +79,9 @@ SMALL_CHUNK_MAX_TOKENS = 8
 # Prefill chunks of at most this many tokens a row beside decoding rows are computed in the
 # decode step's own forward (`_offer_chunk`).
 RIDER_MAX_TOKENS = 64
-# The most positions a decode forward writes a row: a verify step of speculative decoding
-# (max_draft + 1). Decoding rows' KV gets its next block before it has less room than this.
+# Decoding rows' KV gets its next block before it has less room than this: a verify step of
+# speculative decoding usually writes max_draft + 1 (13) positions a row. A wider one (a lone
+# row may carry more) grows inside the forward, as mlx-lm grows it.
 DECODE_STEP_MOST_TOKENS = 16
 
 
