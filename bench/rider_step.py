@@ -1,14 +1,13 @@
 """What a prefill chunk beside decoding rows costs: in a forward of its own, or inside theirs.
 
     python -m bench.rider_step --model-dir <float32 llama folder> [--rows 8] [--depth 4000]
-        [--chunks 2,4,8,16,32,64] [--repeats 8] [--rounds 2]
+        [--rows-context 300] [--chunks 2,4,8,16,32,64] [--repeats 8] [--rounds 2]
 
-On the CPU-tuned llama step (`app/engine/cpu/llama_step.py`): `rows` sequences decode one token
-each (their KV ~300 positions deep) while a prompt `depth` tokens into its prefill adds a
-chunk. Prints the median milliseconds of the decode step alone, of the decode step followed by
-the chunk's own forward (`many`, what the prompt batch does without riders), and of one forward
-carrying both (`Rider`). The caches are rolled back after every call, so each one measures the
-same depths.
+On the CPU-tuned llama step (`app/engine/cpu/llama_step.py`): `rows` sequences decode one token each
+(their KV `rows-context` positions deep) while a prompt `depth` tokens into its prefill adds a
+chunk. Prints the median milliseconds of the decode step alone, of the decode step followed by the
+chunk's own forward (`many`, what the prompt batch does without riders), and of one forward carrying
+both (`Rider`). The caches are rolled back after every call, so each one measures the same depths.
 """
 
 from __future__ import annotations
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--depth", type=int, default=4000)
+    parser.add_argument("--rows-context", type=int, default=300,
+                        help="positions already in each decoding row's KV")
     parser.add_argument("--chunks", default="2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("not a CPU-tuned llama model: no rider path to measure")
     step = LlamaDecodeStep(model)
     step.riders = slot = RiderSlot()
-    decoding = _caches(step, args.rows, 300)
+    decoding = _caches(step, args.rows, args.rows_context)
     prompt = _caches(step, 1, args.depth)
     inputs = mx.array([5] * args.rows)
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             slot.rider = None
         return call
 
-    print(f"{args.rows} decoding rows, a prompt {args.depth} tokens deep; median of "
+    print(f"{args.rows} decoding rows {args.rows_context} tokens deep, a prompt {args.depth} "
+          f"tokens deep; median of "
           f"{args.repeats} calls, ms\n")
     print("| round | chunk | decode alone | decode, then the chunk's own forward "
           "| one forward for both |\n| ---: | ---: | ---: | ---: | ---: |")
