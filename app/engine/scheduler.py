@@ -371,7 +371,8 @@ class ModelBatch:
         if not self._by_uid:
             return
         decoding, plan = self._plan_prefill()
-        if not (decoding and self._offer_chunk()):
+        riding = decoding and self._offer_chunk()
+        if not riding:
             self._prompt_growth.forget()  # its copies were for chunks riding decode forwards
         if decoding:
             self._decode_growth.prepare(self._generator._generation_batch.prompt_cache,
