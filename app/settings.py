@@ -181,7 +181,7 @@ class EngineSettings(_Section):
         "when nothing else is decoding)."
     )
     prefill_budget: float = Field(
-        1.0, ge=0, description="While sequences decode, a step's prefill chunk is sized to "
+        0.5, ge=0, description="While sequences decode, a step's prefill chunk is sized to "
         "cost about this many decode steps, so running streams keep receiving tokens while a "
         "long prompt prefills (a longer TTFT for that prompt); 0 = off, always prefill_chunk."
     )

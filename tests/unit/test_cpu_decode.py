@@ -11,7 +11,7 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
 
-from app.engine.cpu import llama_step  # noqa: E402
+from app.engine.cpu import llama_step, tuning  # noqa: E402
 from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot  # noqa: E402
 from app.engine.cpu.tuning import tune_for_cpu  # noqa: E402
 from app.engine.decode import decode_forward  # noqa: E402
@@ -70,34 +70,40 @@ def test_other_models_and_caches_use_the_models_own_forward() -> None:
                           tuned(tokens[:, None], cache=reference)[:, -1, :])
 
 
-def _attention_in(path: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make the decode step attend several new tokens a row in MLX or in NumPy whatever the
-    depth (the real threshold wants thousands of positions); the returned list counts the
-    NumPy calls. The model's own forward, the reference, keeps the real threshold: MLX here."""
+def _attention_in(path: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Make the decode step attend several new tokens a row in the native kernel, in MLX or
+    in NumPy whatever the depth (NumPy's real threshold wants thousands of positions); the
+    returned lists count the kernel's and NumPy's calls. Without the kernel (the "mlx" and
+    "numpy" paths) the model's own forward, the reference, keeps NumPy's real threshold: MLX
+    here."""
+    if path == "kernel" and tuning.cache_attention is None:
+        pytest.skip("the native attention kernel is not built (make install builds it)")
+    if path != "kernel":
+        monkeypatch.setattr(tuning, "cache_attention", None)
     monkeypatch.setattr(llama_step, "numpy_attention_pays",
                         lambda length, context: path == "numpy" and length > 1)
-    calls: list[int] = []
-    real = llama_step.attend_in_numpy
+    calls: dict[str, list[int]] = {"kernel": [], "numpy": []}
+    for name, function in [("kernel", llama_step.attend_in_kernel),
+                           ("numpy", llama_step.attend_in_numpy)]:
+        def counted(*args: Any, _name: str = name, _function: Any = function) -> Any:
+            calls[_name].append(1)
+            return _function(*args)
 
-    def counted(*args: Any) -> Any:
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(llama_step, "attend_in_numpy", counted)
+        monkeypatch.setattr(llama_step, f"attend_in_{name}", counted)
     return calls
 
 
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("batch", [1, 3, 17])
-@pytest.mark.parametrize("path", ["mlx", "numpy"])
+@pytest.mark.parametrize("path", ["kernel", "mlx", "numpy"])
 def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied: bool,
                                                         batch: int, path: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The verify forward of speculative decoding: L new tokens a row, causal among them,
     left padding hidden, and rolled back by a trim as the speculative step does; attending in
-    MLX (shallow, or one row) and in NumPy (several rows deep in context)."""
-    numpy_calls = _attention_in(path, monkeypatch)
+    MLX (shallow, or one row), in NumPy (several rows deep in context) and in the kernel."""
+    calls = _attention_in(path, monkeypatch)
     model = tiny_model(seed=100 + batch, rope_traditional=traditional, tie_word_embeddings=tied)
     tune_for_cpu(model)
     step = LlamaDecodeStep(model)
@@ -127,16 +133,17 @@ def test_multi_token_step_equals_the_models_own_forward(traditional: bool, tied:
     tokens = mx.array([(3 * i) % 300 for i in range(batch)])
     got, expected = step(tokens, ours), model(tokens[:, None], cache=theirs)[:, -1, :]
     assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
-    assert bool(numpy_calls) == (path == "numpy" and batch > 1)  # one row stays in MLX
+    assert bool(calls["numpy"]) == (path == "numpy" and batch > 1)  # one row stays in MLX
+    assert bool(calls["kernel"]) == (path == "kernel")
 
 
-@pytest.mark.parametrize("path", ["mlx", "numpy"])
+@pytest.mark.parametrize("path", ["kernel", "mlx", "numpy"])
 @pytest.mark.parametrize("chunk", [1, 6])
 def test_a_prefill_chunk_riding_a_decode_step_equals_its_own_forward(
         path: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `Rider` (a prefill chunk computed in the decode step's forward) leaves the decoding
     rows' logits and its prompt's KV as they are when the chunk is a forward of its own."""
-    numpy_calls = _attention_in(path, monkeypatch)
+    calls = _attention_in(path, monkeypatch)
     model = tiny_model(seed=7)
     tune_for_cpu(model)
     step = LlamaDecodeStep(model)
@@ -163,7 +170,8 @@ def test_a_prefill_chunk_riding_a_decode_step_equals_its_own_forward(
     after = mx.array([[17, 23, 29]])
     got, expected = model(after, cache=ours_prompt), model(after, cache=theirs_prompt)
     assert mx.allclose(got, expected, rtol=1e-4, atol=1e-2), float(mx.abs(got - expected).max())
-    assert bool(numpy_calls) == (path == "numpy" and chunk > 1)
+    assert bool(calls["numpy"]) == (path == "numpy" and chunk > 1)
+    assert bool(calls["kernel"]) == (path == "kernel")
 
 
 def test_multi_token_step_falls_back_to_the_models_own_forward() -> None:

@@ -15,6 +15,7 @@ from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention  # noqa: E402
 
 from app.core.types import SamplingParams  # noqa: E402
+from app.engine.cpu import tuning  # noqa: E402
 from app.engine.cpu.tuning import (  # noqa: E402
     CpuLinear,
     CpuRMSNorm,
@@ -36,6 +37,17 @@ TINY = {
     "rms_norm_eps": 1e-5, "vocab_size": 300, "max_position_embeddings": 512,
     "rope_traditional": True,
 }
+
+
+@pytest.fixture(params=["kernel", "mlx"])
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with the native attention kernel, and again without it (the MLX and
+    NumPy paths a machine without the kernel takes)."""
+    if request.param == "kernel" and tuning.cache_attention is None:
+        pytest.skip("the native attention kernel is not built (make install builds it)")
+    if request.param == "mlx":
+        monkeypatch.setattr(tuning, "cache_attention", None)
+    return str(request.param)
 
 
 def tiny_model(seed: int = 0, **overrides: Any) -> Any:
@@ -73,7 +85,7 @@ def test_cpu_linear_and_embedding_equal_the_layers_they_replace() -> None:
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "context"),
                          [(1, 4, 2, 7), (10, 9, 3, 60), (3, 8, 8, 33)])
 def test_grouped_decode_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
-                                                context: int) -> None:
+                                                context: int, attention_path: str) -> None:
     q = mx.random.normal((batch, heads, 1, 16))
     k = mx.random.normal((batch, kv_heads, context, 16))
     v = mx.random.normal((batch, kv_heads, context, 16))
@@ -105,10 +117,12 @@ def _chunk_inputs(batch: int, heads: int, kv_heads: int, length: int, context: i
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),
                          [(1, 4, 2, 4, 7), (2, 9, 3, 16, 60), (3, 8, 8, 31, 33)])
 def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int,
-                                             length: int, context: int) -> None:
+                                             length: int, context: int,
+                                             attention_path: str) -> None:
     """A few queries a sequence at shallow depth (a small prefill chunk, draft verification)
-    attend grouped by key/value head with the exp2 softmax: mlx-lm's numbers for every boolean
-    mask form; additive masks of several queries go to mlx-lm's own version."""
+    attend in the kernel, or without it grouped by key/value head with the exp2 softmax:
+    mlx-lm's numbers for every boolean mask form; additive masks of several queries go to the
+    kernel (up to its length) or mlx-lm's own version."""
     assert not numpy_attention_pays(length, context)
     q, k, v, causal, padded = _chunk_inputs(batch, heads, kv_heads, length, context)
     for mask in ("causal", None, padded, causal):
@@ -116,14 +130,18 @@ def test_small_chunk_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: i
         theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=mask)
         assert mx.allclose(ours, theirs, atol=1e-5), mask
     additive = mx.where(padded, 0.0, -1e9).astype(mx.float32)
-    assert mx.array_equal(decode_attention(q, k, v, None, 0.25, additive),
-                          mlx_lm_attention(q, k, v, None, scale=0.25, mask=additive))
+    ours = decode_attention(q, k, v, None, 0.25, additive)
+    theirs = mlx_lm_attention(q, k, v, None, scale=0.25, mask=additive)
+    if attention_path == "kernel" and length <= tuning.KERNEL_MAX_LENGTH:
+        assert mx.allclose(ours, theirs, atol=1e-5)
+    else:
+        assert mx.array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "context"),
                          [(1, 9, 3, 4, 2100), (2, 4, 2, 40, 300), (3, 8, 8, 64, 160)])
 def test_numpy_attention_equals_mlx_lm(batch: int, heads: int, kv_heads: int, length: int,
-                                       context: int) -> None:
+                                       context: int, attention_path: str) -> None:
     """Several queries a sequence at depth (a prefill chunk; a 4-token one from ~2,000 tokens
     of context) attend in NumPy: the same numbers as mlx-lm's attention for every mask form a
     batch prefill uses (causal after earlier chunks, left padding as booleans, one table for

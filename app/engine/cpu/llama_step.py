@@ -25,7 +25,8 @@ this one about 1.x (see bench/RESULTS.md, "verify step").
 A `Rider` is a prefill chunk computed in the same pass as a decode or verify step: its rows
 join the hidden state after the step's own, share every projection and MLP product (one read
 of the weights for both, which is what a small step costs), and attend over their own cache.
-Several new tokens a row deep in context (a rider at depth; several rows verifying) attend in
+Where the native kernel is built every part attends in it (`tuning.kernel_ready`). Without it,
+several new tokens a row deep in context (a rider at depth; several rows verifying) attend in
 NumPy, whose vectorised softmax beats MLX's scalar CPU `exp` (`tuning.numpy_attention_pays`).
 
 Everything else is the model's own: its weights, its norms' functions, its KV cache objects.
@@ -51,8 +52,10 @@ from app.engine.cpu.tuning import (
     CpuRoPE,
     CpuTiedEmbedding,
     attend_grouped,
+    attend_in_kernel,
     attend_in_numpy,
     batch_parts,
+    kernel_ready,
     numpy_attention_pays,
     numpy_mask,
     on_two_streams,
@@ -95,6 +98,9 @@ class _StepPlan:
     # this mask (`numpy_mask`; None: nothing hidden) instead of `masks`.
     in_numpy: bool = False
     hidden: Any = None
+    # Attention in the native kernel (`tuning.attend_in_kernel`), with the cache's own mask.
+    in_kernel: bool = False
+    kernel_mask: mx.array | None = None
 
 
 @dataclass
@@ -217,6 +223,9 @@ class LlamaDecodeStep:
         # What the model makes for `length` new tokens a sequence: (batch or 1, 1, length,
         # context), causal within the new tokens, padding hidden.
         mask = cache.make_mask(length)
+        if kernel_ready(length):
+            return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, {}, length,
+                             in_kernel=True, kernel_mask=mask)
         if numpy_ok and mask is not None and numpy_attention_pays(length, mask.shape[-1]):
             hidden = numpy_mask(mask, length, mask.shape[-1])
             if hidden is not False:
@@ -271,7 +280,11 @@ class LlamaDecodeStep:
         keys = _rotate_compiled(keys, plan.cos, plan.sin, traditional)
         values = values.reshape(batch, self.kv_heads, 1, self.head_dim)
         keys, values = cache.update_and_fetch(keys, values)
-        attended = self._attend(queries, keys, values, plan)
+        if plan.in_kernel:
+            attended = self._attend_in_kernel(
+                queries.reshape(batch, self.heads, 1, self.head_dim), keys, values, plan)
+        else:
+            attended = self._attend(queries, keys, values, plan)
         return attended.reshape(batch, self.heads * self.head_dim)
 
     def _attend_many(self, queries: mx.array, keys: mx.array, values: mx.array,
@@ -287,6 +300,10 @@ class LlamaDecodeStep:
         keys = keys.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
         values = values.reshape(batch, length, kv_heads, head_dim).transpose(0, 2, 1, 3)
         keys, values = cache.update_and_fetch(keys, values)
+        if plan.in_kernel:  # read as (b, heads, L, d) where they lie
+            queries = queries.reshape(batch, length, self.heads, head_dim).transpose(0, 2, 1, 3)
+            attended = self._attend_in_kernel(queries, keys, values, plan)
+            return attended.transpose(0, 2, 1, 3).reshape(count, self.heads * head_dim)
         if plan.in_numpy:  # the model's head order: (b, heads, L, d)
             queries = queries.reshape(batch, length, self.heads, head_dim).transpose(0, 2, 1, 3)
             attended = attend_in_numpy(queries, keys, values, plan.query_scale, plan.hidden)
@@ -298,6 +315,14 @@ class LlamaDecodeStep:
         attended = self._attend(queries, keys, values, plan)  # (b, kv, L * g, d)
         attended = attended.reshape(batch, kv_heads, length, group, head_dim)
         return attended.transpose(0, 2, 1, 3, 4).reshape(count, self.heads * head_dim)
+
+    @staticmethod
+    def _attend_in_kernel(queries: mx.array, keys: mx.array, values: mx.array,
+                          plan: _StepPlan) -> mx.array:
+        attended = attend_in_kernel(queries, keys, values, plan.query_scale, plan.kernel_mask)
+        if attended is None:  # `kernel_ready` said it would take this step
+            raise RuntimeError("the native attention kernel refused a step it was planned for")
+        return attended
 
     @staticmethod
     def _attend(queries: mx.array, keys: mx.array, values: mx.array,
