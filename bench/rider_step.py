@@ -2,12 +2,14 @@
 
     python -m bench.rider_step --model-dir <float32 llama folder> [--rows 8] [--depth 4000]
         [--rows-context 300] [--chunks 2,4,8,16,32,64] [--repeats 8] [--rounds 2]
+        [--without-kernel]
 
 On the CPU-tuned llama step (`app/engine/cpu/llama_step.py`): `rows` sequences decode one token each
 (their KV `rows-context` positions deep) while a prompt `depth` tokens into its prefill adds a
 chunk. Prints the median milliseconds of the decode step alone, of the decode step followed by the
 chunk's own forward (`many`, what the prompt batch does without riders), and of one forward carrying
 both (`Rider`). The caches are rolled back after every call, so each one measures the same depths.
+`--without-kernel` attends as a machine without the native kernel does (MLX and NumPy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache
 
+from app.engine.cpu import tuning
 from app.engine.cpu.llama_step import LlamaDecodeStep, Rider, RiderSlot
 from app.engine.cpu.tuning import tune_for_cpu
 
@@ -61,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", default="2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--without-kernel", action="store_true",
+                        help="attend without the native kernel (app/engine/cpu/kernels)")
     args = parser.parse_args(argv)
+    if args.without_kernel:
+        tuning.cache_attention = None
     model = load(str(args.model_dir))[0]
     tune_for_cpu(model)
     if not LlamaDecodeStep.supports(model):
