@@ -10,8 +10,9 @@ Whole-step wall times are measured (mlx-lm pipelines the decode step into the ne
 own decode/prompt timers split one cost between them): `decode` is the running average of steps
 that only decoded, and a step that also prefilled is charged the rest of its time per prompt
 token. The next chunk is the tokens that fit the budget at that rate (the first one at most
-FIRST_CHUNK, then never more than twice the last: the rate was measured at the last chunk's
-size, and per-token cost is higher for small chunks, so growing slowly keeps it honest).
+FIRST_CHUNK per decode step of budget, then never more than twice the last: the rate was
+measured at the last chunk's size, and per-token cost is higher for small chunks, so growing
+slowly keeps it honest).
 With nothing decoding, prompts prefill at the full `max_chunk`: nobody waits on them.
 
 Only long prompts are chunked that way. A prompt of at most `long_prompt_tokens` new tokens is
@@ -34,7 +35,9 @@ from dataclasses import dataclass
 # Tokens per row at least: on a busy 2-core CPU one decode step of 8 rows costs about as much
 # as 8 prompt tokens, so a floor of 16 alone made every step cost 3 decode steps.
 MIN_CHUNK = 4
-FIRST_CHUNK = 32  # tokens per row of the first chunk prefilled beside decoding rows
+# Tokens per row of the first chunk prefilled beside decoding rows, per decode step of budget
+# (nothing is measured yet: 32 tokens cost about one decode step of 8 rows here).
+FIRST_CHUNK = 32
 _SMOOTHING = 0.3  # weight of the newest sample in the running averages
 # A waiting prompt joins a prefill step while rows x longest <= PAD_SLACK x tokens + this.
 PAD_SLACK = 1.25
@@ -66,7 +69,8 @@ class PrefillBudget:
         """Prompt tokens per prefilling row for the next step."""
         if not decoding or self.decode_steps <= 0:
             return self.max_chunk
-        cap = FIRST_CHUNK if self.last_chunk is None else 2 * self.last_chunk
+        cap = (max(MIN_CHUNK, int(FIRST_CHUNK * self.decode_steps)) if self.last_chunk is None
+               else 2 * self.last_chunk)
         if self.max_decoding_chunk is not None:
             cap = min(cap, self.max_decoding_chunk)
         if self.decode_seconds is None or self.seconds_per_token is None:

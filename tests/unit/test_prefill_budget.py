@@ -22,6 +22,9 @@ def test_a_small_first_chunk_before_anything_is_measured() -> None:
     budget = PrefillBudget(max_chunk=2048, decode_steps=1.0)
     assert budget.chunk(decoding=True) == FIRST_CHUNK
     assert PrefillBudget(max_chunk=16, decode_steps=1.0).chunk(decoding=True) == 16
+    # Sized by the budget: half a decode step's worth, never below the floor.
+    assert PrefillBudget(max_chunk=2048, decode_steps=0.5).chunk(decoding=True) == FIRST_CHUNK // 2
+    assert PrefillBudget(max_chunk=2048, decode_steps=0.01).chunk(decoding=True) == MIN_CHUNK
 
 
 def test_the_chunk_fits_the_budget_at_the_measured_rate() -> None:

@@ -446,7 +446,8 @@ def tune_for_cpu(model: nn.Module) -> int:
         rewritten += 1
     mx.clear_cache()
     if rewritten:
-        log.info("cpu tuning applied", layers=rewritten)
+        log.info("cpu tuning applied", layers=rewritten,
+                 attention="native kernel" if cache_attention is not None else "mlx + numpy")
     return rewritten
 
 
