@@ -198,10 +198,10 @@ class CpuRMSNorm(nn.RMSNorm):  # type: ignore[misc]
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
                      scale: float, mask: Any, sinks: mx.array | None = None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention` for the CPU: the native kernel where it is
-    built (`attend_in_kernel`); without it, several queries a sequence at
-    depth in NumPy (`attend_in_numpy`); a few at shallow depth (a small chunk, draft
-    verification) with one product per key/value head (`attend_chunk`); one query a sequence
-    (a decode step) the same way, each half of the batch on its own CPU stream
+    built (`attend_in_kernel`); without it, several queries a sequence at depth in NumPy
+    (`attend_in_numpy`); a few at shallow depth (a small chunk, draft verification) with one
+    product per key/value head (`attend_chunk`); one query a sequence (a decode step) the
+    same way, each half of the batch on its own CPU stream
     (`on_two_streams`). Forms these do not take (sinks, quantized caches, additive masks of
     several queries) go to mlx-lm's.
     """
