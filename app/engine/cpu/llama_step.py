@@ -25,7 +25,7 @@ this one about 1.x (see bench/RESULTS.md, "verify step").
 A `Rider` is a prefill chunk computed in the same pass as a decode or verify step: its rows
 join the hidden state after the step's own, share every projection and MLP product (one read
 of the weights for both, which is what a small step costs), and attend over their own cache.
-Where the native kernel is built every part attends in it (`tuning.kernel_ready`). Without it,
+Where the native kernel is built every part attends in it (`tuning.kernel_takes`). Without it,
 several new tokens a row deep in context (a rider at depth; several rows verifying) attend in
 NumPy, whose vectorised softmax beats MLX's scalar CPU `exp` (`tuning.numpy_attention_pays`).
 
@@ -55,7 +55,7 @@ from app.engine.cpu.tuning import (
     attend_in_kernel,
     attend_in_numpy,
     batch_parts,
-    kernel_ready,
+    kernel_takes,
     numpy_attention_pays,
     numpy_mask,
     on_two_streams,
@@ -223,7 +223,7 @@ class LlamaDecodeStep:
         # What the model makes for `length` new tokens a sequence: (batch or 1, 1, length,
         # context), causal within the new tokens, padding hidden.
         mask = cache.make_mask(length)
-        if kernel_ready(length):
+        if kernel_takes(mask, batch, length):
             return _StepPlan(batch, cos, sin, query_cos, query_sin, query_scale, {}, length,
                              in_kernel=True, kernel_mask=mask)
         if numpy_ok and mask is not None and numpy_attention_pays(length, mask.shape[-1]):
@@ -320,7 +320,7 @@ class LlamaDecodeStep:
     def _attend_in_kernel(queries: mx.array, keys: mx.array, values: mx.array,
                           plan: _StepPlan) -> mx.array:
         attended = attend_in_kernel(queries, keys, values, plan.query_scale, plan.kernel_mask)
-        if attended is None:  # `kernel_ready` said it would take this step
+        if attended is None:  # `kernel_takes` said it would take this step's mask
             raise RuntimeError("the native attention kernel refused a step it was planned for")
         return attended
 

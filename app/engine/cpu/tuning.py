@@ -26,13 +26,13 @@ Measured with Debian's OpenBLAS on a 2-core x86 box (see bench/RESULTS.md):
   steps, short chunks and draft verification at shallow depth) the softmax takes exp(x) as
   2^(x log2 e): MLX's CPU `power` runs about 3.5x faster than its `exp`, as accurate
   (`softmax_exp2`).
-- All of that is the fallback. Where `make install` built the native kernel
-  (`kernels/attention.cpp`, an MLX primitive), decode steps, verify steps and chunks of up to
-  `KERNEL_MAX_LENGTH` tokens attend in it instead: each key and value row is read once for
-  every query head that shares it, with a vectorised exp, so attention runs near memory speed
-  (8 rows 3,000 tokens deep: 3.7 ms a layer against 15-19 ms grouped; a 4-token chunk at
-  1,000 tokens: 0.55 against 1.4-1.7 ms) and, unlike NumPy, inside the lazy graph with no
-  evaluation in the middle of the step.
+- All of that is the fallback. Where `make kernels` (run by `make run` and `make test`) built
+  the native kernel (`kernels/attention.cpp`, an MLX primitive), decode steps, verify steps
+  and chunks of up to `KERNEL_MAX_LENGTH` tokens attend in it instead: each key and value row
+  is read once for every query head that shares it, with a vectorised exp, so attention runs
+  near memory speed (8 rows 3,000 tokens deep: 3.7 ms a layer against 15-19 ms grouped; a
+  4-token chunk at 1,000 tokens: 0.55 against 1.4-1.7 ms) and, unlike NumPy, inside the lazy
+  graph with no evaluation in the middle of the step.
 - MLX has no fused RoPE or RMSNorm kernel on the CPU: each call becomes a dozen or more graph
   nodes, and every node costs dispatch time on both the calling thread and MLX's compute thread.
   Compiled for the decode shape, the 30-layer model's step drops from about 4,560 nodes to
@@ -80,9 +80,17 @@ NUMPY_ATTENTION_MIN_SCORES = 8192
 KERNEL_MAX_LENGTH = 16
 
 
-def kernel_ready(length: int) -> bool:
-    """Whether `length` new queries a sequence attend in the native kernel."""
-    return cache_attention is not None and length <= KERNEL_MAX_LENGTH
+def kernel_takes(mask: Any, batch: int, length: int) -> bool:
+    """Whether `length` new queries a sequence of a `batch` attend in the native kernel with
+    this mask: None, "causal", or an array broadcastable to (batch, 1, length, context)."""
+    if cache_attention is None or length > KERNEL_MAX_LENGTH:
+        return False
+    if mask is None or isinstance(mask, str):
+        return mask is None or mask == "causal"
+    if not isinstance(mask, mx.array) or mask.ndim not in (2, 4):
+        return False
+    shape = mask.shape if mask.ndim == 4 else (1, 1, *mask.shape)
+    return shape[1] == 1 and shape[0] in (1, batch) and shape[2] in (1, length)
 
 
 def attend_in_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
@@ -91,22 +99,13 @@ def attend_in_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale:
     context, dims) keys and values in the native kernel, reading them where they lie; None
     when the kernel is not built or does not take this form (the caller's paths do)."""
     batch, heads, length, _ = queries.shape
-    context = keys.shape[2]
-    if (cache_attention is None or not kernel_ready(length) or heads % keys.shape[1]
-            or not queries.dtype == keys.dtype == values.dtype == mx.float32):
+    if (cache_attention is None or not kernel_takes(mask, batch, length)
+            or heads % keys.shape[1]
+            or not queries.dtype == keys.dtype == values.dtype == mx.float32
+            or (isinstance(mask, mx.array) and mask.shape[-1] != keys.shape[2])):
         return None
     if isinstance(mask, str):
-        if mask != "causal":
-            return None
         return cache_attention(queries, keys, values, scale=scale, causal=True)
-    if mask is not None:
-        if not isinstance(mask, mx.array):
-            return None
-        shape = mask.shape if mask.ndim == 4 else (1, 1, *mask.shape)
-        if (len(shape) != 4 or shape[1] != 1
-                or shape[0] not in (1, batch) or shape[2] not in (1, length)
-                or shape[3] != context):
-            return None
     return cache_attention(queries, keys, values, scale=scale, mask=mask)
 
 

@@ -1,4 +1,5 @@
-"""Native kernels for MLX's CPU backend, built by `make install` (CMakeLists.txt here).
+"""Native kernels for MLX's CPU backend, built by `make kernels` (CMakeLists.txt here), which
+`make run` and `make test` run.
 
 `cache_attention` is None when the kernel was not built (a Mac, where MLX computes on the GPU,
 or a machine without a compiler) or does not work against the installed mlx: callers keep
